@@ -1,0 +1,107 @@
+"""``edgec bench``: onnxruntime vs the compiled artifact, measured in the same run.
+
+Both runners get the same inputs (the compiled batch, seeded), the same thread count, a
+warm-up, then ``repeat`` timed runs; medians are reported. The ratio is
+``onnxruntime ms / edgec ms`` (> 1: edgec is faster). GFLOP/s counts 2 * MACs of the model
+each runner executes (the original for onnxruntime, the rewritten one for edgec); the
+machine's sgemm peak (numpy/BLAS, same threads) is measured in the same run for scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgec.importer import load_model, normalize, random_feeds
+from edgec.runtime import OrtSession, Session
+from edgec.runtime.artifact import REPORT, read_manifest
+from edgec.stats import model_stats
+
+
+def sgemm_peak_gflops(threads: int, n: int = 1024, repeat: int = 5) -> float:
+    """Best-of-``repeat`` float32 GEMM throughput of numpy's BLAS with ``threads`` threads."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
+    ctx = threadpool_limits(threads) if threadpool_limits else _null()
+    with ctx:
+        a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(repeat))
+    return 2 * n ** 3 / best / 1e9
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(model_path: str | Path, artifact: str | Path, threads: int | None = None,
+          repeat: int = 20, warmup: int = 3, peak: bool = True) -> dict:
+    threads = threads or os.cpu_count() or 1
+    manifest = read_manifest(artifact)
+    shapes = {i["name"]: tuple(i["shape"]) for i in manifest["inputs"]}
+    source = load_model(model_path)
+    ref_model, _ = normalize(source, shapes)
+    feeds = random_feeds(ref_model, seed=0)
+
+    ort = OrtSession(source, num_threads=threads)
+    for _ in range(warmup):
+        ort.run(None, feeds)
+    ort_times = np.array([_timed(lambda: ort.run(None, feeds)) for _ in range(repeat)])
+
+    result = {"target": manifest["target"], "threads": threads, "repeat": repeat,
+              "batch": next(iter(shapes.values()))[0] if shapes else None}
+    macs_ref = model_stats(ref_model).macs
+    report_path = Path(artifact) / REPORT
+    macs_new = json.loads(report_path.read_text())["after"]["macs"] if report_path.is_file() \
+        else macs_ref
+    result["onnxruntime_ms"] = float(np.median(ort_times) * 1e3)
+    result["macs_original"] = macs_ref
+    result["macs_compiled"] = macs_new
+    if manifest["device"] == "cpu" and manifest.get("host_arch") != os.uname().machine:
+        result["edgec_ms"] = None
+        result["note"] = f"artifact is for {manifest.get('host_arch')}: run bench on the device"
+        return result
+    sess = Session(artifact, num_threads=threads)
+    times = sess.time_one(feeds, repeat=repeat)
+    result["edgec_ms"] = float(np.median(times) * 1e3)
+    result["ratio"] = result["onnxruntime_ms"] / result["edgec_ms"]
+    result["onnxruntime_gflops"] = 2 * macs_ref / (result["onnxruntime_ms"] / 1e3) / 1e9
+    result["edgec_gflops"] = 2 * macs_new / (result["edgec_ms"] / 1e3) / 1e9
+    if peak and manifest["device"] == "cpu":
+        result["sgemm_peak_gflops"] = sgemm_peak_gflops(threads)
+    return result
+
+
+def format_bench(r: dict) -> str:
+    lines = [f"edgec bench: target {r['target']}, batch {r['batch']}, {r['threads']} threads, "
+             f"median of {r['repeat']}"]
+    lines.append(f"  onnxruntime  {r['onnxruntime_ms']:9.3f} ms"
+                 + (f"  {r['onnxruntime_gflops']:7.1f} GFLOP/s" if "onnxruntime_gflops" in r
+                    else ""))
+    if r.get("edgec_ms") is None:
+        lines.append(f"  edgec        n/a ({r.get('note')})")
+        return "\n".join(lines)
+    lines.append(f"  edgec        {r['edgec_ms']:9.3f} ms  {r['edgec_gflops']:7.1f} GFLOP/s")
+    lines.append(f"  ratio onnxruntime/edgec = {r['ratio']:.3f}  (> 1: edgec faster)")
+    if r.get("sgemm_peak_gflops"):
+        pk = r["sgemm_peak_gflops"]
+        lines.append(f"  sgemm peak {pk:.1f} GFLOP/s: onnxruntime {100 * r['onnxruntime_gflops'] / pk:.1f} %"
+                     f", edgec {100 * r['edgec_gflops'] / pk:.1f} %")
+    return "\n".join(lines)

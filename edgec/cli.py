@@ -1,0 +1,230 @@
+"""The ``edgec`` command line.
+
+    edgec compile MODEL.onnx [--target x86] [-o OUT] [--passes a,b | --preset NAME]
+                  [--set pass.key=value ...] [--calib FILE.npz] [--input-shape NAME=1x3x224x224]
+                  [--verify] [--cuda-arch sm_87]
+    edgec run OUT --data inputs.npz -o outputs.npz
+    edgec check MODEL.onnx OUT --data val.npz [--max-drop 1.0] [--json FILE]
+    edgec bench MODEL.onnx OUT [--threads N]
+    edgec passes | edgec targets
+
+User errors print one line on stderr and exit 2; a failed check exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from edgec import __version__
+from edgec.errors import EdgecError
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    return f"{n:.4g}P"
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def cmd_compile(a) -> int:
+    from edgec.compiler import CompileOptions, compile_model, default_out_dir
+    from edgec.importer import parse_input_shapes
+    from edgec.runtime import load_npz
+
+    out = Path(a.output) if a.output else default_out_dir(a.model, a.target)
+    target_options = {}
+    if a.cuda_arch:
+        target_options["cuda_arch"] = a.cuda_arch
+    if a.mcpu:
+        target_options["mcpu"] = a.mcpu
+    opts = CompileOptions(
+        target=a.target,
+        passes=_csv(a.passes) if a.passes is not None else None,
+        preset=a.preset,
+        sets=a.set or [],
+        input_shapes=parse_input_shapes(a.input_shape),
+        calib=load_npz(a.calib) if a.calib else None,
+        verify=a.verify,
+        target_options=target_options,
+        build=not a.no_build,
+    )
+    report = compile_model(a.model, out, opts)
+    b, f = report["before"], report["after"]
+    print(f"edgec {__version__}: compiled {a.model} for {report['target']} -> {out}")
+    print(f"  params {_human(b['params'])} -> {_human(f['params'])}, MACs {_human(b['macs'])} -> "
+          f"{_human(f['macs'])}, weight bytes {_human(b['bytes'])} -> {_human(f['bytes'])}")
+    for p in report["passes"]:
+        print(f"  pass {p['name']:<20} rewrote {len(p['rewritten']):>4}, skipped "
+              f"{len(p['skipped']):>4}  ({p['seconds']:.2f}s)")
+    t = report["timings"]
+    print(f"  total {t.get('total_s', 0):.1f}s (import {t.get('import_s', 0):.1f}s, passes "
+          f"{t.get('passes_s', 0):.1f}s, tvm build {t.get('tvm_build_s', 0):.1f}s)")
+    return 0
+
+
+def cmd_run(a) -> int:
+    import numpy as np
+
+    from edgec.runtime import Session, load_npz, run_batched
+
+    sess = Session(a.artifact, num_threads=a.threads)
+    data = load_npz(a.data)
+    data.pop("labels", None)
+    outs = run_batched(sess, data, sess.batch)
+    out = Path(a.output)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    try:
+        np.savez(tmp, **dict(zip(sess.output_names, outs)))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    print(f"wrote {len(outs)} output(s) for {next(iter(data.values())).shape[0]} samples to {out}")
+    return 0
+
+
+def cmd_check(a) -> int:
+    from edgec.check import check, format_table
+
+    res = check(a.model, a.artifact, a.data, max_drop=a.max_drop, min_cosine=a.min_cosine,
+                atol=a.atol, rtol=a.rtol, min_top1=a.min_top1, limit=a.limit,
+                threads=a.threads)
+    print(format_table(res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0 if res["ok"] else 1
+
+
+def cmd_bench(a) -> int:
+    from edgec.bench import bench, format_bench
+
+    res = bench(a.model, a.artifact, threads=a.threads, repeat=a.repeat)
+    print(format_bench(res))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def cmd_passes(a) -> int:
+    import dataclasses
+
+    from edgec.passes import list_passes
+    from edgec.pipeline import PRESETS
+
+    for info in list_passes():
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(info.config_cls))
+        calib = " [needs --calib]" if info.needs_calib else ""
+        print(f"{info.name:<20} {info.summary}{calib}")
+        if fields:
+            print(f"{'':<20}   options: {fields}")
+    print("\npresets:")
+    for name, passes in sorted(PRESETS.items()):
+        print(f"  {name:<18} {', '.join(passes) or '(no passes)'}")
+    return 0
+
+
+def cmd_targets(a) -> int:
+    from edgec.targets import list_targets
+
+    for spec in list_targets():
+        tc = f" (links with {spec.cross_compiler})" if spec.cross_compiler else ""
+        print(f"{spec.name:<12} {spec.family:<5} {spec.description}{tc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgec", description="ONNX graph-rewriting compiler for "
+                                "CNNs on edge devices (TVM backend)")
+    p.add_argument("--version", action="version", version=f"edgec {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compile", help="compile an ONNX model into an artifact folder")
+    c.add_argument("model")
+    c.add_argument("--target", "-t", default="x86", help="target name (see 'edgec targets')")
+    c.add_argument("-o", "--output", help="artifact folder (default: "
+                   "<model folder>/<model stem>.edgec/<target>/)")
+    c.add_argument("--passes", help="comma-separated passes (replaces the preset's list)")
+    c.add_argument("--preset", help="named pass list (see 'edgec passes'; default: default)")
+    c.add_argument("--set", action="append", metavar="PASS.KEY=VALUE",
+                   help="pass option, typed from the pass's config (repeatable)")
+    c.add_argument("--calib", metavar="FILE.npz", help="calibration data for data-aware passes")
+    c.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224",
+                   help="fix an input's shape (needed for dynamic dims; repeatable)")
+    c.add_argument("--verify", action="store_true",
+                   help="run onnxruntime after every pass; fail naming the pass that drifts")
+    c.add_argument("--cuda-arch", help="CUDA compute capability, e.g. sm_87 (cuda targets)")
+    c.add_argument("--mcpu", help="override the target CPU (LLVM -mcpu)")
+    c.add_argument("--no-build", action="store_true",
+                   help="run the passes and write model.onnx + report, but no TVM library")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz")
+    r.add_argument("artifact")
+    r.add_argument("--data", required=True, metavar="INPUTS.npz")
+    r.add_argument("-o", "--output", required=True, metavar="OUTPUTS.npz")
+    r.add_argument("--threads", type=int)
+    r.set_defaults(fn=cmd_run)
+
+    k = sub.add_parser("check", help="accuracy regression against onnxruntime")
+    k.add_argument("model")
+    k.add_argument("artifact")
+    k.add_argument("--data", required=True, metavar="VAL.npz",
+                   help="one array per model input name, optional 'labels'")
+    k.add_argument("--max-drop", type=float, help="max accuracy drop in points (needs labels)")
+    k.add_argument("--min-cosine", type=float, default=0.99,
+                   help="min cosine similarity of each output vs the original (default 0.99)")
+    k.add_argument("--atol", type=float, help="also require allclose(atol, rtol)")
+    k.add_argument("--rtol", type=float, default=0.0)
+    k.add_argument("--min-top1", type=float, help="min top-1 agreement with the original")
+    k.add_argument("--limit", type=int, help="use the first N samples")
+    k.add_argument("--threads", type=int)
+    k.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    k.set_defaults(fn=cmd_check)
+
+    b = sub.add_parser("bench", help="latency of onnxruntime vs the artifact, same run")
+    b.add_argument("model")
+    b.add_argument("artifact")
+    b.add_argument("--threads", type=int)
+    b.add_argument("--repeat", type=int, default=20)
+    b.add_argument("--json", metavar="FILE")
+    b.set_defaults(fn=cmd_bench)
+
+    sub.add_parser("passes", help="list passes and presets").set_defaults(fn=cmd_passes)
+    sub.add_parser("targets", help="list targets").set_defaults(fn=cmd_targets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.fn(a)
+    except EdgecError as e:
+        if a.debug:
+            raise
+        print(f"edgec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback, unless --debug
+        if a.debug:
+            raise
+        msg = str(e).strip().splitlines()
+        print(f"edgec: internal error: {type(e).__name__}: {msg[-1] if msg else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

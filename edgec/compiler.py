@@ -1,0 +1,168 @@
+"""``edgec compile``: import -> normalize -> passes -> TVM build -> artifact folder."""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgec import __version__
+from edgec.errors import EdgecError
+from edgec.importer import graph_inputs, load_model, normalize
+from edgec.pipeline import Pipeline, parse_sets, resolve_passes
+from edgec.stats import model_stats
+from edgec.targets import get_target
+
+DEFAULT_OUT_SUFFIX = ".edgec"
+
+
+def default_out_dir(model_path: str | Path, target: str) -> Path:
+    """Default artifact folder: beside the model, ``<stem>.edgec/<target>/``."""
+    p = Path(model_path)
+    return p.parent / f"{p.stem}{DEFAULT_OUT_SUFFIX}" / target
+
+
+@dataclass
+class CompileOptions:
+    target: str = "x86"
+    passes: list[str] | None = None
+    preset: str | None = None
+    sets: list[str] = field(default_factory=list)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    calib: dict[str, np.ndarray] | None = None
+    verify: bool = False
+    target_options: dict = field(default_factory=dict)
+    build: bool = True  # False: stop after the passes (no TVM library)
+
+
+def validate_calib(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Calibration data must name every model input with the model's per-sample shape."""
+    inputs = {vi.name: vi for vi in graph_inputs(model)}
+    data = {k: v for k, v in calib.items() if k != "labels"}
+    missing = [n for n in inputs if n not in data]
+    if missing:
+        raise EdgecError(f"calibration data lacks input(s) {', '.join(missing)} "
+                         f"(it has: {', '.join(data) or 'nothing'})")
+    extra = [n for n in data if n not in inputs]
+    if extra:
+        raise EdgecError(f"calibration data has array(s) {', '.join(extra)} that are not model "
+                         f"inputs ({', '.join(inputs)})")
+    rows = set()
+    for name, vi in inputs.items():
+        a = np.asarray(data[name])
+        shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+        if a.ndim != len(shape) or list(a.shape[1:]) != shape[1:]:
+            raise EdgecError(f"calibration array '{name}' has shape {list(a.shape)}, the model "
+                             f"input is {shape} (any batch)")
+        want = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if np.issubdtype(want, np.floating) and not np.issubdtype(a.dtype, np.floating):
+            raise EdgecError(f"calibration array '{name}' has dtype {a.dtype}, the model "
+                             f"takes {np.dtype(want)}")
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+            raise EdgecError(f"calibration array '{name}' contains NaN or infinity")
+        rows.add(a.shape[0])
+        data[name] = a.astype(want, copy=False)
+    if len(rows) > 1:
+        raise EdgecError(f"calibration arrays disagree on the number of rows: {sorted(rows)}")
+    return data
+
+
+def io_specs(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
+    def spec(vi):
+        tt = vi.type.tensor_type
+        return {"name": vi.name,
+                "shape": [d.dim_value if d.HasField("dim_value") else None
+                          for d in tt.shape.dim],
+                "dtype": str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))}
+
+    return [spec(v) for v in graph_inputs(model)], [spec(v) for v in model.graph.output]
+
+
+def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOptions) -> dict:
+    """Compile ``model_path`` into the artifact folder ``out_dir``; returns the report.
+
+    Everything that can fail on user input fails before anything is written; the artifact is
+    staged in a temporary folder and renamed into place only when complete.
+    """
+    from edgec.runtime.artifact import (FORMAT, LIBRARY, MANIFEST, ONNX, REPORT, sha256_file,
+                                        staging, write_json)
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    spec = get_target(opts.target)
+    model_path = Path(model_path)
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == model_path.resolve():
+        raise EdgecError("output folder is the model file itself")
+
+    pass_names = resolve_passes(opts.preset, opts.passes)
+    sets = parse_sets(opts.sets, pass_names)
+    if opts.build:
+        spec.check_toolchain()
+
+    t0 = time.perf_counter()
+    source = load_model(model_path)
+    model, notes = normalize(source, opts.input_shapes)
+    timings["import_s"] = time.perf_counter() - t0
+    calib = validate_calib(model, opts.calib) if opts.calib is not None else None
+
+    before = model_stats(model)
+    t0 = time.perf_counter()
+    pipe = Pipeline(pass_names, sets, verify=opts.verify, calib=calib)
+    result = pipe.run(model)
+    timings["passes_s"] = time.perf_counter() - t0
+    final = result.model
+    after = model_stats(final)
+    inputs, outputs = io_specs(final)
+    for o in outputs:
+        if any(d is None or d <= 0 for d in o["shape"]):
+            raise EdgecError(f"output '{o['name']}' has no static shape after normalization "
+                             f"({o['shape']}): data-dependent shapes cannot be compiled")
+
+    if opts.build:
+        from edgec.targets import backend  # imports TVM
+
+        backend.check_supported(final)
+
+    report = {
+        "edgec": __version__,
+        "source": str(model_path),
+        "target": spec.name,
+        "import": {"source_opset": notes.source_opset, "opset": notes.opset,
+                   "notes": notes.notes},
+        "before": before.to_json(),
+        "after": after.to_json(),
+        "passes": [r.to_json() for r in result.reports],
+        "verification": result.verification,
+        "timings": timings,
+    }
+    with staging(out_dir) as tmp:
+        onnx.save_model(final, str(tmp / ONNX))
+        manifest = {
+            "format": FORMAT,
+            "target": spec.name,
+            "device": spec.device,
+            "host_arch": spec.host_arch,
+            "inputs": inputs,
+            "outputs": outputs,
+            "passes": pass_names,
+            "versions": {"edgec": __version__, "onnx": onnx.__version__},
+            "source": {"path": str(model_path), "sha256": sha256_file(model_path)},
+            "built_on": platform.machine(),
+        }
+        if opts.build:
+            from edgec.targets import backend
+
+            built = backend.build(final, spec, tmp / LIBRARY, opts.target_options)
+            timings.update({f"tvm_{k}": v for k, v in built["timings"].items()})
+            manifest["tvm_target"] = built["tvm_target"]
+            manifest["versions"]["tvm"] = backend.tvm_version()
+            manifest["library"] = LIBRARY
+        timings["total_s"] = time.perf_counter() - t_start
+        write_json(tmp / MANIFEST, manifest)
+        write_json(tmp / REPORT, report)
+    return report

@@ -1,0 +1,321 @@
+"""Load and normalize an ONNX model as users export it.
+
+Real exports are messy: weights held in ``Constant`` / ``ConstantOfShape`` nodes, initializers
+also listed as graph inputs (opset < 9 exporters), external data files, dynamic batch dims,
+shape sub-graphs (``Shape -> Gather -> Concat -> Reshape``), opsets from 7 upward.
+:func:`load_model` reads a file without ever writing to it; :func:`normalize` returns a new,
+static-shaped model at a canonical opset that every pass and the backend can rely on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, numpy_helper
+
+from .errors import EdgecError
+from .graph import opset_of
+
+# The opset every pass sees. Models below it are converted up (ops like Clip, Squeeze,
+# ReduceSum and Split take their constants as inputs from 13 on); models above are kept.
+CANONICAL_OPSET = 13
+MAX_OPSET = 23
+
+
+@dataclass
+class ImportNotes:
+    """What normalization changed, for the compile report."""
+
+    source_opset: int = 0
+    opset: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, msg: str) -> None:
+        self.notes.append(msg)
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file (and its external data) without modifying it.
+
+    Raises :class:`EdgecError` with one line for a missing file, a file that is not ONNX,
+    a truncated protobuf, or external data outside the model's folder.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise EdgecError(f"model file not found: {p}")
+    if not p.is_file():
+        raise EdgecError(f"model path is not a file: {p}")
+    data = p.read_bytes()
+    if not data:
+        raise EdgecError(f"not an ONNX model (empty file): {p}")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except DecodeError as e:
+        if "runcated" in str(e) or _looks_truncated(data):
+            raise EdgecError(f"truncated or corrupt ONNX protobuf: {p} ({e})") from None
+        raise EdgecError(f"not an ONNX model (protobuf parse failed): {p}") from None
+    except Exception:  # noqa: BLE001 - protobuf raises several types
+        raise EdgecError(f"not an ONNX model (protobuf parse failed): {p}") from None
+    if model.ir_version == 0 or not model.HasField("graph") or (
+            len(model.graph.node) == 0 and len(model.graph.output) == 0):
+        raise EdgecError(f"not an ONNX model (no graph found): {p}")
+    _load_external_data(model, p.parent.resolve())
+    return model
+
+
+def _looks_truncated(data: bytes) -> bool:
+    # A model that starts like ONNX (field 1 = ir_version varint) but fails to parse.
+    return len(data) > 2 and data[0] == 0x08
+
+
+def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
+    for tensor in external_data_helper._get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc):
+            raise EdgecError(f"external data of tensor '{tensor.name}' has an absolute or empty "
+                             f"path '{loc}': refused (must lie inside the model's folder)")
+        target = (base / loc).resolve()
+        if base != target and base not in target.parents:
+            raise EdgecError(f"external data of tensor '{tensor.name}' points outside the model's "
+                             f"folder ('{loc}'): refused")
+        if not target.is_file():
+            raise EdgecError(f"external data file of tensor '{tensor.name}' not found: {target}")
+        offset = int(info.get("offset", 0))
+        length = info.get("length")
+        with open(target, "rb") as f:
+            f.seek(offset)
+            raw = f.read(int(length)) if length is not None else f.read()
+        expected = int(np.prod(tensor.dims)) * _itemsize(tensor.data_type)
+        if expected and len(raw) < expected:
+            raise EdgecError(f"external data of tensor '{tensor.name}' is truncated "
+                             f"({len(raw)} of {expected} bytes in {loc})")
+        tensor.raw_data = raw
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _itemsize(data_type: int) -> int:
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+_SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*(\d+(?:\s*[x,]\s*\d+)*)\s*$")
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """Parse ``NAME=1x3x224x224`` (or ``NAME=1,3,224,224``) options."""
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs or []:
+        m = _SHAPE_RE.match(spec)
+        if not m:
+            raise EdgecError(f"bad --input-shape '{spec}': expected NAME=1x3x224x224")
+        dims = tuple(int(d) for d in re.split(r"\s*[x,]\s*", m.group(2)))
+        if any(d <= 0 for d in dims):
+            raise EdgecError(f"bad --input-shape '{spec}': dimensions must be positive")
+        out[m.group(1)] = dims
+    return out
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs: graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def normalize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
+              ) -> tuple[onnx.ModelProto, ImportNotes]:
+    """Return a normalized copy: canonical opset, weights as initializers, no initializer
+    listed as an input, static input shapes, inferred shapes, no dead nodes."""
+    notes = ImportNotes()
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    notes.source_opset = opset_of(m)
+    for imp in m.opset_import:
+        if imp.domain not in ("", "ai.onnx", "ai.onnx.ml"):
+            raise EdgecError(f"unsupported operator domain '{imp.domain}' (custom ops cannot be "
+                             "compiled)")
+    for node in m.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise EdgecError(f"unsupported op '{node.domain}::{node.op_type}' at node "
+                             f"'{node.name}' (custom domain)")
+
+    _drop_initializer_inputs(m, notes)
+    _name_nodes(m)
+    _constants_to_initializers(m, notes)
+    m = _convert_opset(m, notes)
+    _fix_input_shapes(m, input_shapes or {}, notes)
+    m = _infer_shapes(m)
+    notes.opset = opset_of(m)
+    return m, notes
+
+
+def _drop_initializer_inputs(m: onnx.ModelProto, notes: ImportNotes) -> None:
+    inits = {t.name for t in m.graph.initializer}
+    keep = [i for i in m.graph.input if i.name not in inits]
+    dropped = len(m.graph.input) - len(keep)
+    if dropped:
+        del m.graph.input[:]
+        m.graph.input.extend(keep)
+        notes.add(f"{dropped} initializers were also listed as graph inputs: treated as constants")
+
+
+def _constants_to_initializers(m: onnx.ModelProto, notes: ImportNotes) -> None:
+    """``Constant`` nodes, and ``ConstantOfShape`` of a constant shape, become initializers."""
+    inits = {t.name: t for t in m.graph.initializer}
+    keep, moved = [], 0
+    for node in m.graph.node:
+        arr = None
+        if node.op_type == "Constant" and len(node.attribute) == 1 and \
+                node.attribute[0].name != "sparse_value":
+            a = node.attribute[0]
+            val = onnx.helper.get_attribute_value(a)
+            if a.name == "value":
+                arr = numpy_helper.to_array(val)
+            elif a.name in ("value_float", "value_floats"):
+                arr = np.asarray(val, dtype=np.float32)
+            elif a.name in ("value_int", "value_ints"):
+                arr = np.asarray(val, dtype=np.int64)
+        elif node.op_type == "ConstantOfShape" and node.input[0] in inits:
+            shape = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64)
+            value = next((numpy_helper.to_array(a.t) for a in node.attribute
+                          if a.name == "value"), np.zeros(1, np.float32))
+            if int(np.prod(shape)) <= (16 << 20):
+                arr = np.full(tuple(shape), value.reshape(-1)[0], dtype=value.dtype)
+        if arr is None:
+            keep.append(node)
+            continue
+        t = numpy_helper.from_array(np.asarray(arr), node.output[0])
+        m.graph.initializer.append(t)
+        inits[t.name] = t
+        moved += 1
+    if moved:
+        del m.graph.node[:]
+        m.graph.node.extend(keep)
+        notes.add(f"{moved} Constant/ConstantOfShape nodes turned into initializers")
+
+
+def _name_nodes(m: onnx.ModelProto) -> None:
+    """Give every node a unique name, so reports and errors can point at it."""
+    seen: set[str] = set()
+    for i, node in enumerate(m.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+
+
+def _convert_opset(m: onnx.ModelProto, notes: ImportNotes) -> onnx.ModelProto:
+    opset = opset_of(m)
+    if opset > MAX_OPSET:
+        raise EdgecError(f"model opset {opset} is newer than the newest supported ({MAX_OPSET})")
+    if opset >= CANONICAL_OPSET:
+        return m
+    from onnx import version_converter
+
+    try:
+        # The converter needs the ir_version that goes with its opsets.
+        converted = version_converter.convert_version(m, CANONICAL_OPSET)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # noqa: BLE001 - the converter fails in many ways on old models
+        notes.add(f"opset {opset} kept: conversion to {CANONICAL_OPSET} failed "
+                  f"({str(e).splitlines()[0][:160]})")
+        return m
+    notes.add(f"opset converted {opset} -> {CANONICAL_OPSET}")
+    return converted
+
+
+def _fix_input_shapes(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                      notes: ImportNotes) -> None:
+    inputs = {i.name: i for i in m.graph.input}
+    for name in shapes:
+        if name not in inputs:
+            raise EdgecError(f"--input-shape names '{name}', which is not a model input "
+                             f"(inputs: {', '.join(inputs) or 'none'})")
+    changed = False
+    for name, vi in inputs.items():
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise EdgecError(f"input '{name}' is not a tensor (sequences/maps are unsupported)")
+        dims = tt.shape.dim
+        if name in shapes:
+            want = shapes[name]
+            if tt.HasField("shape") and len(dims) != len(want):
+                raise EdgecError(f"--input-shape {name}: rank {len(want)} given, the model's "
+                                 f"input has rank {len(dims)}")
+            for d, w in zip(dims, want):
+                if d.HasField("dim_value") and d.dim_value not in (0, w):
+                    notes.add(f"input '{name}': static dim {d.dim_value} overridden to {w}")
+            del tt.shape.dim[:]
+            for w in want:
+                tt.shape.dim.add().dim_value = w
+            changed = True
+        else:
+            if not tt.HasField("shape") or any(
+                    not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
+                shown = "x".join(str(d.dim_value) if d.HasField("dim_value") and d.dim_value
+                                 else (d.dim_param or "?") for d in dims)
+                raise EdgecError(f"input '{name}' has a dynamic shape [{shown}]: fix it with "
+                                 f"--input-shape, e.g. --input-shape {name}=" +
+                                 "x".join(str(d.dim_value) if d.HasField("dim_value") and
+                                          d.dim_value else "1" for d in dims))
+    if changed:
+        # Shapes inferred for the old input shape are stale now.
+        del m.graph.value_info[:]
+        for o in m.graph.output:
+            if o.type.HasField("tensor_type"):
+                o.type.tensor_type.ClearField("shape")
+        notes.add("input shapes fixed: " + ", ".join(
+            f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items()))
+
+
+def _infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False,
+                                                 data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        raise EdgecError(f"shape inference failed: {str(e).splitlines()[0][:200]}") from None
+
+
+def infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
+    """Re-infer every intermediate shape (after a rewrite), keeping inputs fixed."""
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(m)
+    del m2.graph.value_info[:]
+    return _infer_shapes(m2)
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Seeded inputs of the model's static shapes, for verification runs."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in graph_inputs(model):
+        tt = vi.type.tensor_type
+        shape = [d.dim_value for d in tt.shape.dim]
+        if batch is not None and shape:
+            shape[0] = batch
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[vi.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[vi.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feeds
+
+
+def array_to_initializer(arr: np.ndarray, name: str) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(arr), name)

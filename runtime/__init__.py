@@ -1,0 +1,233 @@
+"""Runners with one interface, ``run(output_names, feeds) -> list[np.ndarray]``, like
+onnxruntime's ``InferenceSession``:
+
+* :class:`Session` runs a compiled artifact with the TVM runtime only (no onnx, no compiler),
+  so the same code runs on a device;
+* :class:`OrtSession` runs an ONNX model (file or proto) in onnxruntime.
+
+Both take feeds whose batch differs from the compiled one: :func:`run_batched` splits them
+into the compiled batch size (padding the last chunk) and concatenates the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgec.errors import EdgecError
+
+from .artifact import LIBRARY, ONNX, read_manifest
+
+
+class _Runner:
+    input_specs: list[dict]
+    output_specs: list[dict]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.input_specs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.output_specs]
+
+    def get_inputs(self):
+        return self.input_specs
+
+    def get_outputs(self):
+        return self.output_specs
+
+    def _check_feeds(self, feeds: dict[str, np.ndarray], exact_shape: bool) -> list[np.ndarray]:
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise EdgecError(f"missing input(s) {', '.join(missing)} (model inputs: "
+                             f"{', '.join(self.input_names)})")
+        extra = [n for n in feeds if n not in self.input_names]
+        if extra:
+            raise EdgecError(f"unknown input(s) {', '.join(extra)} (model inputs: "
+                             f"{', '.join(self.input_names)})")
+        arrays = []
+        for spec in self.input_specs:
+            a = np.asarray(feeds[spec["name"]])
+            want = np.dtype(spec["dtype"])
+            if a.dtype != want:
+                if np.can_cast(a.dtype, want, "same_kind"):
+                    a = a.astype(want)
+                else:
+                    raise EdgecError(f"input '{spec['name']}' has dtype {a.dtype}, the model "
+                                     f"takes {want}")
+            shape = spec["shape"]
+            if exact_shape and list(a.shape) != list(shape):
+                raise EdgecError(f"input '{spec['name']}' has shape {list(a.shape)}, the "
+                                 f"compiled model takes {list(shape)}")
+            if not exact_shape and (a.ndim != len(shape) or any(
+                    isinstance(s, int) and s > 0 and s != d for s, d in zip(shape[1:], a.shape[1:]))):
+                raise EdgecError(f"input '{spec['name']}' has shape {list(a.shape)}, the "
+                                 f"model takes {list(shape)}")
+            arrays.append(np.ascontiguousarray(a))
+        return arrays
+
+
+class Session(_Runner):
+    """Run a compiled artifact folder with the TVM runtime."""
+
+    def __init__(self, artifact: str | os.PathLike, device_id: int = 0,
+                 num_threads: int | None = None):
+        self.path = Path(artifact)
+        self.manifest = read_manifest(self.path)
+        self.input_specs = self.manifest["inputs"]
+        self.output_specs = self.manifest["outputs"]
+        os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+        if num_threads:
+            os.environ["TVM_NUM_THREADS"] = str(num_threads)
+        import tvm
+        from tvm import relax
+
+        self._tvm = tvm
+        kind = self.manifest["device"]
+        self.device = tvm.cuda(device_id) if kind == "cuda" else tvm.cpu(device_id)
+        if not self.device.exist:
+            raise EdgecError(f"artifact {self.path} was compiled for target "
+                             f"'{self.manifest['target']}' and needs a {kind} device, which "
+                             "this machine does not have")
+        import platform
+
+        host = self.manifest.get("host_arch")
+        if host and host != platform.machine():
+            raise EdgecError(f"artifact {self.path} is a {host} library; this machine is "
+                             f"{platform.machine()}: run it on the device")
+        lib_path = self.path / LIBRARY
+        if not lib_path.is_file():
+            raise EdgecError(f"artifact {self.path} has no {LIBRARY}")
+        try:
+            lib = tvm.runtime.load_module(str(lib_path))
+        except Exception as e:  # noqa: BLE001
+            raise EdgecError(f"cannot load {lib_path}: {str(e).splitlines()[-1]}") from None
+        self._vm = relax.VirtualMachine(lib, self.device)
+        self._main = self._vm["main"]
+        if num_threads:
+            cfg = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+            if cfg is not None:
+                cfg(0, int(num_threads))
+
+    @property
+    def batch(self) -> int | None:
+        shapes = [i["shape"] for i in self.input_specs]
+        return shapes[0][0] if shapes and shapes[0] else None
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]
+            ) -> list[np.ndarray]:
+        arrays = self._check_feeds(feeds, exact_shape=True)
+        args = [self._tvm.runtime.tensor(a, self.device) for a in arrays]
+        res = self._main(*args)
+        outs = _flatten(res)
+        if len(outs) != len(self.output_specs):
+            raise EdgecError(f"compiled model returned {len(outs)} outputs, manifest lists "
+                             f"{len(self.output_specs)}")
+        by_name = {spec["name"]: o.numpy() for spec, o in zip(self.output_specs, outs)}
+        return [by_name[n] for n in (output_names or self.output_names)]
+
+    def time_one(self, feeds: dict[str, np.ndarray], repeat: int = 20, number: int = 1,
+                 min_repeat_ms: int = 0) -> np.ndarray:
+        """Per-run latencies in seconds, measured by the TVM runtime (inputs already on the
+        device, so the figures are kernel time plus VM overhead)."""
+        arrays = self._check_feeds(feeds, exact_shape=True)
+        args = [self._tvm.runtime.tensor(a, self.device) for a in arrays]
+        self._main(*args)  # warm up
+        self._vm.save_function("main", "edgec_bench", *args)
+        timer = self._vm.time_evaluator("edgec_bench", self.device, number=number,
+                                        repeat=repeat, min_repeat_ms=min_repeat_ms)
+        return np.array(timer().results)
+
+
+def _flatten(res) -> list:
+    if hasattr(res, "numpy"):
+        return [res]
+    out = []
+    for r in res:
+        out.extend(_flatten(r))
+    return out
+
+
+class OrtSession(_Runner):
+    """Run an ONNX model in onnxruntime, with the same interface as :class:`Session`."""
+
+    def __init__(self, model, num_threads: int | None = None, optimize: bool = True):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if num_threads:
+            opts.intra_op_num_threads = int(num_threads)
+            opts.inter_op_num_threads = 1
+        if not optimize:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+        try:
+            self._sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001
+            raise EdgecError(f"onnxruntime cannot load the model: "
+                             f"{str(e).strip().splitlines()[0][:300]}") from None
+        self.input_specs = [_ort_spec(i) for i in self._sess.get_inputs()]
+        self.output_specs = [_ort_spec(o) for o in self._sess.get_outputs()]
+
+    def run(self, output_names, feeds):
+        arrays = self._check_feeds(feeds, exact_shape=False)
+        return self._sess.run(output_names, dict(zip(self.input_names, arrays)))
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16",
+              "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
+              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
+              "tensor(int16)": "int16", "tensor(uint16)": "uint16"}
+
+
+def _ort_spec(arg) -> dict:
+    return {"name": arg.name, "shape": [d if isinstance(d, int) else None for d in arg.shape],
+            "dtype": _ORT_TYPES.get(arg.type, "float32")}
+
+
+def run_batched(runner: _Runner, feeds: dict[str, np.ndarray], batch: int | None,
+                output_names: list[str] | None = None) -> list[np.ndarray]:
+    """Run ``feeds`` (any leading batch N) through a runner compiled for ``batch`` rows at a
+    time: chunks of ``batch``, the last one padded by repeating its final row."""
+    names = output_names or runner.output_names
+    n = _leading(feeds)
+    if batch is None or batch <= 0 or n == batch:
+        return runner.run(names, feeds)
+    chunks: list[list[np.ndarray]] = []
+    for start in range(0, n, batch):
+        part = {}
+        rows = min(batch, n - start)
+        for k, v in feeds.items():
+            piece = v[start:start + rows]
+            if rows < batch:
+                pad = np.repeat(piece[-1:], batch - rows, axis=0)
+                piece = np.concatenate([piece, pad], axis=0)
+            part[k] = piece
+        outs = runner.run(names, part)
+        chunks.append([o[:rows] for o in outs])
+    return [np.concatenate([c[i] for c in chunks], axis=0) for i in range(len(names))]
+
+
+def _leading(feeds: dict[str, np.ndarray]) -> int:
+    sizes = {np.asarray(v).shape[0] if np.asarray(v).ndim else 1 for v in feeds.values()}
+    if len(sizes) != 1:
+        raise EdgecError(f"inputs disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    p = Path(path)
+    if not p.is_file():
+        raise EdgecError(f"data file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001
+        raise EdgecError(f"cannot read {p} as .npz: {str(e).splitlines()[0]}") from None
+
+
+__all__ = ["Session", "OrtSession", "run_batched", "load_npz", "LIBRARY", "ONNX"]

@@ -1,0 +1,43 @@
+"""64-bit Arm CPU targets (LLVM aarch64), cross-linked with aarch64-linux-gnu-g++.
+
+* ``arm64``: generic aarch64 with NEON;
+* ``rpi4``:  Raspberry Pi 4, Cortex-A72 (NEON);
+* ``rpi5``:  Raspberry Pi 5, Cortex-A76 (+dotprod, +fp16 arithmetic).
+"""
+
+from __future__ import annotations
+
+from . import TargetSpec, register_target
+from .x86 import cpu_phases
+
+CROSS = "aarch64-linux-gnu-g++"
+CROSS_PKG = "g++-aarch64-linux-gnu"
+
+
+def aarch64(mcpu: str | None, mattr: list[str]) -> dict:
+    t = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": list(mattr)}
+    if mcpu:
+        t["mcpu"] = mcpu
+    return t
+
+
+def _arm_spec(name: str, description: str, mcpu: str | None, mattr: list[str]) -> TargetSpec:
+    return register_target(TargetSpec(
+        name=name,
+        family="arm",
+        description=description,
+        make_target=lambda options: aarch64(options.get("mcpu") or mcpu, mattr),
+        phases=cpu_phases,
+        device="cpu",
+        cross_compiler=CROSS,
+        cross_package=CROSS_PKG,
+        host_arch="aarch64",
+        tuning={"max_trials_per_task": 64, "num_trials_per_iter": 16, "rpc": True},
+        options=("mcpu",),
+    ))
+
+
+ARM64 = _arm_spec("arm64", "generic 64-bit Arm (aarch64 + NEON)", None, ["+neon"])
+RPI4 = _arm_spec("rpi4", "Raspberry Pi 4 (Cortex-A72, NEON)", "cortex-a72", ["+neon"])
+RPI5 = _arm_spec("rpi5", "Raspberry Pi 5 (Cortex-A76, NEON, dotprod, fp16)", "cortex-a76",
+                 ["+neon", "+dotprod", "+fullfp16"])

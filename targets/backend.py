@@ -1,0 +1,149 @@
+"""The TVM side of compilation: ONNX -> Relax, per-target pipelines, build, export.
+
+Only this package and :mod:`edgec.runtime` import TVM.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import onnx
+
+from edgec.errors import EdgecError, UnsupportedOpError
+
+# tvm_ffi otherwise JIT-builds a torch DLPack bridge into ~/.cache on first import.
+os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from . import TargetSpec  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------- frontend
+def supported_ops() -> set[str]:
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    return set(_get_convert_map()) | {"Constant", "If"}
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Refuse, by op and node name, anything the TVM ONNX frontend cannot import."""
+    ops = supported_ops()
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
+            raise UnsupportedOpError(node.op_type, node.name)
+    for vi in model.graph.input:
+        et = vi.type.tensor_type.elem_type
+        if et in (onnx.TensorProto.STRING, onnx.TensorProto.COMPLEX64,
+                  onnx.TensorProto.COMPLEX128):
+            raise EdgecError(f"input '{vi.name}' has an unsupported element type "
+                             f"{onnx.TensorProto.DataType.Name(et)}")
+
+
+def to_relax(model: onnx.ModelProto) -> "tvm.IRModule":
+    """Import a normalized (static-shaped) model; weights become bound constants so the
+    pipeline can fold and re-lay them out at compile time."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    check_supported(model)
+    inits = {t.name for t in model.graph.initializer}
+    shape_dict, dtype_dict = {}, {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape_dict[vi.name] = [d.dim_value for d in tt.shape.dim]
+        dtype_dict[vi.name] = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict,
+                            keep_params_in_input=False)
+    except tvm.error.OpNotImplemented as e:
+        raise EdgecError(f"TVM ONNX frontend: {str(e).strip().splitlines()[-1]}") from None
+    except Exception as e:  # noqa: BLE001 - the frontend raises many types
+        msg = str(e).strip().splitlines()
+        raise EdgecError("TVM ONNX frontend could not import the model: "
+                         f"{type(e).__name__}: {msg[-1] if msg else ''}"[:400]) from None
+    return mod
+
+
+# ---------------------------------------------------------------------------------- pipelines
+def sequential(target, phases):
+    """Wrap a target family's phase list as one Relax module pass run under ``target``."""
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(phases)(mod)
+
+    return _pipeline
+
+
+# ---------------------------------------------------------------------------------- build
+def make_target(spec: TargetSpec, options: dict | None = None) -> "tvm.target.Target":
+    try:
+        return tvm.target.Target(spec.tvm_target_dict(options))
+    except EdgecError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise EdgecError(f"bad target options for '{spec.name}': {e}") from None
+
+
+def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
+          options: dict | None = None) -> dict:
+    """Compile ``model`` for ``spec`` into the shared library ``lib_path``.
+
+    Returns timings and the resolved TVM target (as JSON) for the manifest.
+    """
+    spec.check_toolchain()
+    target = make_target(spec, options)
+    timings = {}
+    t0 = time.perf_counter()
+    mod = to_relax(model)
+    timings["import_s"] = time.perf_counter() - t0
+    pipeline = sequential(target, spec.phases(target))
+    t0 = time.perf_counter()
+    try:
+        ex = relax.build(mod, target=target, relax_pipeline=pipeline)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()
+        raise EdgecError(f"TVM build for '{spec.name}' failed: {type(e).__name__}: "
+                         f"{msg[-1] if msg else ''}"[:400]) from None
+    timings["build_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kwargs = {"cc": spec.cross_compiler} if spec.cross_compiler else {}
+    try:
+        ex.export_library(str(lib_path), **kwargs)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()
+        raise EdgecError(f"linking the {spec.name} library failed: "
+                         f"{msg[-1] if msg else type(e).__name__}"[:400]) from None
+    timings["export_s"] = time.perf_counter() - t0
+    return {"timings": timings, "tvm_target": target.export() if hasattr(target, "export")
+            else str(target)}
+
+
+def cuda_present() -> bool:
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def detected_cuda_arch() -> str | None:
+    if not cuda_present():
+        return None
+    try:
+        return "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def tvm_version() -> str:
+    return tvm.__version__
