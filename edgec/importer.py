@@ -283,10 +283,14 @@ def _fix_input_shapes(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
 
 def _infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False,
-                                                 data_prop=True)
+        out = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False,
+                                                data_prop=True)
     except Exception as e:  # noqa: BLE001
         raise EdgecError(f"shape inference failed: {str(e).splitlines()[0][:200]}") from None
+    for o in out.graph.output:  # the checker wants a (possibly unknown) shape on outputs
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.shape.SetInParent()
+    return out
 
 
 def infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from edgec.errors import EdgecError, PassDriftError
-from edgec.importer import infer_shapes, random_feeds
+from edgec.importer import random_feeds
 from edgec.passes import PassContext, PassReport, get_pass, make_config, run_pass
 
 # Normalization passes run first in every preset: they make the graph what later passes and
@@ -96,8 +96,6 @@ class Pipeline:
             ref = run_batched(OrtSession(model), feeds, None)
         for name, config in self.steps:
             new, report = run_pass(name, result.model, config, self.ctx)
-            if report.modified:
-                new = infer_shapes(new)
             result.reports.append(report)
             if self.verify and report.modified:
                 from edgec.runtime import OrtSession, run_batched

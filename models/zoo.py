@@ -215,8 +215,9 @@ def _import_torchvision():
     ``torchvision._meta_registrations`` fails with "operator torchvision::nms does not exist".
     The models do not need those ops, so the module is replaced by an empty stub.
     """
-    if "torchvision" in sys.modules:
-        return sys.modules["torchvision"]
+    mod = sys.modules.get("torchvision")
+    if mod is not None:
+        return mod
     try:
         import torchvision
 

@@ -188,6 +188,10 @@ def run_pass(name: str, model: onnx.ModelProto, config=None, ctx: PassContext | 
     seconds = time.perf_counter() - t0
     if model.SerializeToString(deterministic=True) != snapshot:
         raise PassError(name, "mutated its input model (passes must be pure)")
+    if report.modified:
+        from edgec.importer import infer_shapes
+
+        out = infer_shapes(out)
     try:
         onnx.checker.check_model(out)
     except Exception as e:  # noqa: BLE001

@@ -27,4 +27,9 @@ def gs_transform(model: onnx.ModelProto, fn: Callable) -> onnx.ModelProto:
     for node in out.graph.node:
         for p in meta.get(node.name, []):
             node.metadata_props.add().CopyFrom(p)
+    # graphsurgeon can lose the shapes of graph inputs/outputs it did not infer itself
+    known = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
+    for v in list(out.graph.input) + list(out.graph.output):
+        if v.name in known and not v.type.tensor_type.HasField("shape"):
+            v.type.CopyFrom(known[v.name].type)
     return out

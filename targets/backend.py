@@ -5,6 +5,7 @@ Only this package and :mod:`edgec.runtime` import TVM.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -125,8 +126,7 @@ def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
         raise EdgecError(f"linking the {spec.name} library failed: "
                          f"{msg[-1] if msg else type(e).__name__}"[:400]) from None
     timings["export_s"] = time.perf_counter() - t0
-    return {"timings": timings, "tvm_target": target.export() if hasattr(target, "export")
-            else str(target)}
+    return {"timings": timings, "tvm_target": json.loads(str(target))}
 
 
 def cuda_present() -> bool:

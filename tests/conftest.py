@@ -1,0 +1,74 @@
+"""Shared fixtures: small ONNX graph builders and a compile helper."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+
+
+def make_model(nodes, inputs, outputs, inits=(), opset=13, ir_version=8) -> onnx.ModelProto:
+    """inputs/outputs: [(name, shape)] float32; inits: {name: array}."""
+    g = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in dict(inits).items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = ir_version
+    return m
+
+
+def conv_bn_model(rng=None, batch=1, c=3, k=8, hw=12, opset=13) -> onnx.ModelProto:
+    rng = rng or np.random.default_rng(0)
+    inits = {
+        "W": rng.standard_normal((k, c, 3, 3)).astype(np.float32) * 0.3,
+        "B": rng.standard_normal(k).astype(np.float32),
+        "g": (rng.random(k) + 0.5).astype(np.float32),
+        "b": rng.standard_normal(k).astype(np.float32),
+        "m": (rng.standard_normal(k) * 0.1).astype(np.float32),
+        "v": (rng.random(k) + 0.5).astype(np.float32),
+        "G": rng.standard_normal((10, k)).astype(np.float32),
+        "C": rng.standard_normal(10).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("BatchNormalization", ["y", "g", "b", "m", "v"], ["yb"], name="bn"),
+        helper.make_node("Relu", ["yb"], ["z"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["z"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "G", "C"], ["logits"], transB=1, name="fc"),
+    ]
+    return make_model(nodes, [("x", [batch, c, hw, hw])], [("logits", [batch, 10])], inits,
+                      opset=opset)
+
+
+def ort_run(model, feeds):
+    import onnxruntime as ort
+
+    src = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    s = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
+
+
+@pytest.fixture
+def tiny_model_path(tmp_path) -> Path:
+    p = tmp_path / "tiny.onnx"
+    onnx.save(conv_bn_model(), p)
+    return p
+
+
+def compile_to(model, out: Path, target="x86", **kw):
+    from edgec.compiler import CompileOptions, compile_model
+
+    path = model
+    if isinstance(model, onnx.ModelProto):
+        path = out.parent / f"{out.name}_src.onnx"
+        onnx.save(model, path)
+    return compile_model(path, out, CompileOptions(target=target, **kw))
