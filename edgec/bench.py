@@ -22,7 +22,7 @@ from edgec.runtime.artifact import REPORT, read_manifest
 from edgec.stats import model_stats
 
 
-def sgemm_peak_gflops(threads: int, n: int = 1024, repeat: int = 5) -> float:
+def sgemm_peak_gflops(threads: int, n: int = 2048, repeat: int = 3) -> float:
     """Best-of-``repeat`` float32 GEMM throughput of numpy's BLAS with ``threads`` threads."""
     try:
         from threadpoolctl import threadpool_limits

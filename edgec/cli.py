@@ -114,6 +114,32 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_data(a) -> int:
+    from edgec.models import fashion_mnist
+
+    if a.dataset != "fashion-mnist":
+        raise EdgecError(f"unknown dataset '{a.dataset}' (known: fashion-mnist)")
+    try:
+        path = fashion_mnist.write_npz(a.output, n=a.n, split=a.split)
+    except FileNotFoundError as e:
+        raise EdgecError(str(e).splitlines()[0]) from None
+    print(f"wrote {a.n or 'all'} {a.split} samples of {a.dataset} to {path}")
+    return 0
+
+
+def cmd_zoo(a) -> int:
+    from edgec.models import zoo
+
+    if a.name not in zoo.names():
+        raise EdgecError(f"unknown zoo model '{a.name}' (known: {', '.join(zoo.names())})")
+    try:
+        path = zoo.export(a.name, a.output, seed=a.seed, batch=a.batch or None)
+    except ImportError as e:
+        raise EdgecError(str(e).splitlines()[0]) from None
+    print(f"wrote {a.name} (seed {a.seed}, batch {a.batch or 'dynamic'}) to {path}")
+    return 0
+
+
 def cmd_passes(a) -> int:
     import dataclasses
 
@@ -198,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=20)
     b.add_argument("--json", metavar="FILE")
     b.set_defaults(fn=cmd_bench)
+
+    d = sub.add_parser("data", help="write a labeled .npz from a locally installed dataset")
+    d.add_argument("dataset", help="fashion-mnist (Debian package dataset-fashion-mnist)")
+    d.add_argument("output", metavar="OUT.npz")
+    d.add_argument("--n", type=int, help="first N samples (default: all)")
+    d.add_argument("--split", default="test", choices=["test", "train"])
+    d.set_defaults(fn=cmd_data)
+
+    z = sub.add_parser("zoo", help="export a model of the seeded zoo to ONNX")
+    z.add_argument("name")
+    z.add_argument("output", metavar="OUT.onnx")
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--batch", type=int, default=1, help="0: dynamic batch axis")
+    z.set_defaults(fn=cmd_zoo)
 
     sub.add_parser("passes", help="list passes and presets").set_defaults(fn=cmd_passes)
     sub.add_parser("targets", help="list targets").set_defaults(fn=cmd_targets)

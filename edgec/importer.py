@@ -151,10 +151,17 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
             raise EdgecError(f"unsupported op '{node.domain}::{node.op_type}' at node "
                              f"'{node.name}' (custom domain)")
 
+    if m.ir_version < 4:
+        # IR < 4 requires every initializer to be a graph input; we drop those inputs.
+        m.ir_version = 4
     _drop_initializer_inputs(m, notes)
     _name_nodes(m)
     _constants_to_initializers(m, notes)
+    if notes.source_opset < 7:
+        _prelu_slope_per_channel(m)
     m = _convert_opset(m, notes)
+    m.ir_version = max(m.ir_version,
+                       onnx.helper.find_min_ir_version_for(list(m.opset_import), True))
     _fix_input_shapes(m, input_shapes or {}, notes)
     m = _infer_shapes(m)
     notes.opset = opset_of(m)
@@ -204,6 +211,27 @@ def _constants_to_initializers(m: onnx.ModelProto, notes: ImportNotes) -> None:
         del m.graph.node[:]
         m.graph.node.extend(keep)
         notes.add(f"{moved} Constant/ConstantOfShape nodes turned into initializers")
+
+
+def _prelu_slope_per_channel(m: onnx.ModelProto) -> None:
+    """Before opset 7, a PRelu slope of shape [C] applied per channel (axis 1); from 7 on it
+    broadcasts numpy-style (last axis). Make it [C, 1, ..., 1] before converting the opset."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # noqa: BLE001
+        return
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in
+             list(inferred.graph.input) + list(inferred.graph.value_info)
+             + list(inferred.graph.output)}
+    inits = {t.name: t for t in m.graph.initializer}
+    for node in m.graph.node:
+        if node.op_type != "PRelu" or node.input[1] not in inits:
+            continue
+        rank = ranks.get(node.input[0], 0)
+        t = inits[node.input[1]]
+        a = numpy_helper.to_array(t)
+        if rank > 2 and a.ndim == 1 and a.size > 1:
+            t.CopyFrom(numpy_helper.from_array(a.reshape([a.size] + [1] * (rank - 2)), t.name))
 
 
 def _name_nodes(m: onnx.ModelProto) -> None:

@@ -36,6 +36,14 @@ def check_supported(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ops:
             raise UnsupportedOpError(node.op_type, node.name)
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        # TVM's converter inserts at len+p+1 for a negative p (ONNX: len+p).
+        if node.op_type == "SequenceInsert" and len(node.input) > 2 and node.input[2]:
+            pos = inits.get(node.input[2])
+            if pos is None or int(onnx.numpy_helper.to_array(pos)) < 0:
+                raise EdgecError(f"SequenceInsert at node '{node.name}' with a negative or "
+                                 "non-constant position is not supported")
     for vi in model.graph.input:
         et = vi.type.tensor_type.elem_type
         if et in (onnx.TensorProto.STRING, onnx.TensorProto.COMPLEX64,
@@ -71,7 +79,30 @@ def to_relax(model: onnx.ModelProto) -> "tvm.IRModule":
         msg = str(e).strip().splitlines()
         raise EdgecError("TVM ONNX frontend could not import the model: "
                          f"{type(e).__name__}: {msg[-1] if msg else ''}"[:400]) from None
+    _check_static_outputs(model, mod)
     return mod
+
+
+def _leaves(sinfo) -> list:
+    return [x for f in sinfo.fields for x in _leaves(f)] if hasattr(sinfo, "fields") else [sinfo]
+
+
+def _check_static_outputs(model: onnx.ModelProto, mod) -> None:
+    """Every output must have the static shape the ONNX graph declares; TVM's import of a
+    data-dependent op (e.g. Expand by a runtime shape) can silently differ from ONNX."""
+    leaves = _leaves(mod["main"].ret_ty)
+    outputs = list(model.graph.output)
+    if len(leaves) != len(outputs):
+        raise EdgecError(f"TVM import returned {len(leaves)} outputs, the model has "
+                         f"{len(outputs)}")
+    for o, sinfo in zip(outputs, leaves):
+        want = [d.dim_value for d in o.type.tensor_type.shape.dim]
+        shape = getattr(sinfo, "shape", None)
+        values = list(getattr(shape, "values", None) or []) if shape is not None else None
+        if values is None or not all(isinstance(v, tvm.tirx.IntImm) for v in values) or \
+                [int(v) for v in values] != want:
+            raise EdgecError(f"output '{o.name}' has a data-dependent shape after import "
+                             f"({sinfo}), the ONNX model declares {want}: not supported")
 
 
 # ---------------------------------------------------------------------------------- pipelines

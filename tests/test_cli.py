@@ -206,3 +206,17 @@ def test_listing_commands():
     assert res.returncode == 0
     for t in ["x86", "arm64", "rpi4", "rpi5", "jetson-orin", "cuda"]:
         assert t in res.stdout
+
+
+def test_data_and_zoo_commands(tmp_path):
+    from edgec.models import fashion_mnist
+
+    res = edgec("zoo", "tiny_cnn", tmp_path / "t.onnx")
+    assert res.returncode == 0, res.stderr
+    assert onnx.load(tmp_path / "t.onnx").graph.node
+    assert_user_error(edgec("zoo", "nosuch", tmp_path / "x.onnx"), "unknown zoo model")
+    if fashion_mnist.available():
+        res = edgec("data", "fashion-mnist", tmp_path / "v.npz", "--n", "10")
+        assert res.returncode == 0, res.stderr
+        z = np.load(tmp_path / "v.npz")
+        assert z["input"].shape == (10, 1, 28, 28) and z["labels"].shape == (10,)
