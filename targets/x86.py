@@ -19,19 +19,30 @@ def _x86_target(options: dict) -> dict:
     return t
 
 
-def cpu_phases(target) -> list:
-    """Relax pipeline phases for LLVM CPU targets (x86 and arm share them)."""
+def cpu_phases(target, schedules: bool = True) -> list:
+    """Relax pipeline phases for LLVM CPU targets (x86 and arm share them).
+
+    With ``schedules`` (the default), convolutions are legalized to packed-weight kernels and
+    every fused function gets edgec's default CPU schedule (:mod:`.cpu_kernels`)."""
     from .backend import relax
 
+    legalize = {}
+    scheduled = []
+    if schedules:
+        from .cpu_kernels import make_conv2d_legalizer, schedule_pass, simd_floats
+
+        legalize = {"relax.nn.conv2d": make_conv2d_legalizer(simd_floats(target))}
+        scheduled = [schedule_pass(target)]
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         # legalize: high-level ops -> TIR; fuse elementwise epilogues into their producers
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map=legalize),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        *scheduled,
         # dataflow lowering
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),

@@ -1,0 +1,312 @@
+"""Default CPU kernels for LLVM targets (x86 AVX2/AVX-512, aarch64 NEON), no tuning needed.
+
+Convolution (groups = 1) is legalized into a direct convolution with **weights packed at
+compile time** and an output computed in register tiles::
+
+    Wp[oc // B, ic, kh, kw, oc % B] = W[oc, ic, kh, kw]                  (numpy, at compile time)
+    P[n, ob, oh, ow, b] = sum_{ic,kh,kw} X[n, ic, oh*s+kh*d, ow*s+kw*d] * Wp[ob, ic, kh, kw, b]
+    Y[n, oc, oh, ow]    = epilogue(P[n, oc // B, oh, ow, oc % B])        (bias, BN, ReLU, Add...)
+
+``B`` is the SIMD width in floats (16 on AVX-512, 8 on AVX2, 4 on NEON). The inner kernel
+keeps ``R x B`` accumulators in registers (``R`` output columns, one vector of ``B`` output
+channels): per reduction step one weight vector load, ``R`` broadcasts of input scalars and
+``R`` FMAs. The graph stays NCHW, so no layout transforms are inserted between layers; the
+epilogue is applied per tile while it is in registers/L1.
+
+Depthwise convolution vectorizes over output columns with the taps unrolled. Every other
+fused function gets a generic schedule: outer loops fused and parallelized, the innermost
+loop vectorized when it is a plain spatial loop.
+
+Everything here is a rewrite of the schedule only: the math is the ONNX graph's. A function
+whose schedule fails keeps its (correct, slow) default loops.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .backend import relax, tvm
+
+log = logging.getLogger("edgec.cpu_kernels")
+
+CONV_BLOCK = "edgec_conv2d_packed"
+DWCONV_BLOCK = "edgec_dwconv2d"
+
+
+# ---------------------------------------------------------------------------------- vector width
+def simd_floats(target) -> int:
+    """float32 lanes of the target's widest vector unit."""
+    keys = str(target).lower()
+    if "aarch64" in keys or "arm" in keys:
+        return 4
+    feats = set()
+    try:
+        feats = {str(f).lower() for f in target.attrs.get("mattr", [])}
+    except Exception:  # noqa: BLE001
+        pass
+    mcpu = str(target.attrs.get("mcpu", "")) if hasattr(target, "attrs") else ""
+    if any("avx512f" in f for f in feats) or _mcpu_has_avx512(mcpu):
+        return 16
+    return 8
+
+
+def _mcpu_has_avx512(mcpu: str) -> bool:
+    mcpu = mcpu.lower()
+    return mcpu.startswith(("skylake-avx512", "cascadelake", "cooperlake", "icelake",
+                            "tigerlake", "sapphirerapids", "emeraldrapids", "graniterapids",
+                            "znver4", "znver5", "rocketlake", "cannonlake", "x86-64-v4"))
+
+
+# ---------------------------------------------------------------------------------- legalization
+def _ints(xs) -> list[int]:
+    return [int(x) for x in xs]
+
+
+def make_conv2d_legalizer(lanes: int):
+    """A LegalizeOps override for relax.nn.conv2d: packed direct conv (groups = 1, constant
+    weights, NCHW/OIHW) and depthwise conv; anything else goes to TOPI's default."""
+    from tvm import te, topi
+    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d as default
+
+    def legalize(bb, call):
+        attrs = call.attrs
+        data, weight = call.args
+        if (attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"
+                or attrs.out_layout != "NCHW" or not isinstance(weight, tvm.ir.expr.Constant)):
+            return default(bb, call)
+        dshape = data.ty.shape
+        if dshape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in dshape.values):
+            return default(bb, call)
+        dtype = str(data.ty.dtype)
+        if dtype != "float32" or (attrs.out_dtype not in (None, "", "float32")):
+            return default(bb, call)
+        w = weight.value.numpy()
+        groups = int(attrs.groups)
+        n, c, h, wd = _ints(dshape.values)
+        oc = w.shape[0]
+        strides, dil = _ints(attrs.strides), _ints(attrs.dilation)
+        pads = _ints(attrs.padding)
+        if groups == 1:
+            occ = -(-oc // lanes)
+            wp = np.zeros((occ * lanes,) + w.shape[1:], w.dtype)
+            wp[:oc] = w
+            wp = np.ascontiguousarray(
+                wp.reshape(occ, lanes, *w.shape[1:]).transpose(0, 2, 3, 4, 1))
+            return bb.call_te(_conv_packed_te, data, relax.const(wp), oc, strides, pads, dil,
+                              primfunc_name_hint="conv2d_packed",
+                              primfunc_attrs={"op_pattern": 4})
+        if groups == c and oc == c and w.shape[1] == 1:
+            return bb.call_te(_dwconv_te, data, weight, strides, pads, dil,
+                              primfunc_name_hint="dwconv2d", primfunc_attrs={"op_pattern": 4})
+        return default(bb, call)
+
+    def _pad(x, pads):
+        pt, pl, pb, pr = pads
+        if not any(pads):
+            return x
+        return topi.nn.pad(x, [0, 0, pt, pl], [0, 0, pb, pr], name="edgec_pad")
+
+    def _conv_packed_te(x, wp, oc, strides, pads, dil):
+        _, _, h, w = _ints(x.shape)
+        occ, ic, kh, kw, lanes_ = _ints(wp.shape)
+        (sh, sw), (dh, dw) = strides, dil
+        pt, pl, pb, pr = pads
+        oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+        ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+        xp = _pad(x, pads)
+        ric = te.reduce_axis((0, ic), "ric")
+        rkh = te.reduce_axis((0, kh), "rkh")
+        rkw = te.reduce_axis((0, kw), "rkw")
+        nb = _ints(x.shape)[0]
+        packed = te.compute(
+            (nb, occ, oh, ow, lanes_),
+            lambda n, o, y, xx, b: te.sum(
+                xp[n, ric, y * sh + rkh * dh, xx * sw + rkw * dw] * wp[o, ric, rkh, rkw, b],
+                axis=[ric, rkh, rkw]),
+            name=CONV_BLOCK)
+        return te.compute((nb, oc, oh, ow),
+                          lambda n, c_, y, xx: packed[n, c_ // lanes_, y, xx, c_ % lanes_],
+                          name="edgec_conv2d_unpack")
+
+    def _dwconv_te(x, wt, strides, pads, dil):
+        nb, c, h, w = _ints(x.shape)
+        _, _, kh, kw = _ints(wt.shape)
+        (sh, sw), (dh, dw) = strides, dil
+        pt, pl, pb, pr = pads
+        oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+        ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+        xp = _pad(x, pads)
+        rkh = te.reduce_axis((0, kh), "rkh")
+        rkw = te.reduce_axis((0, kw), "rkw")
+        return te.compute(
+            (nb, c, oh, ow),
+            lambda n, c_, y, xx: te.sum(
+                xp[n, c_, y * sh + rkh * dh, xx * sw + rkw * dw] * wt[c_, 0, rkh, rkw],
+                axis=[rkh, rkw]),
+            name=DWCONV_BLOCK)
+
+    return legalize
+
+
+# ---------------------------------------------------------------------------------- schedules
+def _extent(sch, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tvm.tirx.IntImm) else None
+
+
+def _pick_tile(n: int, limit: int) -> int:
+    """Largest divisor of n not above limit (at least 1)."""
+    for t in range(min(n, limit), 0, -1):
+        if n % t == 0:
+            return t
+    return 1
+
+
+def _find_blocks(sch, prefix: str) -> list:
+    out = []
+    for b in _all_blocks(sch):
+        if sch.get(b).name_hint.startswith(prefix):
+            out.append(b)
+    return out
+
+
+def _all_blocks(sch) -> list:
+    root = sch.get_sblock("root")
+    return list(sch.get_child_blocks(root))
+
+
+def _fuse_epilogue(sch, producer, loop) -> None:
+    """Move everything computed from ``producer`` (the unpack and the fused elementwise
+    epilogue, a chain or a DAG such as ``x * sigmoid(x)``) under its tile loop ``loop``.
+
+    Injective intermediate blocks are inlined into their readers first (recomputing an
+    elementwise value is cheaper than storing it); what remains is placed at ``loop`` in
+    dataflow order, so each tile is finished while it is in registers / L1."""
+    blocks = _all_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    start = names.index(sch.get(producer).name_hint) + 1
+    tail = [b for b in blocks[start:]]
+    for blk in tail[:-1]:
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # noqa: BLE001 - e.g. a reduction in the epilogue: keep it
+            pass
+    blocks = _all_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    start = names.index(sch.get(producer).name_hint) + 1
+    for blk in blocks[start:]:
+        sch.reverse_compute_at(blk, loop, preserve_unit_loops=True)
+
+
+def _parallel_pad(sch) -> None:
+    for b in _find_blocks(sch, "edgec_pad"):
+        loops = sch.get_loops(b)
+        if len(loops) >= 2:
+            sch.parallel(sch.fuse(*loops[:2]))
+
+
+def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
+    n, o, y, x, b, ric, rkh, rkw = sch.get_loops(block)
+    cols = _pick_tile(_extent(sch, x), max_cols)
+    xo, xi = sch.split(x, [None, cols])
+    sch.reorder(n, o, y, xo, ric, rkh, rkw, xi, b)
+    _fuse_epilogue(sch, block, xo)
+    sch.parallel(sch.fuse(n, o, y))
+    sch.vectorize(b)
+    sch.unroll(xi)
+    sch.decompose_reduction(block, ric)
+    _parallel_pad(sch)
+
+
+def schedule_dwconv(sch, block, lanes: int) -> None:
+    n, c, y, x, rkh, rkw = sch.get_loops(block)
+    w = _extent(sch, x)
+    vec = _pick_tile(w, lanes * 2)
+    xo, xi = sch.split(x, [None, vec])
+    sch.reorder(n, c, y, xo, rkh, rkw, xi)
+    _fuse_epilogue(sch, block, xo)
+    sch.parallel(sch.fuse(n, c, y))
+    sch.unroll(rkh)
+    sch.unroll(rkw)
+    sch.vectorize(xi)
+    sch.decompose_reduction(block, rkh)
+    _parallel_pad(sch)
+
+
+def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> None:
+    """Parallelize the outer spatial loops of every root block; vectorize a plain innermost
+    spatial loop."""
+    for blk in _all_blocks(sch):
+        loops = sch.get_loops(blk)
+        if not loops:
+            continue
+        iters = sch.get(blk).iter_vars
+        kinds = [iv.iter_type for iv in iters]  # 0 = spatial, 2 = reduction
+        n_sp = 0
+        for k in kinds:
+            if k != 0:
+                break
+            n_sp += 1
+        if n_sp == 0 or len(loops) < n_sp:
+            continue
+        total = 1
+        for lp in loops[:n_sp]:
+            e = _extent(sch, lp)
+            total *= e or 1
+        if total < min_parallel:
+            continue
+        outer = loops[: max(1, n_sp - 1)] if n_sp > 1 else loops[:1]
+        try:
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        except Exception:  # noqa: BLE001
+            continue
+        if n_sp == len(loops) and n_sp > 1:
+            inner = loops[-1]
+            e = _extent(sch, inner)
+            if e and e % lanes == 0:
+                try:
+                    _, vi = sch.split(inner, [None, lanes])
+                    sch.vectorize(vi)
+                except Exception:  # noqa: BLE001
+                    pass
+
+
+def schedule_func(func, lanes: int, max_cols: int):
+    """Schedule one fused function; raise if no schedule applies cleanly."""
+    sch = tvm.s_tir.Schedule(func)
+    convs = _find_blocks(sch, CONV_BLOCK)
+    dws = _find_blocks(sch, DWCONV_BLOCK)
+    if len(convs) + len(dws) > 1:
+        raise ValueError("more than one convolution in a fused function")
+    if convs:
+        schedule_conv(sch, convs[0], lanes, max_cols)
+    elif dws:
+        schedule_dwconv(sch, dws[0], lanes)
+    else:
+        schedule_generic(sch, lanes)
+    return sch.mod["main"]
+
+
+def schedule_pass(target):
+    """Module pass: schedule every PrimFunc that has no schedule yet."""
+    lanes = simd_floats(target)
+    max_cols = 14 if lanes == 16 else 12 if lanes == 8 else 8
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecCPUSchedule")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            try:
+                updates[gv] = schedule_func(func.with_attr("global_symbol", gv.name_hint),
+                                            lanes, max_cols)
+            except Exception as e:  # noqa: BLE001 - keep the correct default loops
+                log.debug("no schedule for %s: %s", gv.name_hint, e)
+        for gv, f in updates.items():
+            mod[gv] = f
+        return mod
+
+    return _pass
