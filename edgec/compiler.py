@@ -82,6 +82,15 @@ def io_specs(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
     return [spec(v) for v in graph_inputs(model)], [spec(v) for v in model.graph.output]
 
 
+def _kernel_summary(record: dict) -> dict:
+    """Per fused function: which default kernel it got, or why it kept plain loops."""
+    kinds: dict[str, int] = {}
+    for k in record.get("kernels", {}).values():
+        kinds[k] = kinds.get(k, 0) + 1
+    return {"counts": kinds, "functions": record.get("kernels", {}),
+            "unscheduled": record.get("unscheduled", {})}
+
+
 def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOptions) -> dict:
     """Compile ``model_path`` into the artifact folder ``out_dir``; returns the report.
 
@@ -162,6 +171,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
             manifest["tvm_target"] = built["tvm_target"]
             manifest["versions"]["tvm"] = backend.tvm_version()
             manifest["library"] = LIBRARY
+            report["kernels"] = _kernel_summary(built.get("kernels", {}))
         timings["total_s"] = time.perf_counter() - t_start
         write_json(tmp / MANIFEST, manifest)
         write_json(tmp / REPORT, report)

@@ -20,7 +20,7 @@ class TargetSpec:
     family: str                      # "x86" | "arm" | "cuda"
     description: str
     make_target: Callable[[dict], dict]   # options -> TVM target JSON dict
-    phases: Callable[[object], list]      # tvm.target.Target -> Relax pipeline phases
+    phases: Callable[..., list]           # (tvm Target, record dict) -> Relax phases
     device: str = "cpu"              # TVM device the artifact runs on: "cpu" | "cuda"
     cross_compiler: str | None = None     # None: the host's default C++ compiler
     cross_package: str | None = None      # Debian package that provides cross_compiler

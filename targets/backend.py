@@ -139,7 +139,8 @@ def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
     t0 = time.perf_counter()
     mod = to_relax(model)
     timings["import_s"] = time.perf_counter() - t0
-    pipeline = sequential(target, spec.phases(target))
+    record: dict = {}
+    pipeline = sequential(target, spec.phases(target, record))
     t0 = time.perf_counter()
     try:
         ex = relax.build(mod, target=target, relax_pipeline=pipeline)
@@ -157,7 +158,7 @@ def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
         raise EdgecError(f"linking the {spec.name} library failed: "
                          f"{msg[-1] if msg else type(e).__name__}"[:400]) from None
     timings["export_s"] = time.perf_counter() - t0
-    return {"timings": timings, "tvm_target": json.loads(str(target))}
+    return {"timings": timings, "tvm_target": json.loads(str(target)), "kernels": record}
 
 
 def cuda_present() -> bool:

@@ -150,6 +150,35 @@ def make_conv2d_legalizer(lanes: int):
     return legalize
 
 
+def make_fast_math_legalizers() -> dict:
+    """sigmoid(x) = 1 / (1 + exp(-x)) and tanh with TVM's polynomial ``fast_exp`` /
+    ``fast_tanh`` (relative error ~1e-7 over the float range) instead of libm calls, so
+    SiLU/Swish epilogues vectorize."""
+    from tvm import te, topi
+
+    def sigmoid_te(x):
+        e = topi.fast_exp(topi.negative(x))
+        return te.compute(x.shape, lambda *i: tvm.tirx.const(1.0, x.dtype) /
+                          (tvm.tirx.const(1.0, x.dtype) + e(*i)), name="edgec_sigmoid")
+
+    def _float32(call):
+        return str(call.args[0].ty.dtype) == "float32"
+
+    def sigmoid(bb, call):
+        from tvm.relax.transform.legalize_ops.unary import _call_topi_without_attr
+
+        if not _float32(call):
+            return _call_topi_without_attr(topi.sigmoid, "tir_sigmoid")(bb, call)
+        return bb.call_te(sigmoid_te, call.args[0], primfunc_name_hint="tir_sigmoid")
+
+    def tanh(bb, call):
+        if not _float32(call):
+            return bb.call_te(topi.tanh, call.args[0], primfunc_name_hint="tir_tanh")
+        return bb.call_te(topi.fast_tanh, call.args[0], primfunc_name_hint="tir_tanh")
+
+    return {"relax.sigmoid": sigmoid, "relax.tanh": tanh}
+
+
 # ---------------------------------------------------------------------------------- schedules
 def _extent(sch, loop) -> int | None:
     ext = sch.get(loop).extent
@@ -196,8 +225,28 @@ def _fuse_epilogue(sch, producer, loop) -> None:
     blocks = _all_blocks(sch)
     names = [sch.get(b).name_hint for b in blocks]
     start = names.index(sch.get(producer).name_hint) + 1
+    moved = []
     for blk in blocks[start:]:
         sch.reverse_compute_at(blk, loop, preserve_unit_loops=True)
+        moved.append(blk)
+    return moved
+
+
+def _vectorize_nchw_epilogue(sch, blocks, lanes: int) -> None:
+    """Epilogue blocks over a tile [n, c(lanes), h, w(cols)]: make the channel loop the
+    innermost one and vectorize it (contiguous reads of the packed tile, vector math)."""
+    for blk in blocks:
+        loops = sch.get_loops(blk)
+        if len(loops) < 4:
+            continue
+        own = loops[-4:]
+        if _extent(sch, own[1]) != lanes:
+            continue
+        try:
+            sch.reorder(own[0], own[2], own[3], own[1])
+            sch.vectorize(own[1])
+        except Exception:  # noqa: BLE001 - scalar epilogue still correct
+            pass
 
 
 def _parallel_pad(sch) -> None:
@@ -212,27 +261,70 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
     cols = _pick_tile(_extent(sch, x), max_cols)
     xo, xi = sch.split(x, [None, cols])
     sch.reorder(n, o, y, xo, ric, rkh, rkw, xi, b)
-    _fuse_epilogue(sch, block, xo)
+    epilogue = _fuse_epilogue(sch, block, xo)
     sch.parallel(sch.fuse(n, o, y))
     sch.vectorize(b)
     sch.unroll(xi)
     sch.decompose_reduction(block, ric)
+    _vectorize_nchw_epilogue(sch, epilogue or [], lanes)
     _parallel_pad(sch)
 
 
 def schedule_dwconv(sch, block, lanes: int) -> None:
     n, c, y, x, rkh, rkw = sch.get_loops(block)
     w = _extent(sch, x)
-    vec = _pick_tile(w, lanes * 2)
+    vec = _pick_vec_tile(w, lanes, 4 * lanes)
     xo, xi = sch.split(x, [None, vec])
     sch.reorder(n, c, y, xo, rkh, rkw, xi)
-    _fuse_epilogue(sch, block, xo)
+    epilogue = _fuse_epilogue(sch, block, xo)
     sch.parallel(sch.fuse(n, c, y))
     sch.unroll(rkh)
     sch.unroll(rkw)
     sch.vectorize(xi)
     sch.decompose_reduction(block, rkh)
+    for blk in epilogue or []:
+        try:
+            sch.vectorize(sch.get_loops(blk)[-1])
+        except Exception:  # noqa: BLE001 - scalar epilogue still correct
+            pass
     _parallel_pad(sch)
+
+
+def schedule_matmul(sch, block, lanes: int) -> None:
+    """C[.., i, j] += A[.., i, k] * B[.., k, j] with B's j contiguous: a register tile of
+    ``ri`` rows x ``rj`` columns (vectors along j), k streamed, epilogue per tile."""
+    loops = sch.get_loops(block)
+    iters = sch.get(block).iter_vars
+    if [iv.iter_type for iv in iters][-1] != 2 or len(loops) < 3:
+        raise ValueError("not a matmul block")
+    *batch, i, j, k = loops
+    m_, n_ = _extent(sch, i), _extent(sch, j)
+    rj = _pick_vec_tile(n_, lanes, 4 * lanes)
+    ri = _pick_tile(m_, 4)
+    io, ii = sch.split(i, [None, ri])
+    jo, ji = sch.split(j, [None, rj])
+    sch.reorder(*batch, io, jo, k, ii, ji)
+    epilogue = _fuse_epilogue(sch, block, jo)
+    outer = [*batch, io, jo]
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    sch.vectorize(ji)
+    sch.unroll(ii)
+    sch.decompose_reduction(block, k)
+    for blk in epilogue or []:
+        try:
+            sch.vectorize(sch.get_loops(blk)[-1])
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _pick_vec_tile(n: int, lanes: int, limit: int) -> int:
+    """A column tile for vectors: the largest divisor of n that is a multiple of the vector
+    width (or of 8, or of 4) and at most limit; else the largest divisor at most limit."""
+    for unit in (lanes, 8, 4):
+        for t in range(limit - limit % unit, 0, -unit):
+            if n % t == 0:
+                return t
+    return _pick_tile(n, limit)
 
 
 def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> None:
@@ -280,17 +372,26 @@ def schedule_func(func, lanes: int, max_cols: int):
     dws = _find_blocks(sch, DWCONV_BLOCK)
     if len(convs) + len(dws) > 1:
         raise ValueError("more than one convolution in a fused function")
+    mms = [b for b in _all_blocks(sch) if sch.get(b).name_hint in ("matmul", "T_matmul_NN",
+                                                                      "T_matmul")]
     if convs:
         schedule_conv(sch, convs[0], lanes, max_cols)
+        kind = "conv2d-packed"
     elif dws:
         schedule_dwconv(sch, dws[0], lanes)
+        kind = "dwconv2d"
+    elif len(mms) == 1:
+        schedule_matmul(sch, mms[0], lanes)
+        kind = "matmul"
     else:
         schedule_generic(sch, lanes)
-    return sch.mod["main"]
+        kind = "generic"
+    return sch.mod["main"], kind
 
 
-def schedule_pass(target):
-    """Module pass: schedule every PrimFunc that has no schedule yet."""
+def schedule_pass(target, record: dict | None = None):
+    """Module pass: schedule every PrimFunc. ``record`` (if given) receives, per function,
+    the kernel used, and for those left with default loops, the reason."""
     lanes = simd_floats(target)
     max_cols = 14 if lanes == 16 else 12 if lanes == 8 else 8
 
@@ -301,10 +402,16 @@ def schedule_pass(target):
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
             try:
-                updates[gv] = schedule_func(func.with_attr("global_symbol", gv.name_hint),
-                                            lanes, max_cols)
+                updates[gv], kind = schedule_func(
+                    func.with_attr("global_symbol", gv.name_hint), lanes, max_cols)
+                if record is not None:
+                    record.setdefault("kernels", {})[gv.name_hint] = kind
             except Exception as e:  # noqa: BLE001 - keep the correct default loops
+                msg = str(e).strip().splitlines()
                 log.debug("no schedule for %s: %s", gv.name_hint, e)
+                if record is not None:
+                    record.setdefault("unscheduled", {})[gv.name_hint] = \
+                        (msg[-1] if msg else type(e).__name__)[:200]
         for gv, f in updates.items():
             mod[gv] = f
         return mod

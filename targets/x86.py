@@ -19,7 +19,7 @@ def _x86_target(options: dict) -> dict:
     return t
 
 
-def cpu_phases(target, schedules: bool = True) -> list:
+def cpu_phases(target, record: dict | None = None, schedules: bool = True) -> list:
     """Relax pipeline phases for LLVM CPU targets (x86 and arm share them).
 
     With ``schedules`` (the default), convolutions are legalized to packed-weight kernels and
@@ -29,10 +29,12 @@ def cpu_phases(target, schedules: bool = True) -> list:
     legalize = {}
     scheduled = []
     if schedules:
-        from .cpu_kernels import make_conv2d_legalizer, schedule_pass, simd_floats
+        from .cpu_kernels import (make_conv2d_legalizer, make_fast_math_legalizers,
+                                  schedule_pass, simd_floats)
 
-        legalize = {"relax.nn.conv2d": make_conv2d_legalizer(simd_floats(target))}
-        scheduled = [schedule_pass(target)]
+        legalize = {"relax.nn.conv2d": make_conv2d_legalizer(simd_floats(target)),
+                    **make_fast_math_legalizers()}
+        scheduled = [schedule_pass(target, record)]
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
