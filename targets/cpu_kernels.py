@@ -137,14 +137,35 @@ def make_conv2d_legalizer(lanes: int):
         pt, pl, pb, pr = pads
         oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
         ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-        xp = _pad(x, pads)
         rkh = te.reduce_axis((0, kh), "rkh")
         rkw = te.reduce_axis((0, kw), "rkw")
+        if sw == 1:
+            xp = _pad(x, pads)
+            return te.compute(
+                (nb, c, oh, ow),
+                lambda n, c_, y, xx: te.sum(
+                    xp[n, c_, y * sh + rkh * dh, xx + rkw * dw] * wt[c_, 0, rkh, rkw],
+                    axis=[rkh, rkw]),
+                name=DWCONV_BLOCK)
+        # Strided along the width: split the padded input into its ``sw`` column phases,
+        # Xs[n, c, y, p, j] = Xpad[n, c, y, j*sw + p], so that every tap reads contiguous
+        # columns: Xpad[.., xx*sw + k] = Xs[.., k % sw, xx + k // sw].
+        wp_ = w + pl + pr
+        cols = -(-wp_ // sw)
+
+        def phase(n, c_, y, p, j):
+            col = j * sw + p - pl
+            row = y - pt
+            inside = tvm.tirx.all(row >= 0, row < h, col >= 0, col < w)
+            return tvm.tirx.if_then_else(inside, x[n, c_, row, col],
+                                         tvm.tirx.const(0.0, x.dtype))
+
+        xs = te.compute((nb, c, h + pt + pb, sw, cols), phase, name="edgec_pad")
         return te.compute(
             (nb, c, oh, ow),
             lambda n, c_, y, xx: te.sum(
-                xp[n, c_, y * sh + rkh * dh, xx * sw + rkw * dw] * wt[c_, 0, rkh, rkw],
-                axis=[rkh, rkw]),
+                xs[n, c_, y * sh + rkh * dh, (rkw * dw) % sw, xx + (rkw * dw) // sw]
+                * wt[c_, 0, rkh, rkw], axis=[rkh, rkw]),
             name=DWCONV_BLOCK)
 
     return legalize
