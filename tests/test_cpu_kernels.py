@@ -1,0 +1,176 @@
+"""edgec's default CPU kernels (targets/cpu_kernels.py) against onnxruntime.
+
+Every case also checks the compile report: the intended kernel was applied and no function
+was left with unscheduled loops -- a schedule that silently failed would pass the numbers
+but lose the speed. Tolerance: rtol 1e-4, atol 1e-4 * max|ref| (float32 sums in another
+order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from onnx import helper
+
+from conftest import compile_to, make_model
+from edgec.runtime import OrtSession, Session, run_batched
+
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+def _compile_and_compare(model, tmp, target="x86"):
+    out = tmp / "art"
+    report = compile_to(model, out, target=target)
+    if target != "x86":
+        return report
+    sess = Session(out)
+    rng = np.random.default_rng(3)
+    feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32)
+             for i in sess.input_specs}
+    ref = OrtSession(model).run(None, feeds)
+    got = sess.run(None, feeds)
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(r).max()))
+    return report
+
+
+EPILOGUES = ["none", "relu", "relu6", "silu", "hardswish", "residual"]
+
+
+def _epilogue(kind, y, nodes, inits, x_name, x_shape, y_shape):
+    if kind == "none":
+        return y
+    if kind == "relu":
+        nodes.append(helper.make_node("Relu", [y], ["e"]))
+    elif kind == "relu6":
+        inits.update({"lo": np.array(0, np.float32), "hi": np.array(6, np.float32)})
+        nodes.append(helper.make_node("Clip", [y, "lo", "hi"], ["e"]))
+    elif kind == "silu":
+        nodes += [helper.make_node("Sigmoid", [y], ["sg"]),
+                  helper.make_node("Mul", [y, "sg"], ["e"])]
+    elif kind == "hardswish":
+        nodes.append(helper.make_node("HardSwish", [y], ["e"]))
+    elif kind == "residual":
+        if list(x_shape) != list(y_shape):
+            return _epilogue("relu", y, nodes, inits, x_name, x_shape, y_shape)
+        nodes += [helper.make_node("Add", [y, x_name], ["a"]),
+                  helper.make_node("Relu", ["a"], ["e"])]
+    return "e"
+
+
+def _out(n, k, s, d, p0, p1):
+    return (n + p0 + p1 - (k - 1) * d - 1) // s + 1
+
+
+@SETTINGS
+@given(c=st.integers(1, 20), k=st.integers(1, 40), ksz=st.sampled_from([1, 3, 5, 7]),
+       stride=st.integers(1, 2), dil=st.integers(1, 2), pads=st.tuples(*[st.integers(0, 3)] * 4),
+       h=st.integers(5, 20), w=st.integers(5, 33), batch=st.sampled_from([1, 2]),
+       bias=st.booleans(), epi=st.sampled_from(EPILOGUES))
+def test_packed_conv(tmp_path_factory, c, k, ksz, stride, dil, pads, h, w, batch, bias, epi):
+    ext = (ksz - 1) * dil + 1
+    if h + pads[0] + pads[2] < ext or w + pads[1] + pads[3] < ext:
+        return
+    rng = np.random.default_rng(c * 7 + k)
+    inits = {"W": (rng.standard_normal((k, c, ksz, ksz)) * 0.3).astype(np.float32)}
+    ins = ["x", "W"]
+    if bias:
+        inits["B"] = rng.standard_normal(k).astype(np.float32)
+        ins.append("B")
+    nodes = [helper.make_node("Conv", ins, ["y"], strides=[stride] * 2, dilations=[dil] * 2,
+                              pads=list(pads))]
+    oh = _out(h, ksz, stride, dil, pads[0], pads[2])
+    ow = _out(w, ksz, stride, dil, pads[1], pads[3])
+    last = _epilogue(epi, "y", nodes, inits, "x", [batch, c, h, w], [batch, k, oh, ow])
+    m = make_model(nodes, [("x", [batch, c, h, w])], [(last, [batch, k, oh, ow])], inits,
+                   opset=14)
+    report = _compile_and_compare(m, tmp_path_factory.mktemp("pc"))
+    assert report["kernels"]["counts"].get("conv2d-packed") == 1, report["kernels"]
+    assert report["kernels"]["unscheduled"] == {}
+
+
+@SETTINGS
+@given(c=st.integers(1, 24), ksz=st.sampled_from([3, 5]), stride=st.integers(1, 3),
+       dil=st.integers(1, 2), pads=st.tuples(*[st.integers(0, 2)] * 4), h=st.integers(6, 30),
+       w=st.integers(6, 40), epi=st.sampled_from(EPILOGUES))
+def test_depthwise_conv(tmp_path_factory, c, ksz, stride, dil, pads, h, w, epi):
+    ext = (ksz - 1) * dil + 1
+    if h + pads[0] + pads[2] < ext or w + pads[1] + pads[3] < ext:
+        return
+    rng = np.random.default_rng(c)
+    inits = {"W": rng.standard_normal((c, 1, ksz, ksz)).astype(np.float32),
+             "B": rng.standard_normal(c).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], group=c, strides=[stride] * 2,
+                              dilations=[dil] * 2, pads=list(pads))]
+    oh = _out(h, ksz, stride, dil, pads[0], pads[2])
+    ow = _out(w, ksz, stride, dil, pads[1], pads[3])
+    last = _epilogue(epi, "y", nodes, inits, "x", [1, c, h, w], [1, c, oh, ow])
+    m = make_model(nodes, [("x", [1, c, h, w])], [(last, [1, c, oh, ow])], inits, opset=14)
+    report = _compile_and_compare(m, tmp_path_factory.mktemp("dw"))
+    if c > 1:
+        assert report["kernels"]["counts"].get("dwconv2d") == 1, report["kernels"]
+    assert report["kernels"]["unscheduled"] == {}
+
+
+@pytest.mark.parametrize("m_,k_,n_", [(1, 64, 10), (1, 1280, 1000), (3, 33, 17), (8, 512, 128)])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm(tmp_path, m_, k_, n_, trans_b):
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((n_, k_) if trans_b else (k_, n_)).astype(np.float32)
+    inits = {"B": B, "C": rng.standard_normal(n_).astype(np.float32)}
+    nodes = [helper.make_node("Gemm", ["x", "B", "C"], ["y"], transB=trans_b),
+             helper.make_node("Relu", ["y"], ["z"])]
+    m = make_model(nodes, [("x", [m_, k_])], [("z", [m_, n_])], inits)
+    report = _compile_and_compare(m, tmp_path)
+    assert report["kernels"]["counts"].get("matmul") == 1, report["kernels"]
+
+
+def test_grouped_conv_falls_back_correctly(tmp_path):
+    rng = np.random.default_rng(1)
+    inits = {"W": rng.standard_normal((8, 2, 3, 3)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], group=4, pads=[1, 1, 1, 1])]
+    m = make_model(nodes, [("x", [1, 8, 9, 9])], [("y", [1, 8, 9, 9])], inits)
+    report = _compile_and_compare(m, tmp_path)
+    assert "conv2d-packed" not in report["kernels"]["counts"]
+
+
+def test_fast_sigmoid_accuracy(tmp_path):
+    x = np.linspace(-30, 30, 4001, dtype=np.float32).reshape(1, 4001)
+    m = make_model([helper.make_node("Sigmoid", ["x"], ["y"])], [("x", [1, 4001])],
+                   [("y", [1, 4001])])
+    compile_to(m, tmp_path / "sig")
+    got = Session(tmp_path / "sig").run(None, {"x": x})[0]
+    ref = 1 / (1 + np.exp(-x.astype(np.float64)))
+    assert np.max(np.abs(got - ref)) < 1e-6
+    assert np.max(np.abs(got - ref) / ref) < 1e-5
+
+
+@pytest.mark.parametrize("target", ["rpi4", "rpi5", "arm64"])
+def test_kernels_build_for_aarch64(tmp_path, target):
+    from conftest import conv_bn_model
+
+    rng = np.random.default_rng(2)
+    inits = {"W": rng.standard_normal((16, 1, 3, 3)).astype(np.float32)}
+    m = conv_bn_model()
+    report = compile_to(m, tmp_path / "cb", target=target)
+    assert report["kernels"]["counts"].get("conv2d-packed") == 1
+    assert report["kernels"]["unscheduled"] == {}
+    dw = make_model([helper.make_node("Conv", ["x", "W"], ["y"], group=16, strides=[2, 2])],
+                    [("x", [1, 16, 12, 12])], [("y", [1, 16, 5, 5])], inits)
+    report = compile_to(dw, tmp_path / "dw", target=target)
+    assert report["kernels"]["counts"].get("dwconv2d") == 1
+
+
+def test_batch_split_matches(tmp_path):
+    from conftest import conv_bn_model
+
+    m = conv_bn_model(batch=4)
+    compile_to(m, tmp_path / "b4")
+    sess = Session(tmp_path / "b4")
+    x = np.random.default_rng(0).standard_normal((10, 3, 12, 12)).astype(np.float32)
+    got = run_batched(sess, {"x": x}, 4)[0]
+    ref = run_batched(OrtSession(m), {"x": x}, 4)[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
