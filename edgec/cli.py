@@ -56,6 +56,10 @@ def cmd_compile(a) -> int:
         verify=a.verify,
         target_options=target_options,
         build=not a.no_build,
+        tune_trials=a.tune_trials,
+        tune_minutes=a.tune_minutes,
+        use_tuning_db=not a.no_tuning_db,
+        progress=sys.stderr.isatty(),
     )
     report = compile_model(a.model, out, opts)
     b, f = report["before"], report["after"]
@@ -65,6 +69,11 @@ def cmd_compile(a) -> int:
     for p in report["passes"]:
         print(f"  pass {p['name']:<20} rewrote {len(p['rewritten']):>4}, skipped "
               f"{len(p['skipped']):>4}  ({p['seconds']:.2f}s)")
+    k = report.get("kernels")
+    if k:
+        counts = ", ".join(f"{n} {v}" for n, v in sorted(k["counts"].items()))
+        print(f"  kernels: {counts or 'none'}; unscheduled {len(k['unscheduled'])}"
+              + (f"; tuning db {k['tuning_db']}" if k.get("tuning_db") else ""))
     t = report["timings"]
     print(f"  total {t.get('total_s', 0):.1f}s (import {t.get('import_s', 0):.1f}s, passes "
           f"{t.get('passes_s', 0):.1f}s, tvm build {t.get('tvm_build_s', 0):.1f}s)")
@@ -111,6 +120,47 @@ def cmd_bench(a) -> int:
     print(format_bench(res))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def cmd_tune(a) -> int:
+    from edgec.compiler import CompileOptions, prepare
+    from edgec.importer import parse_input_shapes
+    from edgec.runtime import load_npz
+    from edgec.targets import get_target
+
+    spec = get_target(a.target)
+    target_options = {"cuda_arch": a.cuda_arch} if a.cuda_arch else {}
+    if a.mcpu:
+        target_options["mcpu"] = a.mcpu
+    from edgec.targets import tuning
+
+    if a.export_file:
+        path = tuning.export_db(spec, a.export_file, target_options)
+        print(f"exported the {spec.name} tuning database to {path}")
+        return 0
+    if a.import_file:
+        n = tuning.import_db(spec, a.import_file, target_options)
+        print(f"imported {n} tuning records into {tuning.db_dir(spec, target_options)}")
+        return 0
+    if not a.model:
+        raise EdgecError("edgec tune needs a MODEL (or --export/--import FILE)")
+    opts = CompileOptions(
+        target=a.target, passes=_csv(a.passes) if a.passes is not None else None,
+        preset=a.preset, sets=a.set or [], input_shapes=parse_input_shapes(a.input_shape),
+        calib=load_npz(a.calib) if a.calib else None, target_options=target_options)
+    prep = prepare(a.model, opts)
+    from edgec.targets import backend
+
+    backend.check_supported(prep.result.model)
+    summary = tuning.tune(prep.result.model, spec, target_options, trials=a.trials,
+                          minutes=a.minutes, progress=not a.no_progress)
+    print(f"tuned {summary['tasks']} tasks for {spec.name}; database {summary['db']}"
+          + (f" ({summary['stopped']})" if summary.get("stopped") else ""))
+    for name, c in summary["choices"].items():
+        d = f"{c['default_s'] * 1e3:.3f} ms" if c.get("default_s") else "n/a"
+        t = f"{c['tuned_s'] * 1e3:.3f} ms" if c.get("tuned_s") else "n/a"
+        print(f"  {name:<48} default {d:>11}  tuned {t:>11}  -> {c['use']}")
     return 0
 
 
@@ -192,7 +242,32 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mcpu", help="override the target CPU (LLVM -mcpu)")
     c.add_argument("--no-build", action="store_true",
                    help="run the passes and write model.onnx + report, but no TVM library")
+    c.add_argument("--tune-trials", type=int, metavar="N",
+                   help="tune with MetaSchedule (N trials in all) before building")
+    c.add_argument("--tune-minutes", type=float, metavar="M", help="tuning time budget")
+    c.add_argument("--no-tuning-db", action="store_true",
+                   help="ignore the target's tuning database (default kernels only)")
     c.set_defaults(fn=cmd_compile)
+
+    u = sub.add_parser("tune", help="tune a model's kernels (MetaSchedule) into the target's "
+                       "tuning database, reused by every later compile")
+    u.add_argument("model", nargs="?")
+    u.add_argument("--target", "-t", default="x86")
+    u.add_argument("--trials", type=int, default=64, help="trials in all (default 64)")
+    u.add_argument("--minutes", type=float, help="time budget; Ctrl-C also stops and keeps")
+    u.add_argument("--passes")
+    u.add_argument("--preset")
+    u.add_argument("--set", action="append", metavar="PASS.KEY=VALUE")
+    u.add_argument("--calib", metavar="FILE.npz")
+    u.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224")
+    u.add_argument("--cuda-arch")
+    u.add_argument("--mcpu")
+    u.add_argument("--no-progress", action="store_true")
+    u.add_argument("--export", dest="export_file", metavar="FILE.zip",
+                   help="write the target's tuning database to FILE")
+    u.add_argument("--import", dest="import_file", metavar="FILE.zip",
+                   help="merge a tuning database exported elsewhere")
+    u.set_defaults(fn=cmd_tune)
 
     r = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz")
     r.add_argument("artifact")

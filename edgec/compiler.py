@@ -37,6 +37,10 @@ class CompileOptions:
     verify: bool = False
     target_options: dict = field(default_factory=dict)
     build: bool = True  # False: stop after the passes (no TVM library)
+    tune_trials: int | None = None     # tune (MetaSchedule) before building
+    tune_minutes: float | None = None
+    use_tuning_db: bool = True         # apply the target's tuning database if it exists
+    progress: bool = True
 
 
 def validate_calib(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -88,7 +92,35 @@ def _kernel_summary(record: dict) -> dict:
     for k in record.get("kernels", {}).values():
         kinds[k] = kinds.get(k, 0) + 1
     return {"counts": kinds, "functions": record.get("kernels", {}),
-            "unscheduled": record.get("unscheduled", {})}
+            "unscheduled": record.get("unscheduled", {}),
+            "tuning_db": record.get("tuning_db")}
+
+
+@dataclass
+class Prepared:
+    notes: object
+    result: object
+    before: object
+    timings: dict
+
+
+def prepare(model_path: str | Path, opts: CompileOptions, pass_names: list[str] | None = None
+            ) -> Prepared:
+    """Load, normalize and run the passes (what ``compile`` and ``tune`` share)."""
+    pass_names = pass_names if pass_names is not None else resolve_passes(opts.preset,
+                                                                          opts.passes)
+    sets = parse_sets(opts.sets, pass_names)
+    timings = {}
+    t0 = time.perf_counter()
+    source = load_model(model_path)
+    model, notes = normalize(source, opts.input_shapes)
+    timings["import_s"] = time.perf_counter() - t0
+    calib = validate_calib(model, opts.calib) if opts.calib is not None else None
+    before = model_stats(model)
+    t0 = time.perf_counter()
+    result = Pipeline(pass_names, sets, verify=opts.verify, calib=calib).run(model)
+    timings["passes_s"] = time.perf_counter() - t0
+    return Prepared(notes, result, before, timings)
 
 
 def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOptions) -> dict:
@@ -109,22 +141,11 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
         raise EdgecError("output folder is the model file itself")
 
     pass_names = resolve_passes(opts.preset, opts.passes)
-    sets = parse_sets(opts.sets, pass_names)
     if opts.build:
         spec.check_toolchain()
-
-    t0 = time.perf_counter()
-    source = load_model(model_path)
-    model, notes = normalize(source, opts.input_shapes)
-    timings["import_s"] = time.perf_counter() - t0
-    calib = validate_calib(model, opts.calib) if opts.calib is not None else None
-
-    before = model_stats(model)
-    t0 = time.perf_counter()
-    pipe = Pipeline(pass_names, sets, verify=opts.verify, calib=calib)
-    result = pipe.run(model)
-    timings["passes_s"] = time.perf_counter() - t0
-    final = result.model
+    prep = prepare(model_path, opts, pass_names)
+    timings.update(prep.timings)
+    notes, result, before, final = prep.notes, prep.result, prep.before, prep.result.model
     after = model_stats(final)
     inputs, outputs = io_specs(final)
     for o in outputs:
@@ -136,6 +157,15 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
         from edgec.targets import backend  # imports TVM
 
         backend.check_supported(final)
+
+    tuning = None
+    if opts.build and (opts.tune_trials or opts.tune_minutes):
+        from edgec.targets.tuning import tune
+
+        t0 = time.perf_counter()
+        tuning = tune(final, spec, opts.target_options, trials=opts.tune_trials or 10_000,
+                      minutes=opts.tune_minutes, progress=opts.progress)
+        timings["tune_s"] = time.perf_counter() - t0
 
     report = {
         "edgec": __version__,
@@ -149,6 +179,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
         "verification": result.verification,
         "timings": timings,
     }
+    if tuning is not None:
+        report["tuning"] = tuning
     with staging(out_dir) as tmp:
         onnx.save_model(final, str(tmp / ONNX))
         manifest = {
@@ -166,7 +198,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
         if opts.build:
             from edgec.targets import backend
 
-            built = backend.build(final, spec, tmp / LIBRARY, opts.target_options)
+            built = backend.build(final, spec, tmp / LIBRARY, opts.target_options,
+                                  use_tuning_db=opts.use_tuning_db)
             timings.update({f"tvm_{k}": v for k, v in built["timings"].items()})
             manifest["tvm_target"] = built["tvm_target"]
             manifest["versions"]["tvm"] = backend.tvm_version()

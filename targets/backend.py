@@ -128,7 +128,7 @@ def make_target(spec: TargetSpec, options: dict | None = None) -> "tvm.target.Ta
 
 
 def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
-          options: dict | None = None) -> dict:
+          options: dict | None = None, use_tuning_db: bool = True) -> dict:
     """Compile ``model`` for ``spec`` into the shared library ``lib_path``.
 
     Returns timings and the resolved TVM target (as JSON) for the manifest.
@@ -140,7 +140,15 @@ def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
     mod = to_relax(model)
     timings["import_s"] = time.perf_counter() - t0
     record: dict = {}
-    pipeline = sequential(target, spec.phases(target, record))
+    tuning_db = None
+    if use_tuning_db and spec.device == "cpu":
+        from .tuning import CHOICES, db_dir
+
+        path = db_dir(spec, options)
+        if (path / CHOICES).is_file():
+            tuning_db = str(path)
+            record["tuning_db"] = tuning_db
+    pipeline = sequential(target, spec.phases(target, record, tuning_db=tuning_db))
     t0 = time.perf_counter()
     try:
         ex = relax.build(mod, target=target, relax_pipeline=pipeline)

@@ -422,6 +422,8 @@ def schedule_pass(target, record: dict | None = None):
         for gv, func in mod.functions.items():
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
+            if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+                continue  # a tuned schedule was applied
             try:
                 updates[gv], kind = schedule_func(
                     func.with_attr("global_symbol", gv.name_hint), lanes, max_cols)

@@ -32,7 +32,7 @@ def _arch(options: dict, default: str) -> str:
     return arch
 
 
-def cuda_phases(target, record: dict | None = None) -> list:
+def cuda_phases(target, record: dict | None = None, tuning_db: str | None = None) -> list:
     """Relax pipeline phases for CUDA: dlight's default GPU schedules after legalization."""
     from tvm.s_tir import dlight as dl
 

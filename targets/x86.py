@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from . import TargetSpec, register_target
 
 
@@ -13,28 +15,31 @@ def host_cpu() -> str:
 
 def _x86_target(options: dict) -> dict:
     mcpu = options.get("mcpu") or host_cpu()
-    t = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}
-    if options.get("num_cores"):
-        t["num-cores"] = int(options["num_cores"])
-    return t
+    # num-cores: the worker count MetaSchedule tunes for (it refuses a target without it)
+    cores = int(options.get("num_cores") or _physical_cores())
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": cores}
 
 
-def cpu_phases(target, record: dict | None = None, schedules: bool = True) -> list:
-    """Relax pipeline phases for LLVM CPU targets (x86 and arm share them).
+def _physical_cores() -> int:
+    try:
+        import psutil
 
-    With ``schedules`` (the default), convolutions are legalized to packed-weight kernels and
-    every fused function gets edgec's default CPU schedule (:mod:`.cpu_kernels`)."""
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def cpu_front_phases(target, schedules: bool = True) -> list:
+    """Legalization and fusion for LLVM CPU targets: the fused TIR functions that both the
+    default schedules and tuning (:mod:`.tuning`) work on."""
     from .backend import relax
 
     legalize = {}
-    scheduled = []
     if schedules:
-        from .cpu_kernels import (make_conv2d_legalizer, make_fast_math_legalizers,
-                                  schedule_pass, simd_floats)
+        from .cpu_kernels import make_conv2d_legalizer, make_fast_math_legalizers, simd_floats
 
         legalize = {"relax.nn.conv2d": make_conv2d_legalizer(simd_floats(target)),
                     **make_fast_math_legalizers()}
-        scheduled = [schedule_pass(target, record)]
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
@@ -44,6 +49,29 @@ def cpu_phases(target, record: dict | None = None, schedules: bool = True) -> li
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+    ]
+
+
+def cpu_phases(target, record: dict | None = None, schedules: bool = True,
+               tuning_db: str | None = None) -> list:
+    """Relax pipeline phases for LLVM CPU targets (x86 and arm share them).
+
+    With ``schedules`` (the default), convolutions are legalized to packed-weight kernels and
+    every fused function gets edgec's default CPU schedule (:mod:`.cpu_kernels`), except
+    those for which the tuning database ``tuning_db`` holds a schedule measured faster."""
+    from .backend import relax
+
+    scheduled = []
+    if schedules:
+        from .cpu_kernels import schedule_pass
+
+        if tuning_db:
+            from .tuning import apply_tuned_pass
+
+            scheduled.append(apply_tuned_pass(target, tuning_db, record))
+        scheduled.append(schedule_pass(target, record))
+    return [
+        *cpu_front_phases(target, schedules),
         *scheduled,
         # dataflow lowering
         relax.transform.RewriteDataflowReshape(),

@@ -1,0 +1,337 @@
+"""Tuning with MetaSchedule (``tvm.s_tir.meta_schedule``), on top of the default kernels.
+
+* Tasks are the fused TIR functions of the same front phases the compiler runs
+  (:func:`edgec.targets.x86.cpu_front_phases`), so a tuned workload is found again at compile
+  time; only functions with a convolution or matmul are tuned (the rest are memory-bound
+  elementwise code the default schedule already handles).
+* Every task's default-kernel latency is measured in the same run; a tuned schedule is used
+  only where it measured faster (``choices.json``), so tuning never makes a model slower.
+* One database per target in ``$EDGEC_CACHE/tuning/<target>-<hash>/`` (default
+  ``~/.cache/edgec``), reused automatically by every later compile for that target, of any
+  model with the same workloads. ``export_db`` / ``import_db`` ship it as a zip.
+* Builds avoid importing ``tvm.s_tir.tensor_intrin`` (~30 s per builder process here).
+* Ctrl-C (or the time budget) stops the search; what was measured so far is kept.
+
+Tuning needs to run the candidates, so it is offered for targets this machine can run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from edgec.errors import EdgecError
+
+from . import TargetSpec
+from .backend import make_target, relax, sequential, to_relax, tvm
+
+CHOICES = "choices.json"
+ANCHORS = ("edgec_conv2d_packed", "edgec_dwconv2d", "matmul", "conv2d", "T_matmul")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EDGEC_CACHE") or Path.home() / ".cache" / "edgec")
+
+
+def db_dir(spec: TargetSpec, options: dict | None = None) -> Path:
+    """The tuning database folder of a target (its name and the resolved TVM target)."""
+    target_json = json.dumps(spec.tvm_target_dict(options), sort_keys=True)
+    digest = hashlib.sha256(target_json.encode()).hexdigest()[:12]
+    return cache_root() / "tuning" / f"{spec.name}-{digest}"
+
+
+def _database(path: Path):
+    from tvm.s_tir import meta_schedule as ms
+
+    path.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(path))
+
+
+def _load_choices(path: Path) -> dict:
+    f = path / CHOICES
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _save_choices(path: Path, choices: dict) -> None:
+    tmp = path / f".{CHOICES}.tmp"
+    tmp.write_text(json.dumps(choices, indent=1, sort_keys=True))
+    os.replace(tmp, path / CHOICES)
+
+
+def _task_module(func) -> "tvm.IRModule":
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def _key(mod) -> str:
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(mod))
+
+
+def _is_anchor(func) -> bool:
+    sch = tvm.s_tir.Schedule(func)
+    root = sch.get_sblock("root")
+    for b in sch.get_child_blocks(root):
+        if sch.get(b).name_hint.startswith(ANCHORS):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------------- apply
+def apply_tuned_pass(target, tuning_db: str, record: dict | None = None):
+    """Module pass: replace each fused function by its tuned schedule where the database has
+    one that measured faster than the default kernel."""
+    path = Path(tuning_db)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecApplyTuned")
+    def _pass(mod, _ctx):
+        choices = _load_choices(path)
+        if not choices:
+            return mod
+        db = _database(path)
+        updates = {}
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            tmod = _task_module(func)
+            choice = choices.get(_key(tmod))
+            if not choice or choice.get("use") != "tuned":
+                continue
+            sch = db.query_schedule(tmod, target, workload_name="main")
+            if sch is None:
+                continue
+            new = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            if func.attrs is not None and "global_symbol" not in func.attrs:
+                new = new.without_attr("global_symbol")
+            updates[gv] = new
+            if record is not None:
+                record.setdefault("kernels", {})[gv.name_hint] = "tuned"
+        for gv, f in updates.items():
+            mod[gv] = f
+        return mod
+
+    return _pass
+
+
+# ---------------------------------------------------------------------------------- tune
+def _f_build(mod, target, _params):
+    """MetaSchedule builder without the tensor_intrin import of the default one."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def _random_args(func, dev):
+    args = []
+    for p in func.params:  # TVM 0.27: buffer parameters carry shape and dtype themselves
+        buf = func.buffer_map[p] if hasattr(func, "buffer_map") else p
+        shape = [int(d) for d in buf.shape]
+        dtype = str(buf.dtype)
+        arr = np.random.default_rng(0).standard_normal(shape).astype(dtype) \
+            if "float" in dtype else np.zeros(shape, dtype)
+        args.append(tvm.runtime.tensor(arr, dev))
+    return args
+
+
+def measure_default(func, target, repeat: int = 5) -> float:
+    """Median seconds of one fused function under edgec's default schedule."""
+    from .cpu_kernels import schedule_func, simd_floats
+
+    lanes = simd_floats(target)
+    scheduled, _ = schedule_func(func.with_attr("global_symbol", "main"), lanes,
+                                 14 if lanes == 16 else 12 if lanes == 8 else 8)
+    lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
+    dev = tvm.cpu()
+    args = _random_args(scheduled, dev)
+    timer = lib.jit().time_evaluator("main", dev, number=3, repeat=repeat, min_repeat_ms=10)
+    return float(np.median(timer(*args).results))
+
+
+class _Deadline(Exception):
+    pass
+
+
+def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
+         minutes: float | None = None, progress: bool = True, seed: int = 0) -> dict:
+    """Tune ``model`` (a normalized ONNX model) for ``spec``; returns a summary."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if not spec.runs_on_host() or spec.device != "cpu":
+        raise EdgecError(f"tuning measures candidates on the device: target '{spec.name}' "
+                         "cannot run on this machine (RPC tuning is not supported yet)")
+    if trials <= 0:
+        raise EdgecError("--tune-trials must be positive")
+    from .x86 import cpu_front_phases
+
+    target = make_target(spec, options)
+    path = db_dir(spec, options)
+    mod = to_relax(model)
+    mod = sequential(target, cpu_front_phases(target))(mod)
+
+    tasks, weights, names, funcs = [], [], [], []
+    seen: dict[str, int] = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or not _is_anchor(func):
+            continue
+        tmod = _task_module(func)
+        key = _key(tmod)
+        if key in seen:
+            weights[seen[key]] += 1.0
+            continue
+        seen[key] = len(tasks)
+        names.append(gv.name_hint)
+        funcs.append((key, func))
+        weights.append(1.0)
+    if not funcs:
+        return {"tasks": 0, "db": str(path), "choices": {}}
+
+    logdir = path / "logs"
+    loggers = ms.logging.get_loggers_from_work_dir(str(logdir), names)
+    for (key, func), name, lg, rs in zip(funcs, names, loggers,
+                                         ms.utils.fork_seed(seed, n=len(funcs))):
+        tasks.append(ms.TuneContext(
+            mod=_task_module(func), target=target, space_generator="post-order-apply",
+            search_strategy="evolutionary", task_name=name, logger=lg, rand_state=rs,
+            num_threads="physical"))
+
+    database = _database(path)
+    deadline = time.monotonic() + 60 * minutes if minutes else None
+    bar = _progress(trials, len(tasks), progress)
+    best: dict[int, float] = {}
+
+    @tvm.ir.utils.derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results):
+            for r in runner_results:
+                if r.run_secs and not r.error_msg:
+                    secs = float(np.mean([float(s) for s in r.run_secs]))
+                    best[task_id] = min(best.get(task_id, secs), secs)
+            if bar is not None:
+                bar.update(len(runner_results))
+                if task_id in best:
+                    bar.set_postfix_str(f"task {task_id + 1}/{len(tasks)} {names[task_id]} "
+                                        f"best {best[task_id] * 1e3:.3f} ms")
+            if deadline is not None and time.monotonic() > deadline:
+                raise _Deadline()
+
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + [Progress()]
+    stopped = None
+    prev = signal.getsignal(signal.SIGINT)
+    try:
+        ms.tune_tasks(
+            tasks=tasks, task_weights=weights, work_dir=str(path),
+            max_trials_global=trials,
+            max_trials_per_task=max(8, trials // max(1, len(tasks)) * 2),
+            num_trials_per_iter=min(16, max(4, trials // max(1, len(tasks)))),
+            builder=ms.builder.LocalBuilder(f_build=_f_build, max_workers=os.cpu_count(),
+                                            timeout_sec=120),
+            runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
+                number=3, repeat=1, min_repeat_ms=10, enable_cpu_cache_flush=False),
+                timeout_sec=60),
+            database=database, measure_callbacks=callbacks, cost_model="xgb",
+            task_scheduler="gradient")
+    except KeyboardInterrupt:
+        stopped = "interrupted: keeping what was measured"
+    except Exception as e:  # noqa: BLE001 - our deadline crosses the FFI as another error
+        if deadline is not None and time.monotonic() > deadline:
+            stopped = f"time budget of {minutes} min reached"
+        else:
+            raise EdgecError(f"tuning failed: {str(e).strip().splitlines()[-1][:300]}") from None
+    finally:
+        signal.signal(signal.SIGINT, prev)
+        if bar is not None:
+            bar.close()
+
+    # Keep the faster of default and tuned, per task.
+    choices = _load_choices(path)
+    database = _database(path)  # re-read what was committed
+    for (key, func), name in zip(funcs, names):
+        recs = database.query_tuning_record(_task_module(func), target, workload_name="main")
+        tuned = None
+        if recs is not None and recs.run_secs:
+            tuned = float(np.mean([float(s) for s in recs.run_secs]))
+        try:
+            default = measure_default(func, target)
+        except Exception:  # noqa: BLE001 - no default schedule: tuned (if any) wins
+            default = None
+        use = "tuned" if tuned is not None and (default is None or tuned < default) else "default"
+        old = choices.get(key, {})
+        if old.get("use") == "tuned" and old.get("tuned_s") and use == "default" and tuned is None:
+            continue  # nothing new measured: keep the earlier decision
+        choices[key] = {"task": name, "default_s": default, "tuned_s": tuned, "use": use}
+    _save_choices(path, choices)
+    return {"tasks": len(funcs), "db": str(path), "stopped": stopped,
+            "choices": {choices[k]["task"]: choices[k] for k, _ in funcs}}
+
+
+def _progress(total: int, ntasks: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=f"tuning {ntasks} tasks", unit="trial")
+
+
+# ---------------------------------------------------------------------------------- ship
+def export_db(spec: TargetSpec, file: str | Path, options: dict | None = None) -> Path:
+    path = db_dir(spec, options)
+    if not (path / CHOICES).is_file():
+        raise EdgecError(f"no tuning database for target '{spec.name}' in {path}")
+    file = Path(file)
+    tmp = file.with_name(f".{file.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in ("database_workload.json", "database_tuning_record.json", CHOICES):
+            if (path / name).is_file():
+                z.write(path / name, name)
+        z.writestr("target.json", json.dumps({"target": spec.name,
+                                              "tvm_target": spec.tvm_target_dict(options)}))
+    os.replace(tmp, file)
+    return file
+
+
+def import_db(spec: TargetSpec, file: str | Path, options: dict | None = None) -> int:
+    """Merge an exported database into this target's; returns the records imported."""
+    from tvm.s_tir import meta_schedule as ms
+
+    file = Path(file)
+    if not file.is_file():
+        raise EdgecError(f"tuning database file not found: {file}")
+    try:
+        z = zipfile.ZipFile(file)
+    except zipfile.BadZipFile:
+        raise EdgecError(f"not an edgec tuning database (zip): {file}") from None
+    with z, tempfile.TemporaryDirectory() as tmp:
+        names = set(z.namelist())
+        if not {"database_workload.json", "database_tuning_record.json", CHOICES} <= names:
+            raise EdgecError(f"{file} lacks the database files")
+        meta = json.loads(z.read("target.json")) if "target.json" in names else {}
+        if meta.get("target") not in (None, spec.name):
+            raise EdgecError(f"{file} was tuned for target '{meta.get('target')}', not "
+                             f"'{spec.name}'")
+        z.extractall(tmp)
+        src = ms.database.JSONDatabase(work_dir=tmp)
+        path = db_dir(spec, options)
+        dst = _database(path)
+        n = 0
+        for rec in src.get_all_tuning_records():
+            wl = dst.commit_workload(rec.workload.mod)
+            dst.commit_tuning_record(ms.database.TuningRecord(
+                rec.trace, wl, rec.run_secs, rec.target, rec.args_info))
+            n += 1
+        choices = _load_choices(path)
+        choices.update(json.loads(Path(tmp, CHOICES).read_text()))
+        _save_choices(path, choices)
+    return n
