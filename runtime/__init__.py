@@ -129,17 +129,16 @@ class Session(_Runner):
         by_name = {spec["name"]: o.numpy() for spec, o in zip(self.output_specs, outs)}
         return [by_name[n] for n in (output_names or self.output_names)]
 
-    def time_one(self, feeds: dict[str, np.ndarray], repeat: int = 20, number: int = 1,
-                 min_repeat_ms: int = 0) -> np.ndarray:
-        """Per-run latencies in seconds, measured by the TVM runtime (inputs already on the
-        device, so the figures are kernel time plus VM overhead)."""
+    def timer(self, feeds: dict[str, np.ndarray], number: int = 1):
+        """A callable returning one latency in seconds per call, measured by the TVM runtime
+        (inputs already on the device: kernel time plus VM overhead)."""
         arrays = self._check_feeds(feeds, exact_shape=True)
         args = [self._tvm.runtime.tensor(a, self.device) for a in arrays]
         self._main(*args)  # warm up
         self._vm.save_function("main", "edgec_bench", *args)
-        timer = self._vm.time_evaluator("edgec_bench", self.device, number=number,
-                                        repeat=repeat, min_repeat_ms=min_repeat_ms)
-        return np.array(timer().results)
+        evaluator = self._vm.time_evaluator("edgec_bench", self.device, number=number,
+                                            repeat=1)
+        return lambda: float(evaluator().results[0])
 
 
 def _flatten(res) -> list:

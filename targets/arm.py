@@ -32,7 +32,7 @@ def _arm_spec(name: str, description: str, mcpu: str | None, mattr: list[str]) -
         cross_compiler=CROSS,
         cross_package=CROSS_PKG,
         host_arch="aarch64",
-        tuning={"max_trials_per_task": 64, "num_trials_per_iter": 16, "rpc": True},
+        tuning={"max_trials_per_task": 64, "num_trials_per_iter": 16},
         options=("mcpu",),
     ))
 

@@ -253,6 +253,14 @@ def _fuse_epilogue(sch, producer, loop) -> None:
     return moved
 
 
+def _vectorize_innermost(sch, blocks) -> None:
+    for blk in blocks or []:
+        try:
+            sch.vectorize(sch.get_loops(blk)[-1])
+        except Exception:  # noqa: BLE001 - a scalar epilogue is still correct
+            pass
+
+
 def _vectorize_nchw_epilogue(sch, blocks, lanes: int) -> None:
     """Epilogue blocks over a tile [n, c(lanes), h, w(cols)]: make the channel loop the
     innermost one and vectorize it (contiguous reads of the packed tile, vector math)."""
@@ -303,11 +311,7 @@ def schedule_dwconv(sch, block, lanes: int) -> None:
     sch.unroll(rkw)
     sch.vectorize(xi)
     sch.decompose_reduction(block, rkh)
-    for blk in epilogue or []:
-        try:
-            sch.vectorize(sch.get_loops(blk)[-1])
-        except Exception:  # noqa: BLE001 - scalar epilogue still correct
-            pass
+    _vectorize_innermost(sch, epilogue)
     _parallel_pad(sch)
 
 
@@ -331,11 +335,7 @@ def schedule_matmul(sch, block, lanes: int) -> None:
     sch.vectorize(ji)
     sch.unroll(ii)
     sch.decompose_reduction(block, k)
-    for blk in epilogue or []:
-        try:
-            sch.vectorize(sch.get_loops(blk)[-1])
-        except Exception:  # noqa: BLE001
-            pass
+    _vectorize_innermost(sch, epilogue)
 
 
 def _pick_vec_tile(n: int, lanes: int, limit: int) -> int:

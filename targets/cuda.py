@@ -100,6 +100,6 @@ JETSON_ORIN = register_target(TargetSpec(
     cross_compiler=CROSS,
     cross_package=CROSS_PKG,
     host_arch="aarch64",
-    tuning={"max_trials_per_task": 128, "num_trials_per_iter": 32, "rpc": True},
+    tuning={"max_trials_per_task": 128, "num_trials_per_iter": 32},
     options=("cuda_arch",),
 ))

@@ -173,6 +173,10 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
         raise EdgecError("--tune-trials must be positive")
     from .x86 import cpu_front_phases
 
+    import logging
+
+    for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # per-task logs go to the db folder
     target = make_target(spec, options)
     path = db_dir(spec, options)
     mod = to_relax(model)
@@ -232,8 +236,11 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
         ms.tune_tasks(
             tasks=tasks, task_weights=weights, work_dir=str(path),
             max_trials_global=trials,
-            max_trials_per_task=max(8, trials // max(1, len(tasks)) * 2),
-            num_trials_per_iter=min(16, max(4, trials // max(1, len(tasks)))),
+            # the target's defaults, shrunk for small budgets so every task gets a turn
+            max_trials_per_task=max(spec.tuning.get("max_trials_per_task", 64),
+                                    trials // len(tasks)),
+            num_trials_per_iter=min(spec.tuning.get("num_trials_per_iter", 16),
+                                    max(4, trials // len(tasks))),
             builder=ms.builder.LocalBuilder(f_build=_f_build, max_workers=os.cpu_count(),
                                             timeout_sec=120),
             runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(

@@ -11,6 +11,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+# Hermetic: no tuning database (or zoo export cache) of the user's leaks into the tests.
+if "EDGEC_TEST_CACHE" in os.environ:
+    os.environ["EDGEC_CACHE"] = os.environ["EDGEC_TEST_CACHE"]
+else:
+    import tempfile
+
+    os.environ["EDGEC_CACHE"] = tempfile.mkdtemp(prefix="edgec-test-cache-")
 
 
 def make_model(nodes, inputs, outputs, inits=(), opset=13, ir_version=8) -> onnx.ModelProto:
