@@ -1,8 +1,8 @@
 """``edgec bench``: onnxruntime vs the compiled artifact, measured in the same run.
 
 Both runners get the same inputs (the compiled batch, seeded), the same thread count, a
-warm-up, then ``repeat`` interleaved rounds (one onnxruntime run, one edgec run, so outside
-load hits both alike); medians are reported. The ratio is
+warm-up, then ``repeat`` runs each, each runtime in its own fresh process, in alternating
+rounds (so outside load hits both alike); medians are reported. The ratio is
 ``onnxruntime ms / edgec ms`` (> 1: edgec is faster). GFLOP/s counts 2 * MACs of the model
 each runner executes (the original for onnxruntime, the rewritten one for edgec); the
 machine's sgemm peak (numpy/BLAS, same threads) is measured in the same run for scale.
@@ -52,18 +52,51 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _worker(kind: str, path: str, feeds_path: str, threads: int, repeat: int) -> list[float]:
+    """Time one runtime in this (fresh) process: seconds per run after a warm-up."""
+    data = dict(np.load(feeds_path))
+    if kind == "ort":
+        sess = OrtSession(path, num_threads=threads)
+        for _ in range(3):
+            sess.run(None, data)
+        return [_timed(lambda: sess.run(None, data)) for _ in range(repeat)]
+    sess = Session(path, num_threads=threads)
+    timer = sess.timer(data)
+    for _ in range(3):
+        timer()
+    return [timer() for _ in range(repeat)]
+
+
+def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: int
+                ) -> list[float]:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads))
+    res = subprocess.run([sys.executable, "-m", "edgec.bench", kind, str(path),
+                          str(feeds_path), str(threads), str(repeat)],
+                         capture_output=True, text=True, env=env, timeout=1800)
+    if res.returncode != 0:
+        msg = (res.stderr.strip().splitlines() or ["?"])[-1]
+        raise RuntimeError(f"bench worker ({kind}) failed: {msg}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def bench(model_path: str | Path, artifact: str | Path, threads: int | None = None,
-          repeat: int = 20, warmup: int = 3, peak: bool = True) -> dict:
+          repeat: int = 20, warmup: int = 3, peak: bool = True, rounds: int = 3) -> dict:
+    """Median latency of onnxruntime and of the artifact on the same inputs.
+
+    Each runtime is timed in its own fresh process (once TVM has run in a process,
+    onnxruntime in that process was measured up to 2x slower here), in ``rounds`` alternating
+    rounds so that load from elsewhere hits both alike."""
+    import tempfile
+
     threads = threads or os.cpu_count() or 1
     manifest = read_manifest(artifact)
     shapes = {i["name"]: tuple(i["shape"]) for i in manifest["inputs"]}
     source = load_model(model_path)
     ref_model, _ = normalize(source, shapes)
     feeds = random_feeds(ref_model, seed=0)
-
-    ort = OrtSession(source, num_threads=threads)
-    for _ in range(warmup):
-        ort.run(None, feeds)
 
     result = {"target": manifest["target"], "threads": threads, "repeat": repeat,
               "batch": next(iter(shapes.values()))[0] if shapes else None}
@@ -73,25 +106,25 @@ def bench(model_path: str | Path, artifact: str | Path, threads: int | None = No
         else macs_ref
     result["macs_original"] = macs_ref
     result["macs_compiled"] = macs_new
-    if manifest["device"] == "cpu" and manifest.get("host_arch") != os.uname().machine:
-        ort_times = [_timed(lambda: ort.run(None, feeds)) for _ in range(repeat)]
-        result["onnxruntime_ms"] = float(np.median(ort_times) * 1e3)
+    runs_here = not (manifest["device"] == "cpu" and
+                     manifest.get("host_arch") != os.uname().machine)
+    per_round = max(1, -(-repeat // rounds))
+    ort_times, times = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        feeds_path = Path(tmp) / "feeds.npz"
+        np.savez(feeds_path, **feeds)
+        for _ in range(rounds):
+            ort_times += _run_worker("ort", Path(model_path), feeds_path, threads, per_round)
+            if runs_here:
+                times += _run_worker("tvm", Path(artifact), feeds_path, threads, per_round)
+    result["onnxruntime_ms"] = float(np.median(ort_times) * 1e3)
+    result["onnxruntime_gflops"] = 2 * macs_ref / (result["onnxruntime_ms"] / 1e3) / 1e9
+    if not runs_here:
         result["edgec_ms"] = None
         result["note"] = f"artifact is for {manifest.get('host_arch')}: run bench on the device"
         return result
-    sess = Session(artifact, num_threads=threads)
-    timer = sess.timer(feeds)
-    for _ in range(warmup):
-        timer()
-    # Interleaved rounds, so that load from elsewhere hits both runners alike.
-    ort_times, times = [], []
-    for _ in range(repeat):
-        ort_times.append(_timed(lambda: ort.run(None, feeds)))
-        times.append(timer())
-    result["onnxruntime_ms"] = float(np.median(ort_times) * 1e3)
     result["edgec_ms"] = float(np.median(times) * 1e3)
     result["ratio"] = result["onnxruntime_ms"] / result["edgec_ms"]
-    result["onnxruntime_gflops"] = 2 * macs_ref / (result["onnxruntime_ms"] / 1e3) / 1e9
     result["edgec_gflops"] = 2 * macs_new / (result["edgec_ms"] / 1e3) / 1e9
     if peak and manifest["device"] == "cpu":
         result["sgemm_peak_gflops"] = sgemm_peak_gflops(threads)
@@ -114,3 +147,10 @@ def format_bench(r: dict) -> str:
         lines.append(f"  sgemm peak {pk:.1f} GFLOP/s: onnxruntime {100 * r['onnxruntime_gflops'] / pk:.1f} %"
                      f", edgec {100 * r['edgec_gflops'] / pk:.1f} %")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the timing worker: python -m edgec.bench KIND PATH FEEDS THREADS N
+    import sys
+
+    kind, path, feeds_path, threads_, n = sys.argv[1:6]
+    print(json.dumps(_worker(kind, path, feeds_path, int(threads_), int(n))))

@@ -272,8 +272,7 @@ def _vectorize_nchw_epilogue(sch, blocks, lanes: int) -> None:
         if _extent(sch, own[1]) != lanes:
             continue
         try:
-            sch.reorder(own[0], own[2], own[3], own[1])
-            sch.vectorize(own[1])
+            sch.vectorize(own[3])
         except Exception:  # noqa: BLE001 - scalar epilogue still correct
             pass
 
