@@ -150,8 +150,12 @@ def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
             record["tuning_db"] = tuning_db
     pipeline = sequential(target, spec.phases(target, record, tuning_db=tuning_db))
     t0 = time.perf_counter()
+    # LoopPartition splits pad stages (bounds tests marked likely) into border and an
+    # interior that copies without tests and vectorizes.
+    config = {"s_tir.LoopPartition": {"partition_const_loop": True}}
     try:
-        ex = relax.build(mod, target=target, relax_pipeline=pipeline)
+        with tvm.transform.PassContext(opt_level=3, config=config):
+            ex = relax.build(mod, target=target, relax_pipeline=pipeline)
     except Exception as e:  # noqa: BLE001
         msg = str(e).strip().splitlines()
         raise EdgecError(f"TVM build for '{spec.name}' failed: {type(e).__name__}: "

@@ -103,10 +103,19 @@ def make_conv2d_legalizer(lanes: int):
         return default(bb, call)
 
     def _pad(x, pads):
+        """Zero padding whose bounds test is marked ``likely``, so TIR's LoopPartition
+        splits off an interior that copies without tests (topi.nn.pad does not mark it)."""
         pt, pl, pb, pr = pads
         if not any(pads):
             return x
-        return topi.nn.pad(x, [0, 0, pt, pl], [0, 0, pb, pr], name="edgec_pad")
+        nb, c, h, w = _ints(x.shape)
+
+        def body(n, c_, y, xx):
+            inside = tvm.tirx.all(y >= pt, y < h + pt, xx >= pl, xx < w + pl)
+            return tvm.tirx.if_then_else(tvm.tirx.likely(inside), x[n, c_, y - pt, xx - pl],
+                                         tvm.tirx.const(0.0, x.dtype))
+
+        return te.compute((nb, c, h + pt + pb, w + pl + pr), body, name="edgec_pad")
 
     def _conv_packed_te(x, wp, oc, strides, pads, dil):
         _, _, h, w = _ints(x.shape)
@@ -157,7 +166,7 @@ def make_conv2d_legalizer(lanes: int):
             col = j * sw + p - pl
             row = y - pt
             inside = tvm.tirx.all(row >= 0, row < h, col >= 0, col < w)
-            return tvm.tirx.if_then_else(inside, x[n, c_, row, col],
+            return tvm.tirx.if_then_else(tvm.tirx.likely(inside), x[n, c_, row, col],
                                          tvm.tirx.const(0.0, x.dtype))
 
         xs = te.compute((nb, c, h + pt + pb, sw, cols), phase, name="edgec_pad")

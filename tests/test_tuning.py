@@ -97,3 +97,21 @@ def test_tune_reuse_export_import_and_forced_tuned(cache, tmp_path, monkeypatch)
     n = import_db(spec, tmp_path / "db.zip")
     assert n >= 1
     assert json.loads((db_dir(spec) / CHOICES).read_text()) == choices
+
+
+@pytest.mark.slow
+def test_cli_compile_with_tuning_budget(cache, tmp_path):
+    import subprocess
+    import sys
+
+    import onnx
+
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx")
+    res = subprocess.run([sys.executable, "-m", "edgec.cli", "compile", str(tmp_path / "m.onnx"),
+                          "-o", str(tmp_path / "out"), "--tune-trials", "4"],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["tuning"]["tasks"] == 2
+    assert report["kernels"]["tuning_db"]
+    assert "tune_s" in report["timings"]
