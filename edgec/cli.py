@@ -35,17 +35,17 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _target_options(a) -> dict:
+    return {k: v for k, v in (("cuda_arch", a.cuda_arch), ("mcpu", a.mcpu)) if v}
+
+
 def cmd_compile(a) -> int:
     from edgec.compiler import CompileOptions, compile_model, default_out_dir
     from edgec.importer import parse_input_shapes
     from edgec.runtime import load_npz
 
     out = Path(a.output) if a.output else default_out_dir(a.model, a.target)
-    target_options = {}
-    if a.cuda_arch:
-        target_options["cuda_arch"] = a.cuda_arch
-    if a.mcpu:
-        target_options["mcpu"] = a.mcpu
+    target_options = _target_options(a)
     opts = CompileOptions(
         target=a.target,
         passes=_csv(a.passes) if a.passes is not None else None,
@@ -130,9 +130,7 @@ def cmd_tune(a) -> int:
     from edgec.targets import get_target
 
     spec = get_target(a.target)
-    target_options = {"cuda_arch": a.cuda_arch} if a.cuda_arch else {}
-    if a.mcpu:
-        target_options["mcpu"] = a.mcpu
+    target_options = _target_options(a)
     from edgec.targets import tuning
 
     if a.export_file:

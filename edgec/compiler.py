@@ -129,8 +129,8 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
     Everything that can fail on user input fails before anything is written; the artifact is
     staged in a temporary folder and renamed into place only when complete.
     """
-    from edgec.runtime.artifact import (FORMAT, LIBRARY, MANIFEST, ONNX, REPORT, sha256_file,
-                                        staging, write_json)
+    from edgec.runtime.artifact import (FORMAT, LIBRARY, MANIFEST, ONNX, REPORT,
+                                        check_output_dir, sha256_file, staging, write_json)
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -139,6 +139,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
     out_dir = Path(out_dir)
     if out_dir.resolve() == model_path.resolve():
         raise EdgecError("output folder is the model file itself")
+    check_output_dir(out_dir)  # fail before the work, not after it
 
     pass_names = resolve_passes(opts.preset, opts.passes)
     if opts.build:

@@ -40,13 +40,8 @@ def is_artifact(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
-@contextlib.contextmanager
-def staging(out: Path, force: bool = True):
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` atomically.
-
-    An existing ``out`` is replaced only if it is empty or an earlier edgec artifact.
-    """
-    out = Path(out)
+def check_output_dir(out: Path, force: bool = True) -> None:
+    """Refuse an output path that is a file or a non-empty folder other than an artifact."""
     if out.exists():
         if not out.is_dir():
             raise EdgecError(f"output path exists and is not a folder: {out}")
@@ -55,6 +50,16 @@ def staging(out: Path, force: bool = True):
                              "refusing to overwrite it")
         if not force:
             raise EdgecError(f"output folder {out} exists")
+
+
+@contextlib.contextmanager
+def staging(out: Path, force: bool = True):
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` atomically.
+
+    An existing ``out`` is replaced only if it is empty or an earlier edgec artifact.
+    """
+    out = Path(out)
+    check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -106,6 +106,24 @@ def _check_static_outputs(model: onnx.ModelProto, mod) -> None:
 
 
 # ---------------------------------------------------------------------------------- pipelines
+def vm_lowering_phases(cuda_graphs: bool = False) -> list:
+    """The phases every target ends with: dataflow lowering, memory planning, VM lowering."""
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        *([relax.transform.RewriteCUDAGraph()] if cuda_graphs else []),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
 def sequential(target, phases):
     """Wrap a target family's phase list as one Relax module pass run under ``target``."""
 

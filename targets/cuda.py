@@ -36,7 +36,7 @@ def cuda_phases(target, record: dict | None = None, tuning_db: str | None = None
     """Relax pipeline phases for CUDA: dlight's default GPU schedules after legalization."""
     from tvm.s_tir import dlight as dl
 
-    from .backend import relax
+    from .backend import relax, vm_lowering_phases
 
     return [
         relax.backend.DispatchSampling(),
@@ -48,18 +48,7 @@ def cuda_phases(target, record: dict | None = None, tuning_db: str | None = None
         relax.transform.FuseTIR(),
         dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
-        relax.transform.RewriteDataflowReshape(),
-        relax.transform.ToNonDataflow(),
-        relax.transform.RemovePurityChecking(),
-        relax.transform.CallTIRRewrite(),
-        relax.transform.StaticPlanBlockMemory(),
-        relax.transform.RewriteCUDAGraph(),
-        relax.transform.LowerAllocTensor(),
-        relax.transform.KillAfterLastUse(),
-        relax.transform.LowerRuntimeBuiltin(),
-        relax.transform.ComputePrimValue(),
-        relax.transform.VMShapeLower(),
-        relax.transform.AttachGlobalSymbol(),
+        *vm_lowering_phases(cuda_graphs=True),
     ]
 
 

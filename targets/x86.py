@@ -59,7 +59,7 @@ def cpu_phases(target, record: dict | None = None, schedules: bool = True,
     With ``schedules`` (the default), convolutions are legalized to packed-weight kernels and
     every fused function gets edgec's default CPU schedule (:mod:`.cpu_kernels`), except
     those for which the tuning database ``tuning_db`` holds a schedule measured faster."""
-    from .backend import relax
+    from .backend import vm_lowering_phases
 
     scheduled = []
     if schedules:
@@ -70,23 +70,7 @@ def cpu_phases(target, record: dict | None = None, schedules: bool = True,
 
             scheduled.append(apply_tuned_pass(target, tuning_db, record))
         scheduled.append(schedule_pass(target, record))
-    return [
-        *cpu_front_phases(target, schedules),
-        *scheduled,
-        # dataflow lowering
-        relax.transform.RewriteDataflowReshape(),
-        relax.transform.ToNonDataflow(),
-        relax.transform.RemovePurityChecking(),
-        relax.transform.CallTIRRewrite(),
-        # memory planning and VM lowering
-        relax.transform.StaticPlanBlockMemory(),
-        relax.transform.LowerAllocTensor(),
-        relax.transform.KillAfterLastUse(),
-        relax.transform.LowerRuntimeBuiltin(),
-        relax.transform.ComputePrimValue(),
-        relax.transform.VMShapeLower(),
-        relax.transform.AttachGlobalSymbol(),
-    ]
+    return [*cpu_front_phases(target, schedules), *scheduled, *vm_lowering_phases()]
 
 
 X86 = register_target(TargetSpec(
