@@ -348,6 +348,3 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int | None = None
             feeds[vi.name] = rng.integers(0, 4, shape).astype(dtype)
     return feeds
 
-
-def array_to_initializer(arr: np.ndarray, name: str) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.ascontiguousarray(arr), name)

@@ -67,7 +67,7 @@ def _ints(xs) -> list[int]:
 def make_conv2d_legalizer(lanes: int):
     """A LegalizeOps override for relax.nn.conv2d: packed direct conv (groups = 1, constant
     weights, NCHW/OIHW) and depthwise conv; anything else goes to TOPI's default."""
-    from tvm import te, topi
+    from tvm import te
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d as default
 
     def legalize(bb, call):

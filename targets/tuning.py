@@ -31,7 +31,7 @@ import numpy as np
 from edgec.errors import EdgecError
 
 from . import TargetSpec
-from .backend import make_target, relax, sequential, to_relax, tvm
+from .backend import make_target, sequential, to_relax, tvm
 
 CHOICES = "choices.json"
 ANCHORS = ("edgec_conv2d_packed", "edgec_dwconv2d", "matmul", "conv2d", "T_matmul")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import pytest
 from hypothesis import given, settings, strategies as st
 from onnx import helper

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import helper
 
-from conftest import compile_to, conv_bn_model, make_model, ort_run
+from conftest import compile_to, conv_bn_model, make_model
 from edgec.runtime import OrtSession, Session, run_batched
 
 RTOL = ATOL = 1e-4
