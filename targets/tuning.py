@@ -171,6 +171,12 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
                          "cannot run on this machine (RPC tuning is not supported yet)")
     if trials <= 0:
         raise EdgecError("--tune-trials must be positive")
+    import importlib.util
+
+    missing = [m for m in ("xgboost", "psutil", "cloudpickle")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EdgecError(f"tuning needs {', '.join(missing)}: pip install -e '.[tune]'")
     from .x86 import cpu_front_phases
 
     import logging

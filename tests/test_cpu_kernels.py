@@ -174,3 +174,26 @@ def test_batch_split_matches(tmp_path):
     got = run_batched(sess, {"x": x}, 4)[0]
     ref = run_batched(OrtSession(m), {"x": x}, 4)[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_avx2_kernels(tmp_path):
+    """The 8-lane (AVX2) kernels, as on machines without AVX-512 (this host runs them too)."""
+    from conftest import conv_bn_model
+
+    from edgec.targets.cpu_kernels import simd_floats
+    from edgec.targets.backend import make_target
+    from edgec.targets import get_target
+
+    assert simd_floats(make_target(get_target("x86"), {"mcpu": "haswell"})) == 8
+    rng = np.random.default_rng(5)
+    inits = {"W": rng.standard_normal((12, 1, 3, 3)).astype(np.float32)}
+    for name, m in [("cb", conv_bn_model(k=20)),
+                    ("dw", make_model([helper.make_node("Conv", ["x", "W"], ["y"], group=12,
+                                                        strides=[2, 2], pads=[1, 1, 1, 1])],
+                                      [("x", [1, 12, 15, 15])], [("y", [1, 12, 8, 8])], inits))]:
+        out = tmp_path / name
+        report = compile_to(m, out, target_options={"mcpu": "haswell"})
+        assert report["kernels"]["unscheduled"] == {}
+        x = rng.standard_normal(Session(out).input_specs[0]["shape"]).astype(np.float32)
+        np.testing.assert_allclose(Session(out).run(None, {"x": x})[0],
+                                   OrtSession(m).run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
