@@ -236,7 +236,7 @@ def _all_blocks(sch) -> list:
     return list(sch.get_child_blocks(root))
 
 
-def _fuse_epilogue(sch, producer, loop) -> None:
+def _fuse_epilogue(sch, producer, loop) -> list:
     """Move everything computed from ``producer`` (the unpack and the fused elementwise
     epilogue, a chain or a DAG such as ``x * sigmoid(x)``) under its tile loop ``loop``.
 
@@ -246,8 +246,7 @@ def _fuse_epilogue(sch, producer, loop) -> None:
     blocks = _all_blocks(sch)
     names = [sch.get(b).name_hint for b in blocks]
     start = names.index(sch.get(producer).name_hint) + 1
-    tail = [b for b in blocks[start:]]
-    for blk in tail[:-1]:
+    for blk in blocks[start:-1]:
         try:
             sch.compute_inline(blk)
         except Exception:  # noqa: BLE001 - e.g. a reduction in the epilogue: keep it
@@ -270,20 +269,6 @@ def _vectorize_innermost(sch, blocks) -> None:
             pass
 
 
-def _vectorize_nchw_epilogue(sch, blocks, lanes: int) -> None:
-    """Epilogue blocks over a tile [n, c(lanes), h, w(cols)]: make the channel loop the
-    innermost one and vectorize it (contiguous reads of the packed tile, vector math)."""
-    for blk in blocks:
-        loops = sch.get_loops(blk)
-        if len(loops) < 4:
-            continue
-        own = loops[-4:]
-        if _extent(sch, own[1]) != lanes:
-            continue
-        try:
-            sch.vectorize(own[3])
-        except Exception:  # noqa: BLE001 - scalar epilogue still correct
-            pass
 
 
 def _parallel_pad(sch) -> None:
@@ -303,7 +288,7 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
     sch.vectorize(b)
     sch.unroll(xi)
     sch.decompose_reduction(block, ric)
-    _vectorize_nchw_epilogue(sch, epilogue or [], lanes)
+    _vectorize_innermost(sch, epilogue)  # along the tile's columns: contiguous NCHW stores
     _parallel_pad(sch)
 
 
