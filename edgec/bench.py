@@ -52,29 +52,28 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _worker(kind: str, path: str, feeds_path: str, threads: int, repeat: int) -> list[float]:
-    """Time one runtime in this (fresh) process: seconds per run after a warm-up."""
+def _worker(kind: str, path: str, feeds_path: str, threads: int, repeat: int,
+            warmup: int) -> list[float]:
+    """Time one runtime in this (fresh) process: seconds per run after ``warmup`` runs."""
     data = dict(np.load(feeds_path))
     if kind == "ort":
         sess = OrtSession(path, num_threads=threads)
-        for _ in range(3):
-            sess.run(None, data)
-        return [_timed(lambda: sess.run(None, data)) for _ in range(repeat)]
-    sess = Session(path, num_threads=threads)
-    timer = sess.timer(data)
-    for _ in range(3):
-        timer()
-    return [timer() for _ in range(repeat)]
+        run = lambda: _timed(lambda: sess.run(None, data))  # noqa: E731
+    else:
+        run = Session(path, num_threads=threads).timer(data)
+    for _ in range(warmup):
+        run()
+    return [run() for _ in range(repeat)]
 
 
-def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: int
-                ) -> list[float]:
+def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: int,
+                warmup: int) -> list[float]:
     import subprocess
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads))
     res = subprocess.run([sys.executable, "-m", "edgec.bench", kind, str(path),
-                          str(feeds_path), str(threads), str(repeat)],
+                          str(feeds_path), str(threads), str(repeat), str(warmup)],
                          capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode != 0:
         msg = (res.stderr.strip().splitlines() or ["?"])[-1]
@@ -114,9 +113,11 @@ def bench(model_path: str | Path, artifact: str | Path, threads: int | None = No
         feeds_path = Path(tmp) / "feeds.npz"
         np.savez(feeds_path, **feeds)
         for _ in range(rounds):
-            ort_times += _run_worker("ort", Path(model_path), feeds_path, threads, per_round)
+            ort_times += _run_worker("ort", Path(model_path), feeds_path, threads, per_round,
+                                     warmup)
             if runs_here:
-                times += _run_worker("tvm", Path(artifact), feeds_path, threads, per_round)
+                times += _run_worker("tvm", Path(artifact), feeds_path, threads, per_round,
+                                     warmup)
     result["onnxruntime_ms"] = float(np.median(ort_times) * 1e3)
     result["onnxruntime_gflops"] = 2 * macs_ref / (result["onnxruntime_ms"] / 1e3) / 1e9
     if not runs_here:
@@ -149,8 +150,8 @@ def format_bench(r: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # the timing worker: python -m edgec.bench KIND PATH FEEDS THREADS N
+if __name__ == "__main__":  # timing worker: python -m edgec.bench KIND PATH FEEDS THREADS N WARMUP
     import sys
 
-    kind, path, feeds_path, threads_, n = sys.argv[1:6]
-    print(json.dumps(_worker(kind, path, feeds_path, int(threads_), int(n))))
+    kind, path, feeds_path, threads_, n, warm = sys.argv[1:7]
+    print(json.dumps(_worker(kind, path, feeds_path, int(threads_), int(n), int(warm))))

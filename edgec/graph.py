@@ -19,8 +19,6 @@ def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {t.name: t for t in model.graph.initializer}
 
 
-
-
 def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     out = defaultdict(list)
     for n in model.graph.node:
@@ -28,8 +26,6 @@ def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
             if i:
                 out[i].append(n)
     return out
-
-
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):

@@ -178,7 +178,6 @@ def run_pass(name: str, model: onnx.ModelProto, config=None, ctx: PassContext | 
         raise EdgecError(f"pass '{name}' needs calibration data: give --calib FILE.npz")
     before = model_stats(model)
     snapshot = model.SerializeToString(deterministic=True)
-    input_valid = _valid(model)
     t0 = time.perf_counter()
     try:
         out, report = info.fn(model, config, ctx)
@@ -193,10 +192,10 @@ def run_pass(name: str, model: onnx.ModelProto, config=None, ctx: PassContext | 
         from edgec.importer import infer_shapes
 
         out = infer_shapes(out)
-    if input_valid:  # an input the checker already rejects cannot be blamed on the pass
-        try:
-            onnx.checker.check_model(out)
-        except Exception as e:  # noqa: BLE001
+    try:
+        onnx.checker.check_model(out)
+    except Exception as e:  # noqa: BLE001
+        if _valid(model):  # an input the checker already rejects cannot be blamed on the pass
             raise PassError(name, f"produced an invalid model: {str(e).splitlines()[0]}") from e
     report.name = name
     report.config = dataclasses.asdict(config)

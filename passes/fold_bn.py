@@ -83,7 +83,6 @@ def fold_bn(model: onnx.ModelProto, config: FoldBNConfig, ctx: PassContext):
                 report.skip(bn, "channel count mismatch")
                 continue
             W2 = W * s.reshape((-1,) + (1,) * (W.ndim - 1))
-            bias_in = 2
         elif prod.op_type == "ConvTranspose":
             g = attr(prod, "group", 1)
             cin, kpg = W.shape[0], W.shape[1]
@@ -93,7 +92,6 @@ def fold_bn(model: onnx.ModelProto, config: FoldBNConfig, ctx: PassContext):
             Wg = W.reshape((g, cin // g, kpg) + W.shape[2:])
             Wg = Wg * s.reshape((g, 1, kpg) + (1,) * (W.ndim - 2))
             W2 = Wg.reshape(W.shape)
-            bias_in = 2
         else:  # Gemm: y = alpha * A @ B' + beta_g * C, features on the last axis
             alpha = attr(prod, "alpha", 1.0)
             gemm_beta = attr(prod, "beta", 1.0)
@@ -102,7 +100,6 @@ def fold_bn(model: onnx.ModelProto, config: FoldBNConfig, ctx: PassContext):
                 report.skip(bn, "feature count mismatch")
                 continue
             W2 = W * (s[:, None] if trans_b else s[None, :])
-            bias_in = 2
             if alpha != 1.0 or gemm_beta != 1.0:
                 # fold alpha into B and beta into the bias, then drop both attributes
                 W2 = W2 * alpha
@@ -123,9 +120,9 @@ def fold_bn(model: onnx.ModelProto, config: FoldBNConfig, ctx: PassContext):
         new_inits[wnew] = W2.astype(dtype)
         new_inits[bnew] = b2.astype(dtype)
         prod.input[1] = wnew
-        while len(prod.input) <= bias_in:
+        while len(prod.input) <= 2:  # Conv/ConvTranspose/Gemm: the bias is input 2
             prod.input.append("")
-        prod.input[bias_in] = bnew
+        prod.input[2] = bnew
         prod.output[0] = bn.output[0]
         set_provenance(prod, "fold-bn", f"{prod.name}+{bn.name}")
         removed.add(bn.name)

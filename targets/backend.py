@@ -106,6 +106,20 @@ def _check_static_outputs(model: onnx.ModelProto, mod) -> None:
 
 
 # ---------------------------------------------------------------------------------- pipelines
+def front_phases(legalize: dict | None = None) -> list:
+    """The phases every target starts with: library dispatch, legalization to TIR (with
+    per-target overrides) and fusion of elementwise epilogues into their producers."""
+    return [
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(customize_legalize_map=legalize or {}),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
 def vm_lowering_phases(cuda_graphs: bool = False) -> list:
     """The phases every target ends with: dataflow lowering, memory planning, VM lowering."""
     return [

@@ -379,7 +379,13 @@ def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> None:
                     pass
 
 
-def schedule_func(func, lanes: int, max_cols: int):
+def max_cols(lanes: int) -> int:
+    """Output columns per conv register tile: with one accumulator vector per column, as many
+    as the vector registers allow (32 zmm on AVX-512, 16 ymm on AVX2, 32 q on NEON)."""
+    return 14 if lanes == 16 else 12 if lanes == 8 else 8
+
+
+def schedule_func(func, lanes: int):
     """Schedule one fused function; raise if no schedule applies cleanly."""
     sch = tvm.s_tir.Schedule(func)
     convs = _find_blocks(sch, CONV_BLOCK)
@@ -389,7 +395,7 @@ def schedule_func(func, lanes: int, max_cols: int):
     mms = [b for b in _all_blocks(sch) if sch.get(b).name_hint in ("matmul", "T_matmul_NN",
                                                                       "T_matmul")]
     if convs:
-        schedule_conv(sch, convs[0], lanes, max_cols)
+        schedule_conv(sch, convs[0], lanes, max_cols(lanes))
         kind = "conv2d-packed"
     elif dws:
         schedule_dwconv(sch, dws[0], lanes)
@@ -407,7 +413,6 @@ def schedule_pass(target, record: dict | None = None):
     """Module pass: schedule every PrimFunc. ``record`` (if given) receives, per function,
     the kernel used, and for those left with default loops, the reason."""
     lanes = simd_floats(target)
-    max_cols = 14 if lanes == 16 else 12 if lanes == 8 else 8
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecCPUSchedule")
     def _pass(mod, _ctx):
@@ -419,7 +424,7 @@ def schedule_pass(target, record: dict | None = None):
                 continue  # a tuned schedule was applied
             try:
                 updates[gv], kind = schedule_func(
-                    func.with_attr("global_symbol", gv.name_hint), lanes, max_cols)
+                    func.with_attr("global_symbol", gv.name_hint), lanes)
                 if record is not None:
                     record.setdefault("kernels", {})[gv.name_hint] = kind
             except Exception as e:  # noqa: BLE001 - keep the correct default loops

@@ -36,16 +36,10 @@ def cuda_phases(target, record: dict | None = None, tuning_db: str | None = None
     """Relax pipeline phases for CUDA: dlight's default GPU schedules after legalization."""
     from tvm.s_tir import dlight as dl
 
-    from .backend import relax, vm_lowering_phases
+    from .backend import front_phases, vm_lowering_phases
 
     return [
-        relax.backend.DispatchSampling(),
-        relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
+        *front_phases(),
         dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
         *vm_lowering_phases(cuda_graphs=True),

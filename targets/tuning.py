@@ -133,8 +133,7 @@ def _f_build(mod, target, _params):
 
 def _random_args(func, dev):
     args = []
-    for p in func.params:  # TVM 0.27: buffer parameters carry shape and dtype themselves
-        buf = func.buffer_map[p] if hasattr(func, "buffer_map") else p
+    for buf in func.params:  # TVM 0.27: buffer parameters carry shape and dtype themselves
         shape = [int(d) for d in buf.shape]
         dtype = str(buf.dtype)
         arr = np.random.default_rng(0).standard_normal(shape).astype(dtype) \
@@ -147,9 +146,7 @@ def measure_default(func, target, repeat: int = 5) -> float:
     """Median seconds of one fused function under edgec's default schedule."""
     from .cpu_kernels import schedule_func, simd_floats
 
-    lanes = simd_floats(target)
-    scheduled, _ = schedule_func(func.with_attr("global_symbol", "main"), lanes,
-                                 14 if lanes == 16 else 12 if lanes == 8 else 8)
+    scheduled, _ = schedule_func(func.with_attr("global_symbol", "main"), simd_floats(target))
     lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
     dev = tvm.cpu()
     args = _random_args(scheduled, dev)
@@ -177,9 +174,9 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
                if importlib.util.find_spec(m) is None]
     if missing:
         raise EdgecError(f"tuning needs {', '.join(missing)}: pip install -e '.[tune]'")
-    from .x86 import cpu_front_phases
-
     import logging
+
+    from .x86 import cpu_front_phases
 
     for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
         logging.getLogger(name).setLevel(logging.WARNING)  # per-task logs go to the db folder
@@ -279,9 +276,6 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
         except Exception:  # noqa: BLE001 - no default schedule: tuned (if any) wins
             default = None
         use = "tuned" if tuned is not None and (default is None or tuned < default) else "default"
-        old = choices.get(key, {})
-        if old.get("use") == "tuned" and old.get("tuned_s") and use == "default" and tuned is None:
-            continue  # nothing new measured: keep the earlier decision
         choices[key] = {"task": name, "default_s": default, "tuned_s": tuned, "use": use}
     _save_choices(path, choices)
     return {"tasks": len(funcs), "db": str(path), "stopped": stopped,

@@ -29,48 +29,32 @@ def _physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_front_phases(target, schedules: bool = True) -> list:
-    """Legalization and fusion for LLVM CPU targets: the fused TIR functions that both the
-    default schedules and tuning (:mod:`.tuning`) work on."""
-    from .backend import relax
+def cpu_front_phases(target) -> list:
+    """Legalization and fusion for LLVM CPU targets: convolutions become packed-weight
+    kernels; the fused TIR functions are what both the default schedules and tuning
+    (:mod:`.tuning`) work on."""
+    from .backend import front_phases
+    from .cpu_kernels import make_conv2d_legalizer, make_fast_math_legalizers, simd_floats
 
-    legalize = {}
-    if schedules:
-        from .cpu_kernels import make_conv2d_legalizer, make_fast_math_legalizers, simd_floats
-
-        legalize = {"relax.nn.conv2d": make_conv2d_legalizer(simd_floats(target)),
-                    **make_fast_math_legalizers()}
-    return [
-        relax.backend.DispatchSampling(),
-        relax.backend.DispatchSortScan(),
-        # legalize: high-level ops -> TIR; fuse elementwise epilogues into their producers
-        relax.transform.LegalizeOps(customize_legalize_map=legalize),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
+    return front_phases({"relax.nn.conv2d": make_conv2d_legalizer(simd_floats(target)),
+                         **make_fast_math_legalizers()})
 
 
-def cpu_phases(target, record: dict | None = None, schedules: bool = True,
-               tuning_db: str | None = None) -> list:
+def cpu_phases(target, record: dict | None = None, tuning_db: str | None = None) -> list:
     """Relax pipeline phases for LLVM CPU targets (x86 and arm share them).
 
-    With ``schedules`` (the default), convolutions are legalized to packed-weight kernels and
-    every fused function gets edgec's default CPU schedule (:mod:`.cpu_kernels`), except
+    Every fused function gets edgec's default CPU schedule (:mod:`.cpu_kernels`), except
     those for which the tuning database ``tuning_db`` holds a schedule measured faster."""
     from .backend import vm_lowering_phases
+    from .cpu_kernels import schedule_pass
 
     scheduled = []
-    if schedules:
-        from .cpu_kernels import schedule_pass
+    if tuning_db:
+        from .tuning import apply_tuned_pass
 
-        if tuning_db:
-            from .tuning import apply_tuned_pass
-
-            scheduled.append(apply_tuned_pass(target, tuning_db, record))
-        scheduled.append(schedule_pass(target, record))
-    return [*cpu_front_phases(target, schedules), *scheduled, *vm_lowering_phases()]
+        scheduled.append(apply_tuned_pass(target, tuning_db, record))
+    scheduled.append(schedule_pass(target, record))
+    return [*cpu_front_phases(target), *scheduled, *vm_lowering_phases()]
 
 
 X86 = register_target(TargetSpec(
