@@ -123,6 +123,31 @@ def prepare(model_path: str | Path, opts: CompileOptions, pass_names: list[str] 
     return Prepared(notes, result, before, timings)
 
 
+def write_plots(pass_reports: list[dict], folder: Path) -> list[str]:
+    """Let each pass with a plot hook draw its figures into ``folder/plots``; returns the
+    paths relative to ``folder``. Without matplotlib no figures are drawn (the numbers stay in
+    the report)."""
+    from edgec.passes import get_pass
+
+    hooks = [(r, get_pass(r["name"]).plot) for r in pass_reports if r.get("modified") or
+             r.get("details")]
+    hooks = [(r, h) for r, h in hooks if h is not None]
+    if not hooks:
+        return []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        return []
+    out = folder / "plots"
+    out.mkdir(exist_ok=True)
+    paths: list[str] = []
+    for r, hook in hooks:
+        paths += [str(Path(p).relative_to(folder)) for p in hook(r, out)]
+    return paths
+
+
 def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOptions) -> dict:
     """Compile ``model_path`` into the artifact folder ``out_dir``; returns the report.
 
@@ -184,6 +209,7 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
         report["tuning"] = tuning
     with staging(out_dir) as tmp:
         onnx.save_model(final, str(tmp / ONNX))
+        report["plots"] = write_plots(report["passes"], tmp)
         manifest = {
             "format": FORMAT,
             "target": spec.name,

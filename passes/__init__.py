@@ -87,21 +87,25 @@ class PassInfo:
     tolerance: Tolerance
     needs_calib: bool
     summary: str
+    plot: Callable | None = None  # plot(report_json, out_dir) -> [png paths]; needs matplotlib
 
 
 _REGISTRY: dict[str, PassInfo] = {}
 
 
 def register_pass(name: str, config: type, tolerance: Tolerance = Tolerance(),
-                  needs_calib: bool = False):
-    """Decorator: register ``fn(model, config, ctx)`` under ``name``."""
+                  needs_calib: bool = False, plot: Callable | None = None):
+    """Decorator: register ``fn(model, config, ctx)`` under ``name``.
+
+    ``plot(report_json, out_dir)``, if given, draws the pass's figures (PNG) from its report
+    into the artifact's ``plots/`` folder and returns their paths."""
     if not (dataclasses.is_dataclass(config) and config.__dataclass_params__.frozen):
         raise TypeError(f"pass {name}: config must be a frozen dataclass")
 
     def deco(fn: PassFn) -> PassFn:
         doc = (fn.__module__ and __import__(fn.__module__, fromlist=["x"]).__doc__) or ""
         summary = doc.strip().splitlines()[0] if doc.strip() else name
-        _REGISTRY[name] = PassInfo(name, fn, config, tolerance, needs_calib, summary)
+        _REGISTRY[name] = PassInfo(name, fn, config, tolerance, needs_calib, summary, plot)
         return fn
 
     return deco
@@ -219,5 +223,14 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-# Register the built-in passes (import order = listing order is by name anyway).
-from . import cleanup, eliminate_identity, fold_bn, fold_constants  # noqa: E402,F401
+def _register_builtin() -> None:
+    """Import every module of this package not starting with ``_``: one pass per file."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_register_builtin()

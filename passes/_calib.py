@@ -1,0 +1,91 @@
+"""Calibration activations for data-aware passes (lowrank, prune, quantize).
+
+:func:`stream_activations` runs the model in onnxruntime over the calibration feeds in
+batches and yields, per batch, the values of the requested intermediate tensors. Passes reduce
+each batch as it comes (sample rows, accumulate covariances), so a large calibration set never
+has to sit in memory as activations.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from edgec.errors import EdgecError
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    known = {o.name for o in m.graph.output}
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in list(m.graph.value_info) + list(m.graph.input)}
+    for n in names:
+        if n in known:
+            continue
+        vi = onnx.helper.make_empty_tensor_value_info(n)
+        vi.type.tensor_type.elem_type = types.get(n, onnx.TensorProto.FLOAT)
+        m.graph.output.append(vi)
+        known.add(n)
+    return m
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The model's static batch size when its first input's axis 0 is fixed, else None."""
+    init = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return dims[0].dim_value
+        return None
+    return None
+
+
+def calib_rows(feeds: dict[str, np.ndarray]) -> int:
+    return int(next(iter(feeds.values())).shape[0]) if feeds else 0
+
+
+def stream_activations(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str],
+                       batch: int = 32, limit: int | None = None
+                       ) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{name: value}`` for each batch of ``feeds`` (rows on axis 0).
+
+    A model compiled for a fixed batch size is fed in chunks of exactly that size (a trailing
+    partial chunk is dropped, unless it is all there is, which is then an error).
+    """
+    import onnxruntime as ort
+
+    names = list(dict.fromkeys(names))
+    fb = fixed_batch(model)
+    step = fb or batch
+    n = calib_rows(feeds)
+    if limit is not None:
+        n = min(n, limit)
+    if fb and n < fb:
+        raise EdgecError(f"calibration data has {n} rows, fewer than the model's fixed batch {fb}")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(_with_outputs(model, names).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    for s in range(0, n, step):
+        e = s + step
+        if e > n and fb:
+            break
+        e = min(e, n)
+        outs = sess.run(names, {k: v[s:e] for k, v in feeds.items()})
+        yield dict(zip(names, outs))
+
+
+def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str],
+            batch: int = 32, limit: int | None = None) -> dict[str, np.ndarray]:
+    """All batches of :func:`stream_activations`, concatenated (for small models and tests)."""
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for got in stream_activations(model, feeds, names, batch, limit):
+        for k, v in got.items():
+            parts[k].append(v)
+    return {k: np.concatenate(v, axis=0) for k, v in parts.items() if v}
