@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -124,7 +125,7 @@ def list_passes() -> list[PassInfo]:
 def _coerce(value: str, typ, pass_name: str, key: str):
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
-    if origin is typing.Union or (origin is not None and str(origin) == "types.UnionType"):
+    if origin is typing.Union or origin is types.UnionType:
         non_none = [a for a in args if a is not type(None)]
         if value.lower() in ("none", "null", "") and type(None) in args:
             return None

@@ -54,8 +54,8 @@ def stream_activations(model: onnx.ModelProto, feeds: dict[str, np.ndarray], nam
                        ) -> Iterator[dict[str, np.ndarray]]:
     """Yield ``{name: value}`` for each batch of ``feeds`` (rows on axis 0).
 
-    A model compiled for a fixed batch size is fed in chunks of exactly that size (a trailing
-    partial chunk is dropped, unless it is all there is, which is then an error).
+    A model with a fixed batch size is fed chunks of exactly that size; a short last chunk
+    is padded by repeating its rows and the padding is cut off the results again.
     """
     import onnxruntime as ort
 
@@ -65,27 +65,24 @@ def stream_activations(model: onnx.ModelProto, feeds: dict[str, np.ndarray], nam
     n = calib_rows(feeds)
     if limit is not None:
         n = min(n, limit)
-    if fb and n < fb:
-        raise EdgecError(f"calibration data has {n} rows, fewer than the model's fixed batch {fb}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(_with_outputs(model, names).SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    inputs = {vi.name for vi in model.graph.input}
+    run_names = [x for x in names if x not in inputs]  # graph inputs come from the feeds
+    sess = None
+    if run_names:
+        sess = ort.InferenceSession(_with_outputs(model, run_names).SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
     for s in range(0, n, step):
-        e = s + step
-        if e > n and fb:
-            break
-        e = min(e, n)
-        outs = sess.run(names, {k: v[s:e] for k, v in feeds.items()})
-        yield dict(zip(names, outs))
-
-
-def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str],
-            batch: int = 32, limit: int | None = None) -> dict[str, np.ndarray]:
-    """All batches of :func:`stream_activations`, concatenated (for small models and tests)."""
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for got in stream_activations(model, feeds, names, batch, limit):
-        for k, v in got.items():
-            parts[k].append(v)
-    return {k: np.concatenate(v, axis=0) for k, v in parts.items() if v}
+        e = min(s + step, n)
+        chunk = {k: v[s:e] for k, v in feeds.items()}
+        short = e - s
+        if fb and short < fb:
+            idx = np.arange(fb) % short
+            chunk = {k: v[idx] for k, v in chunk.items()}
+        got = dict(zip(run_names, sess.run(run_names, chunk))) if sess else {}
+        out = {x: (chunk[x] if x in inputs else got[x]) for x in names}
+        if fb and short < fb:
+            out = {k: (v[:short] if v.ndim and v.shape[0] == fb else v) for k, v in out.items()}
+        yield out
