@@ -86,3 +86,13 @@ def stream_activations(model: onnx.ModelProto, feeds: dict[str, np.ndarray], nam
         if fb and short < fb:
             out = {k: (v[:short] if v.ndim and v.shape[0] == fb else v) for k, v in out.items()}
         yield out
+
+
+def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str],
+            batch: int = 32, limit: int | None = None) -> dict[str, np.ndarray]:
+    """All batches of :func:`stream_activations`, concatenated (for small models and tests)."""
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for got in stream_activations(model, feeds, names, batch, limit):
+        for k, v in got.items():
+            parts[k].append(v)
+    return {k: np.concatenate(v, axis=0) for k, v in parts.items() if v}

@@ -206,8 +206,8 @@ def _candidate(node, inits, shapes, config) -> tuple[Layer | None, str | None]:
         if bias is not None and bias not in inits:
             return None, "bias is not a constant"
         xs, ys = shapes.get(node.input[0]), shapes.get(node.output[0])
-        if not xs or not ys or len(xs) != 4 or any(d is None for d in xs[1:]) or \
-                any(d is None for d in ys[1:]):
+        if not xs or not ys or len(xs) != 4 or any(not d for d in xs[1:]) or \
+                any(not d for d in ys[1:]):
             return None, "input/output shapes are not known"
         pads = _explicit_pads(node, xs, W)
         return Layer(node, "conv", W, W.dtype, xs, ys,
