@@ -53,6 +53,7 @@ def fashion_table(n_calib: int) -> tuple[list[dict], dict]:
     from edgec.stats import model_stats
 
     base = model_stats(model)
+    extra: dict = {"base_accuracy": base_acc}
     rows = [{"criterion": "original", "mode": "-", "macs": base.macs // 500,
              "params": base.params, "accuracy": base_acc, "seconds": 0.0}]
     grid = ([{"sigma_threshold": v} for v in ("0.05", "0.1", "0.2")]
@@ -66,13 +67,20 @@ def fashion_table(n_calib: int) -> tuple[list[dict], dict]:
             secs = time.perf_counter() - t0
             st = model_stats(res.model)
             layers = res.reports[0].details["layers"]
+            if calib is not None and "spectra" not in extra:
+                extra["spectra"] = {r["node"]: r["rank_fraction_for_99pct_energy"]
+                                    for r in layers if "rank_fraction_for_99pct_energy" in r}
             rows.append({"criterion": ", ".join(f"{k}={v}" for k, v in sets.items()),
                          "mode": mode, "macs": st.macs // 500, "params": st.params,
                          "accuracy": accuracy(res.model, xt, yt), "seconds": secs,
                          "ranks": {r["node"]: (r.get("form"), r.get("rank")) for r in layers
                                    if "skipped" not in r}})
             print(_row(rows[-1], rows[0]), flush=True)
-    return rows, {"base_accuracy": base_acc}
+    print("\nfraction of the full rank that holds 99 % of the energy (the seed's figures 11/12):")
+    for node, fr in extra.get("spectra", {}).items():
+        print(f"  {node:<12} weight matrix {fr['weight']:.2f}   im2col image matrix "
+              f"{fr.get('image', float('nan')):.2f}")
+    return rows, extra
 
 
 def _row(r: dict, base: dict) -> str:

@@ -528,6 +528,11 @@ def _spectrum(values: np.ndarray, n: int = 512) -> list:
     return [[int(i) + 1, float(f"{v[i]:.4g}")] for i in idx]
 
 
+def _energy_rank(s: np.ndarray, fraction: float) -> int:
+    e = np.cumsum(np.asarray(s, dtype=np.float64) ** 2)
+    return int(np.searchsorted(e, fraction * e[-1] * (1 - 1e-12))) + 1 if len(e) else 0
+
+
 def _image_spectrum(A: np.ndarray) -> np.ndarray:
     A64 = A.reshape(len(A), -1).astype(np.float64)
     ev = np.linalg.eigvalsh(A64.T @ A64)[::-1]
@@ -627,18 +632,26 @@ def lowrank(model: onnx.ModelProto, config: LowRankConfig, ctx: PassContext):
         i, r = choice[L.node.name]
         params0, macs0 = int(L.W.size), L.macs()
         A = rows.get(L.node.name)
+        energy99 = {}
         if config.spectra:
-            sp = {"weight": _spectrum(np.linalg.svd(L.matrix("weight"), compute_uv=False))}
+            sv = {"weight": np.linalg.svd(L.matrix("weight"), compute_uv=False)}
             if A is not None:
-                sp["image"] = _spectrum(_image_spectrum(A))
-            spectra[L.node.name] = sp
+                sv["image"] = _image_spectrum(A)
+            spectra[L.node.name] = {k: _spectrum(v) for k, v in sv.items()}
+            # the seed's comparison: how much of each matrix's rank 99 % of the energy needs
+            energy99 = {k: round(_energy_rank(v, 0.99) / len(v), 4) for k, v in sv.items()}
         if i is None:  # global allocation left it alone
             report.skip(L.node, "the model MAC budget is met more cheaply elsewhere")
             table.append({"node": L.node.name, "op": L.node.op_type, "form": None,
                           "macs_before": macs0, "macs_after": macs0,
                           "params_before": params0, "params_after": params0,
-                          "skipped": "budget met elsewhere"})
+                          "skipped": "budget met elsewhere", **(
+                              {"rank_fraction_for_99pct_energy": energy99} if energy99 else {})})
             continue
+        if energy99:
+            table_extra = {"rank_fraction_for_99pct_energy": energy99}
+        else:
+            table_extra = {}
         f = facts[i]
         macs, params1 = L.form_macs(f.form, r), L.form_params(f.form, r)
         row = {"node": L.node.name, "op": L.node.op_type, "form": f.form, "rank": r,
@@ -651,7 +664,7 @@ def lowrank(model: onnx.ModelProto, config: LowRankConfig, ctx: PassContext):
                                        if crit != "model_mac_ratio" else None,
                                        "error_at_rank": round(float(g.err[min(r, len(g.S)) - 1]),
                                                               5)}
-                              for g in facts}}
+                              for g in facts}, **table_extra}
         if (macs >= macs0 or params1 >= params0) and not config.force:
             why = (f"rank {r} of {len(f.S)} ({f.form} form) would not reduce "
                    f"{'MACs' if macs >= macs0 else 'parameters'} ({macs} vs {macs0} MACs, "
