@@ -335,3 +335,33 @@ def test_trained_fashion_model_data_aware_beats_data_free():
         got[mode] = acc(out)
     assert got["data"] > got["free"] + 0.01, got
     assert base - got["data"] < 0.02, (base, got)
+
+
+def test_cli_lowrank_with_calib_and_bad_option(tmp_path):
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(13)
+    m = conv_model(rng, n=4, c=16, k=32, h=12, w=12)
+    onnx.save(m, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 16, 12, 12)).astype(np.float32))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edgec.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=300)
+
+    res = cli("compile", tmp_path / "m.onnx", "--passes", "lowrank", "--set",
+              "lowrank.energy=2", "-o", tmp_path / "bad")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "energy must be within" in res.stderr and not (tmp_path / "bad").exists()
+    res = cli("compile", tmp_path / "m.onnx", "--passes", "lowrank", "--set",
+              "lowrank.mac_ratio=0.5", "--calib", tmp_path / "calib.npz", "--no-build",
+              "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    assert "pass lowrank" in res.stdout
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    lr = rep["passes"][-1]
+    assert lr["name"] == "lowrank" and lr["details"]["data_aware"]
+    assert sorted(rep["plots"]) == ["plots/lowrank_image_spectra.png",
+                                    "plots/lowrank_weight_spectra.png"]
+    assert onnx.load(tmp_path / "m.onnx") == m  # input untouched
