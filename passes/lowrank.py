@@ -424,6 +424,8 @@ def _allocate(plans, ratio: float, round_to: int) -> dict[str, tuple[int, int]]:
     MACs (each layer picks the (form, rank) -- or no factorization -- minimising err^2 +
     lam * MACs / total; bisection on lam)."""
     total = sum(L.macs() for L, _ in plans)
+    if not plans or total <= 0:
+        return {}
     budget = ratio * total
     pts = []
     for L, facts in plans:
