@@ -92,8 +92,11 @@ class Pipeline:
         if self.verify:
             from edgec.runtime import OrtSession, run_batched
 
+            from edgec.passes._calib import fixed_batch
+
             feeds = self._verify_feeds(model)
-            ref = run_batched(OrtSession(model), feeds, None)
+            batch = fixed_batch(model)  # a model with a fixed batch is fed chunks of it
+            ref = run_batched(OrtSession(model), feeds, batch)
         for name, config in self.steps:
             new, report = run_pass(name, result.model, config, self.ctx)
             result.reports.append(report)
@@ -103,7 +106,7 @@ class Pipeline:
 
                 tol = get_pass(name).tolerance
                 try:
-                    got = run_batched(OrtSession(new), feeds, None)
+                    got = run_batched(OrtSession(new), feeds, batch)
                 except EdgecError as e:
                     raise PassDriftError(name, f"its output model does not run: {e}") from None
                 entry = {"pass": name, "tolerance": tol.to_json(), "outputs": {}}
