@@ -560,6 +560,7 @@ def _plot(report: dict, out_dir):
             idx = np.array([p[0] for p in pts], dtype=float)
             val = np.array([p[1] for p in pts], dtype=float)
             ax.semilogy(idx / idx.max(), val / max(val.max(), 1e-30), label=name, lw=1)
+        ax.set_ylim(1e-6, 1.5)  # below ~1e-6: round-off, or fewer sampled rows than columns
         ax.set_xlabel("singular value index / full rank")
         ax.set_ylabel("sigma / sigma_max")
         ax.set_title(f"singular-value decay: {title}")
