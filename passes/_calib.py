@@ -96,3 +96,28 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[st
         for k, v in got.items():
             parts[k].append(v)
     return {k: np.concatenate(v, axis=0) for k, v in parts.items() if v}
+
+
+def sample_patches(x: np.ndarray, kernel: tuple[int, int], strides, dils, pads,
+                   out_hw: tuple[int, int], n_rows: int, rng) -> np.ndarray:
+    """``n_rows`` im2col rows ``[rows, C, kh, kw]`` of a 2-D convolution over ``x`` (NCHW) at
+    random output positions; ``pads`` = (top, left, bottom, right)."""
+    N, C = x.shape[:2]
+    kh, kw = kernel
+    pt, pl, pb, pr = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    n = rng.integers(0, N, n_rows)
+    p = rng.integers(0, out_hw[0], n_rows)
+    q = rng.integers(0, out_hw[1], n_rows)
+    ii = p[:, None] * strides[0] + np.arange(kh)[None, :] * dils[0]   # [rows, kh]
+    jj = q[:, None] * strides[1] + np.arange(kw)[None, :] * dils[1]   # [rows, kw]
+    got = xp[n[:, None, None, None], np.arange(C)[None, :, None, None],
+             ii[:, None, :, None], jj[:, None, None, :]]
+    return got.astype(np.float32)
+
+
+def sample_rows(a: np.ndarray, n_rows: int, rng) -> np.ndarray:
+    """Up to ``n_rows`` random rows of ``a`` viewed as [-1, features] (all if fewer)."""
+    a = a.reshape(-1, a.shape[-1])
+    idx = rng.integers(0, a.shape[0], n_rows) if a.shape[0] > n_rows else np.arange(a.shape[0])
+    return a[idx].astype(np.float32)

@@ -243,27 +243,16 @@ def _candidate(node, inits, shapes, config) -> tuple[Layer | None, str | None]:
 # ----------------------------------------------------------------------------- calibration
 
 def _sample_patches(x: np.ndarray, L: Layer, n_rows: int, rng) -> np.ndarray:
-    """``n_rows`` im2col rows [rows, C, kh, kw] at random output positions of ``x``."""
-    N, C, H, Wd = x.shape
-    kh, kw = L.W.shape[2:]
-    pt, pl, pb, pr = L.pads
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    ho, wo = L.y_shape[2], L.y_shape[3]
-    n = rng.integers(0, N, n_rows)
-    p = rng.integers(0, ho, n_rows)
-    q = rng.integers(0, wo, n_rows)
-    ii = p[:, None] * L.strides[0] + np.arange(kh)[None, :] * L.dils[0]   # [rows, kh]
-    jj = q[:, None] * L.strides[1] + np.arange(kw)[None, :] * L.dils[1]   # [rows, kw]
-    got = xp[n[:, None, None, None], np.arange(C)[None, :, None, None],
-             ii[:, None, :, None], jj[:, None, None, :]]
-    return got.astype(np.float32)
+    from ._calib import sample_patches
+
+    return sample_patches(x, L.W.shape[2:], L.strides, L.dils, L.pads, L.y_shape[2:4],
+                          n_rows, rng)
 
 
 def _gemm_rows(x: np.ndarray, L: Layer, n_rows: int, rng) -> np.ndarray:
-    a = x.T if (L.kind == "gemm" and L.trans_a) else x
-    a = a.reshape(-1, a.shape[-1])
-    idx = rng.integers(0, a.shape[0], n_rows) if a.shape[0] > n_rows else np.arange(a.shape[0])
-    return a[idx].astype(np.float32)
+    from ._calib import sample_rows
+
+    return sample_rows(x.T if (L.kind == "gemm" and L.trans_a) else x, n_rows, rng)
 
 
 def _calibrate(model, layers: list[tuple[int, Layer]], calib, config, seed
