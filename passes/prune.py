@@ -63,7 +63,7 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()     # leave groups with one of these producer nodes alone
     calib_samples: int = 512          # calibration images used at most
     calib_rows: int = 4096            # im2col rows sampled per refitted reader
-    ridge: float = 1e-3               # Tikhonov term, relative to the mean input energy
+    ridge: float = 1e-7               # Tikhonov term, relative to the mean input energy
 
     def __post_init__(self):
         for k in ("alpha", "ratio", "max_prune"):
