@@ -747,8 +747,10 @@ def _rewrite(L: Layer, form: str, r: int, W1, W2, bias_shift, inits, names: set[
     bias, beta = L.bias, L.beta
     if bias_shift is not None and np.any(bias_shift != 0):
         K = L.W.shape[0]
-        b0 = np.zeros(K) if bias is None else np.broadcast_to(
-            numpy_helper.to_array(inits[bias]).astype(np.float64) * beta, (K,))
+        b0 = np.zeros(K)
+        if bias is not None:
+            b = numpy_helper.to_array(inits[bias]).astype(np.float64) * beta
+            b0 = np.broadcast_to(b.reshape(-1) if b.size == K else b, (K,))
         bias = unique_name(names, f"{base}_lowrank_bias")
         beta = 1.0
         new.append(numpy_helper.from_array((b0 + bias_shift).astype(dt), bias))

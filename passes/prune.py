@@ -609,8 +609,10 @@ def _set_weight_and_bias(m, node_name: str, W: np.ndarray, db: np.ndarray, dtype
     else:
         has_b = len(node.input) > 2 and node.input[2]
         beta = attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
-        b0 = (np.broadcast_to(numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
-                              * beta, (K,)) if has_b else np.zeros(K))
+        b0 = np.zeros(K)
+        if has_b:
+            b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) * beta
+            b0 = np.broadcast_to(b.reshape(-1) if b.size == K else b, (K,))
         bname = unique_name(names, f"{node_name}_refit_bias")
         m.graph.initializer.append(numpy_helper.from_array((b0 + db).astype(dtype), bname))
         while len(node.input) < 3:

@@ -366,3 +366,19 @@ def test_cli_lowrank_with_calib_and_bad_option(tmp_path):
     assert sorted(rep["plots"]) == ["plots/lowrank_image_spectra.png",
                                     "plots/lowrank_weight_spectra.png"]
     assert onnx.load(tmp_path / "m.onnx") == m  # input untouched
+
+
+def test_gemm_bias_of_shape_1xn_is_refitted():
+    rng = np.random.default_rng(14)
+    B = rng.standard_normal((24, 16)).astype(np.float32)
+    C = rng.standard_normal((1, 16)).astype(np.float32)
+    node = helper.make_node("Gemm", ["a", "B", "C"], ["y"], name="g", beta=0.5)
+    m = infer_shapes(make_model([node], [("a", [4, 24])], [("y", [4, 16])], {"B": B, "C": C}))
+    calib = {"a": (rng.standard_normal((128, 24)) + 2.0).astype(np.float32)}
+    out, rep = lowrank(m, calib, rank_ratio=0.5)
+    row = rep.details["layers"][0]
+    assert row["output_error_refit"] < row["output_error"]
+    a = (rng.standard_normal((4, 24)) + 2.0).astype(np.float32)
+    ref, got = ort_run(m, {"a": a})[0], ort_run(out, {"a": a})[0]
+    assert got.shape == (4, 16)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < row["output_error"] * 1.5
