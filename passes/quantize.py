@@ -163,28 +163,28 @@ def _range_mse(hist, lo, hi, dtype) -> tuple[float, float]:
 
 
 def _kl(hist, lo, hi, a, b, levels=256) -> float:
-    """KL(P || Q): P = the histogram clipped to [a, b] (outliers folded into the edge bins),
-    Q = P merged into ``levels`` quantization bins and spread back over its non-empty bins."""
+    """KL(P || Q) as TensorRT computes it: P = the histogram clipped to [a, b] with the
+    outliers folded into the edge bins; Q = the clipped histogram *without* the outliers,
+    merged into ``levels`` quantization bins and spread back over its non-empty bins. A
+    narrow range loses the folded mass from Q, a wide one loses resolution."""
     edges = np.linspace(lo, hi, len(hist) + 1)
     i0 = max(int(np.searchsorted(edges, a, side="right")) - 1, 0)
     i1 = min(int(np.searchsorted(edges, b, side="left")), len(hist))
-    if i1 - i0 < levels:
+    if i1 - i0 < levels // 2:
         return np.inf
-    p = hist[i0:i1].copy()
+    raw = hist[i0:i1]
+    p = raw.copy()
     p[0] += hist[:i0].sum()
     p[-1] += hist[i1:].sum()
-    groups = np.array_split(np.arange(len(p)), levels)
     q = np.zeros_like(p)
-    for g in groups:
-        nz = g[hist[i0:i1][g] > 0]
+    for g in np.array_split(np.arange(len(p)), min(levels, len(p))):
+        nz = g[raw[g] > 0]
         if len(nz):
-            q[nz] = p[g].sum() / len(nz)
-    mask = p > 0
-    p = p / p.sum()
+            q[nz] = raw[g].sum() / len(nz)
+    p = p / max(p.sum(), 1e-30)
     q = q / max(q.sum(), 1e-30)
-    if np.any(q[mask] == 0):
-        return np.inf
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
 
 
 def _range_entropy(hist, lo, hi) -> tuple[float, float]:
