@@ -225,8 +225,9 @@ def test_bad_options_and_missing_calib():
         make_config("prune", {"rank_by": "random"})
 
 
-def test_tiny_resnet_prunes_lowranks_and_compiles(tmp_path):
-    """Residual groups on a real-shaped graph, composed with lowrank in one run, through TVM."""
+def test_tiny_resnet_prunes_lowranks_quantizes_and_compiles(tmp_path):
+    """Residual groups on a real-shaped graph, composed with lowrank and quantize in one
+    ``--passes prune,lowrank,quantize`` run, through TVM."""
     from edgec.models import zoo
     from edgec.runtime import Session
 
@@ -239,8 +240,10 @@ def test_tiny_resnet_prunes_lowranks_and_compiles(tmp_path):
     from edgec.runtime import load_npz
 
     out = tmp_path / "art"
-    rep = compile_to(src, out, passes=["prune", "lowrank"], sets=[
+    rep = compile_to(src, out, passes=["prune", "lowrank", "quantize"], sets=[
         "prune.ratio=0.25", "lowrank.rank_ratio=0.5"], calib=load_npz(tmp_path / "calib.npz"))
+    assert [p["name"] for p in rep["passes"]][-3:] == ["prune", "lowrank", "quantize"]
+    assert all(p["modified"] for p in rep["passes"][-3:])
     pr = next(p for p in rep["passes"] if p["name"] == "prune")
     assert pr["modified"] and any(len(g["producers"]) > 1 for g in pr["details"]["groups"]
                                   if "kept" in g), "a residual group was pruned"

@@ -1,0 +1,144 @@
+"""The quantize pass (int8 QDQ) on the trained Fashion-MNIST CNN.
+
+    python benchmarks/quantize_table.py [--calib 1000] [--threads 2] [--repeat 20] [--json F]
+
+1. For each activation calibration method (minmax, percentile, entropy, mse) and weight
+   clipping (minmax, mse): test accuracy of the QDQ model in onnxruntime (all 10 000 test
+   images; calibration: the first ``--calib`` training images), drop in points, file size
+   relative to fp32.
+2. The best method compiled by TVM (x86): top-1 agreement of the compiled int8 artifact with
+   onnxruntime running the same QDQ model, over the test set.
+3. Latency in one run: onnxruntime fp32, onnxruntime on the QDQ model, edgec fp32, edgec int8
+   (``edgec bench``), batch 100.
+4. ``--passes prune,lowrank,quantize`` composed: MACs, size and accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 100
+
+
+def _acc(model_or_path, x, y) -> tuple[float, np.ndarray]:
+    from edgec.runtime import OrtSession
+
+    s = OrtSession(model_or_path)
+    pred = np.concatenate([s.run(None, {"input": x[i:i + BATCH]})[0].argmax(1)
+                           for i in range(0, len(x), BATCH)])
+    return float(np.mean(pred == y)), pred
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--calib", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+    import onnx
+
+    from edgec.bench import bench
+    from edgec.compiler import CompileOptions, compile_model
+    from edgec.importer import load_model, normalize
+    from edgec.models import fashion_mnist
+    from edgec.pipeline import NORMALIZE, Pipeline
+    from edgec.runtime import Session
+
+    xt, yt = fashion_mnist.load("test")
+    xc, _ = fashion_mnist.load("train", a.calib)
+    src = ROOT / "models" / "fashion_mnist_cnn.onnx"
+    model, _ = normalize(load_model(src), {"input": (BATCH, 1, 28, 28)})
+    model = Pipeline(NORMALIZE).run(model).model
+    result: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ["EDGEC_CACHE"] = str(tmp / "cache")
+        onnx.save(model, tmp / "fp32.onnx")
+        fp32_size = os.path.getsize(tmp / "fp32.onnx")
+        base, _ = _acc(model, xt, yt)
+        print("| activations | weights | test acc | drop pt | size vs fp32 |")
+        print("|---|---|---|---|---|")
+        print(f"| fp32 | fp32 | {base * 100:.2f} % | | 1.00 |")
+        rows = []
+        for method in ("minmax", "percentile", "entropy", "mse"):
+            for wm in ("minmax", "mse"):
+                res = Pipeline(["quantize"], {"quantize": {"method": method, "weight_method": wm,
+                                                           "progress": "false"}},
+                               calib={"input": xc}).run(model)
+                path = tmp / f"q-{method}-{wm}.onnx"
+                onnx.save(res.model, path)
+                acc, _ = _acc(res.model, xt, yt)
+                rows.append({"method": method, "weight_method": wm, "accuracy": acc,
+                             "drop": (base - acc) * 100,
+                             "size_ratio": os.path.getsize(path) / fp32_size, "path": path})
+                r = rows[-1]
+                print(f"| {method} | {wm} | {acc * 100:.2f} % | {r['drop']:+.2f} | "
+                      f"{r['size_ratio']:.3f} |", flush=True)
+        best = max(rows, key=lambda r: r["accuracy"])
+        result["methods"] = [{k: v for k, v in r.items() if k != "path"} for r in rows]
+
+        # compiled int8 vs onnxruntime on the same QDQ model
+        qsrc = best["path"]
+        art = tmp / "int8"
+        compile_model(qsrc, art, CompileOptions(target="x86", progress=False))
+        sess = Session(art)
+        pred_tvm = np.concatenate([sess.run(None, {"input": xt[i:i + BATCH]})[0].argmax(1)
+                                   for i in range(0, len(xt), BATCH)])
+        acc_q, pred_ort = _acc(qsrc, xt, yt)
+        agree = float(np.mean(pred_tvm == pred_ort))
+        result["compiled_int8"] = {"method": best["method"], "weight_method":
+                                   best["weight_method"], "top1_agreement_vs_ort_qdq": agree,
+                                   "accuracy_compiled": float(np.mean(pred_tvm == yt)),
+                                   "accuracy_ort_qdq": acc_q}
+        print(f"\ncompiled int8 ({best['method']}/{best['weight_method']}) vs onnxruntime on the "
+              f"same QDQ model, 10000 test images: top-1 agreement {agree * 100:.2f} %; "
+              f"accuracy compiled {np.mean(pred_tvm == yt) * 100:.2f} %, onnxruntime "
+              f"{acc_q * 100:.2f} %")
+
+        # latency, one run
+        art32 = tmp / "fp32"
+        compile_model(tmp / "fp32.onnx", art32, CompileOptions(target="x86", progress=False))
+        b32 = bench(tmp / "fp32.onnx", art32, threads=a.threads, repeat=a.repeat, peak=False)
+        b8 = bench(qsrc, art, threads=a.threads, repeat=a.repeat, peak=False)
+        result["latency_ms"] = {"onnxruntime_fp32": b32["onnxruntime_ms"],
+                                "edgec_fp32": b32["edgec_ms"],
+                                "onnxruntime_qdq": b8["onnxruntime_ms"],
+                                "edgec_int8": b8["edgec_ms"]}
+        print(f"latency, batch {BATCH}: onnxruntime fp32 {b32['onnxruntime_ms']:.2f} ms, "
+              f"onnxruntime QDQ {b8['onnxruntime_ms']:.2f} ms, edgec fp32 "
+              f"{b32['edgec_ms']:.2f} ms, edgec int8 {b8['edgec_ms']:.2f} ms")
+
+        # composition
+        comp = tmp / "composed"
+        rep = compile_model(src, comp, CompileOptions(
+            target="x86", passes=["prune", "lowrank", "quantize"],
+            sets=["prune.alpha=0.995", "lowrank.model_mac_ratio=0.6", "quantize.method="
+                  + best["method"], "quantize.weight_method=" + best["weight_method"]],
+            input_shapes={"input": (BATCH, 1, 28, 28)}, calib={"input": xc},
+            build=False, progress=False))
+        acc_c, _ = _acc(comp / "model.onnx", xt, yt)
+        result["composed"] = {"macs_before": rep["before"]["macs"],
+                              "macs_after": rep["after"]["macs"],
+                              "bytes_before": rep["before"]["bytes"],
+                              "bytes_after": rep["after"]["bytes"], "accuracy": acc_c}
+        print(f"prune,lowrank,quantize: MACs {rep['before']['macs'] / 1e6:.0f} M -> "
+              f"{rep['after']['macs'] / 1e6:.0f} M per {BATCH} images, weight bytes "
+              f"{rep['before']['bytes'] / 1e3:.0f} K -> {rep['after']['bytes'] / 1e3:.0f} K, "
+              f"accuracy {acc_c * 100:.2f} % (drop {(base - acc_c) * 100:.2f})")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
