@@ -112,6 +112,9 @@ def front_phases(legalize: dict | None = None) -> list:
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
+        # evaluate ops on constants first -- e.g. DequantizeLinear of int8 weights -- so the
+        # legalizers below see constant weights (packed kernels need them)
+        relax.transform.FoldConstant(),
         relax.transform.LegalizeOps(customize_legalize_map=legalize or {}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
