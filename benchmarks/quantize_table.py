@@ -7,7 +7,8 @@
    images; calibration: the first ``--calib`` training images), drop in points, file size
    relative to fp32.
 2. The best method compiled by TVM (x86): top-1 agreement of the compiled int8 artifact with
-   onnxruntime running the same QDQ model, over the test set.
+   onnxruntime running the same QDQ model, over the test set. fp16 (compute fp16, and fp16
+   storage with fp32 compute): accuracy in onnxruntime and compiled.
 3. Latency in one run: onnxruntime fp32, onnxruntime on the QDQ model, edgec fp32, edgec int8
    (``edgec bench``), batch 100.
 4. ``--passes prune,lowrank,quantize`` composed: MACs, size and accuracy.
@@ -104,6 +105,34 @@ def main(argv=None) -> int:
               f"same QDQ model, 10000 test images: top-1 agreement {agree * 100:.2f} %; "
               f"accuracy compiled {np.mean(pred_tvm == yt) * 100:.2f} %, onnxruntime "
               f"{acc_q * 100:.2f} %")
+
+        # fp16: compute in fp16 (cuda / +fp16 targets) and the x86 variant (fp16 storage,
+        # fp32 compute), onnxruntime and compiled (x86)
+        result["fp16"] = []
+        print("\n| fp16 | test acc (ort) | drop pt | size vs fp32 | compiled acc (tvm x86) | "
+              "top-1 agreement tvm vs ort |")
+        print("|---|---|---|---|---|---|")
+        for compute in ("fp16", "fp32"):
+            res = Pipeline(["quantize"], {"quantize": {"mode": "fp16", "compute": compute}}
+                           ).run(model)
+            path = tmp / f"fp16-{compute}.onnx"
+            onnx.save(res.model, path)
+            acc16, pred16 = _acc(res.model, xt, yt)
+            art16 = tmp / f"fp16-{compute}"
+            compile_model(path, art16, CompileOptions(target="x86", progress=False))
+            s16 = Session(art16)
+            p16 = np.concatenate([s16.run(None, {"input": xt[i:i + BATCH]})[0].argmax(1)
+                                  for i in range(0, len(xt), BATCH)])
+            row = {"compute": compute, "accuracy": acc16, "drop": (base - acc16) * 100,
+                   "size_ratio": os.path.getsize(path) / fp32_size,
+                   "accuracy_compiled": float(np.mean(p16 == yt)),
+                   "top1_agreement": float(np.mean(p16 == pred16))}
+            result["fp16"].append(row)
+            label = "weights+activations fp16" if compute == "fp16" else \
+                "fp16 weights, fp32 compute (x86)"
+            print(f"| {label} | {acc16 * 100:.2f} % | {row['drop']:+.2f} | "
+                  f"{row['size_ratio']:.3f} | {row['accuracy_compiled'] * 100:.2f} % | "
+                  f"{row['top1_agreement'] * 100:.2f} % |", flush=True)
 
         # latency, one run
         art32 = tmp / "fp32"
