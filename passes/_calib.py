@@ -13,7 +13,6 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from edgec.errors import EdgecError
 
 
 def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
