@@ -410,12 +410,16 @@ def prune(model: onnx.ModelProto, config: PruneConfig, ctx: PassContext):
     names = all_names(m)
     new_inits: dict[str, np.ndarray] = {}
 
+    marked: set[str] = set()
+
     def replace(node, pos: int, arr: np.ndarray, what: str) -> None:
         base = node.input[pos]
         name = unique_name(names, f"{base}_pruned")
         new_inits[name] = np.ascontiguousarray(arr)
         node.input[pos] = name
-        set_provenance(node, PASS, node.name, changed=what)
+        if node.name not in marked:  # one provenance record per node
+            marked.add(node.name)
+            set_provenance(node, PASS, node.name, changed=what)
 
     base_arrays = {k: numpy_helper.to_array(v) for k, v in inits.items()}
 

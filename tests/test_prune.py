@@ -89,6 +89,10 @@ def test_dead_channels_prune_exactly_through_every_mapping():
     assert w[node["D"].input[1]].shape[1] == 21  # concat offsets: 14 + 7
     np.testing.assert_allclose(ort_run(out, {"x": x})[0], ort_run(m, {"x": x})[0],
                                atol=1e-5, rtol=0)
+    from edgec.graph import provenance
+
+    keys = [p.key for p in node["B"].metadata_props]
+    assert provenance(node["B"])["edgec.pass"] == "prune" and len(keys) == len(set(keys))
 
 
 def test_flatten_gemm_index_mapping():
