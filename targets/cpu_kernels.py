@@ -32,6 +32,7 @@ from .backend import relax, tvm
 log = logging.getLogger("edgec.cpu_kernels")
 
 CONV_BLOCK = "edgec_conv2d_packed"
+INT8_CONV_BLOCK = "edgec_conv2d_int8"
 DWCONV_BLOCK = "edgec_dwconv2d"
 
 
@@ -67,7 +68,6 @@ def _ints(xs) -> list[int]:
 def make_conv2d_legalizer(lanes: int):
     """A LegalizeOps override for relax.nn.conv2d: packed direct conv (groups = 1, constant
     weights, NCHW/OIHW) and depthwise conv; anything else goes to TOPI's default."""
-    from tvm import te
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d as default
 
     def legalize(bb, call):
@@ -98,86 +98,100 @@ def make_conv2d_legalizer(lanes: int):
                               primfunc_name_hint="conv2d_packed",
                               primfunc_attrs={"op_pattern": 4})
         if groups == c and oc == c and w.shape[1] == 1:
-            return bb.call_te(_dwconv_te, data, weight, strides, pads, dil,
+            return bb.call_te(dwconv_te, data, weight, strides, pads, dil,
                               primfunc_name_hint="dwconv2d", primfunc_attrs={"op_pattern": 4})
         return default(bb, call)
 
-    def _pad(x, pads):
-        """Zero padding whose bounds test is marked ``likely``, so TIR's LoopPartition
-        splits off an interior that copies without tests (topi.nn.pad does not mark it)."""
-        pt, pl, pb, pr = pads
-        if not any(pads):
-            return x
-        nb, c, h, w = _ints(x.shape)
+    return legalize
 
-        def body(n, c_, y, xx):
-            inside = tvm.tirx.all(y >= pt, y < h + pt, xx >= pl, xx < w + pl)
-            return tvm.tirx.if_then_else(tvm.tirx.likely(inside), x[n, c_, y - pt, xx - pl],
-                                         tvm.tirx.const(0.0, x.dtype))
 
-        return te.compute((nb, c, h + pt + pb, w + pl + pr), body, name="edgec_pad")
+def _pad(x, pads, load=None):
+    """Zero padding whose bounds test is marked ``likely``, so TIR's LoopPartition
+    splits off an interior that copies without tests (topi.nn.pad does not mark it).
+    ``load(n, c, y, x)`` (default ``x[n, c, y, x]``) reads one float input value, e.g.
+    dequantizing an 8-bit input."""
+    from tvm import te
 
-    def _conv_packed_te(x, wp, oc, strides, pads, dil):
-        _, _, h, w = _ints(x.shape)
-        occ, ic, kh, kw, lanes_ = _ints(wp.shape)
-        (sh, sw), (dh, dw) = strides, dil
-        pt, pl, pb, pr = pads
-        oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
-        ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-        xp = _pad(x, pads)
-        ric = te.reduce_axis((0, ic), "ric")
-        rkh = te.reduce_axis((0, kh), "rkh")
-        rkw = te.reduce_axis((0, kw), "rkw")
-        nb = _ints(x.shape)[0]
-        packed = te.compute(
-            (nb, occ, oh, ow, lanes_),
-            lambda n, o, y, xx, b: te.sum(
-                xp[n, ric, y * sh + rkh * dh, xx * sw + rkw * dw] * wp[o, ric, rkh, rkw, b],
-                axis=[ric, rkh, rkw]),
-            name=CONV_BLOCK)
-        return te.compute((nb, oc, oh, ow),
-                          lambda n, c_, y, xx: packed[n, c_ // lanes_, y, xx, c_ % lanes_],
-                          name="edgec_conv2d_unpack")
+    pt, pl, pb, pr = pads
+    if not any(pads) and load is None:
+        return x
+    load = load or (lambda *i: x[i])
+    nb, c, h, w = _ints(x.shape)
 
-    def _dwconv_te(x, wt, strides, pads, dil):
-        nb, c, h, w = _ints(x.shape)
-        _, _, kh, kw = _ints(wt.shape)
-        (sh, sw), (dh, dw) = strides, dil
-        pt, pl, pb, pr = pads
-        oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
-        ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-        rkh = te.reduce_axis((0, kh), "rkh")
-        rkw = te.reduce_axis((0, kw), "rkw")
-        if sw == 1:
-            xp = _pad(x, pads)
-            return te.compute(
-                (nb, c, oh, ow),
-                lambda n, c_, y, xx: te.sum(
-                    xp[n, c_, y * sh + rkh * dh, xx + rkw * dw] * wt[c_, 0, rkh, rkw],
-                    axis=[rkh, rkw]),
-                name=DWCONV_BLOCK)
-        # Strided along the width: split the padded input into its ``sw`` column phases,
-        # Xs[n, c, y, p, j] = Xpad[n, c, y, j*sw + p], so that every tap reads contiguous
-        # columns: Xpad[.., xx*sw + k] = Xs[.., k % sw, xx + k // sw].
-        wp_ = w + pl + pr
-        cols = -(-wp_ // sw)
+    def body(n, c_, y, xx):
+        inside = tvm.tirx.all(y >= pt, y < h + pt, xx >= pl, xx < w + pl)
+        return tvm.tirx.if_then_else(tvm.tirx.likely(inside), load(n, c_, y - pt, xx - pl),
+                                     tvm.tirx.const(0.0, "float32"))
 
-        def phase(n, c_, y, p, j):
-            col = j * sw + p - pl
-            row = y - pt
-            inside = tvm.tirx.all(row >= 0, row < h, col >= 0, col < w)
-            return tvm.tirx.if_then_else(tvm.tirx.likely(inside), x[n, c_, row, col],
-                                         tvm.tirx.const(0.0, x.dtype))
+    return te.compute((nb, c, h + pt + pb, w + pl + pr), body, name="edgec_pad")
 
-        xs = te.compute((nb, c, h + pt + pb, sw, cols), phase, name="edgec_pad")
+
+def _conv_packed_te(x, wp, oc, strides, pads, dil):
+    from tvm import te
+
+    _, _, h, w = _ints(x.shape)
+    occ, ic, kh, kw, lanes_ = _ints(wp.shape)
+    (sh, sw), (dh, dw) = strides, dil
+    pt, pl, pb, pr = pads
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    xp = _pad(x, pads)
+    ric = te.reduce_axis((0, ic), "ric")
+    rkh = te.reduce_axis((0, kh), "rkh")
+    rkw = te.reduce_axis((0, kw), "rkw")
+    nb = _ints(x.shape)[0]
+    packed = te.compute(
+        (nb, occ, oh, ow, lanes_),
+        lambda n, o, y, xx, b: te.sum(
+            xp[n, ric, y * sh + rkh * dh, xx * sw + rkw * dw] * wp[o, ric, rkh, rkw, b],
+            axis=[ric, rkh, rkw]),
+        name=CONV_BLOCK)
+    return te.compute((nb, oc, oh, ow),
+                      lambda n, c_, y, xx: packed[n, c_ // lanes_, y, xx, c_ % lanes_],
+                      name="edgec_conv2d_unpack")
+
+
+def dwconv_te(x, wt, strides, pads, dil, load=None):
+    """Depthwise convolution; ``load`` as in :func:`_pad`."""
+    from tvm import te
+
+    nb, c, h, w = _ints(x.shape)
+    _, _, kh, kw = _ints(wt.shape)
+    (sh, sw), (dh, dw) = strides, dil
+    pt, pl, pb, pr = pads
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    rkh = te.reduce_axis((0, kh), "rkh")
+    rkw = te.reduce_axis((0, kw), "rkw")
+    if sw == 1:
+        xp = _pad(x, pads, load)
         return te.compute(
             (nb, c, oh, ow),
             lambda n, c_, y, xx: te.sum(
-                xs[n, c_, y * sh + rkh * dh, (rkw * dw) % sw, xx + (rkw * dw) // sw]
-                * wt[c_, 0, rkh, rkw], axis=[rkh, rkw]),
+                xp[n, c_, y * sh + rkh * dh, xx + rkw * dw] * wt[c_, 0, rkh, rkw],
+                axis=[rkh, rkw]),
             name=DWCONV_BLOCK)
+    # Strided along the width: split the padded input into its ``sw`` column phases,
+    # Xs[n, c, y, p, j] = Xpad[n, c, y, j*sw + p], so that every tap reads contiguous
+    # columns: Xpad[.., xx*sw + k] = Xs[.., k % sw, xx + k // sw].
+    load = load or (lambda *i: x[i])
+    wp_ = w + pl + pr
+    cols = -(-wp_ // sw)
 
-    return legalize
+    def phase(n, c_, y, p, j):
+        col = j * sw + p - pl
+        row = y - pt
+        inside = tvm.tirx.all(row >= 0, row < h, col >= 0, col < w)
+        return tvm.tirx.if_then_else(tvm.tirx.likely(inside), load(n, c_, row, col),
+                                     tvm.tirx.const(0.0, "float32"))
+
+    xs = te.compute((nb, c, h + pt + pb, sw, cols), phase, name="edgec_pad")
+    return te.compute(
+        (nb, c, oh, ow),
+        lambda n, c_, y, xx: te.sum(
+            xs[n, c_, y * sh + rkh * dh, (rkw * dw) % sw, xx + (rkw * dw) // sw]
+            * wt[c_, 0, rkh, rkw], axis=[rkh, rkw]),
+        name=DWCONV_BLOCK)
 
 
 def make_fast_math_legalizers() -> dict:
@@ -243,6 +257,17 @@ def _fuse_epilogue(sch, producer, loop) -> list:
     Injective intermediate blocks are inlined into their readers first (recomputing an
     elementwise value is cheaper than storing it); what remains is placed at ``loop`` in
     dataflow order, so each tile is finished while it is in registers / L1."""
+    blocks = _all_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    start = names.index(sch.get(producer).name_hint) + 1
+    # an elementwise side input of the epilogue (e.g. a residual's dequantize) computed
+    # before the kernel: inline it into its reader, else the epilogue cannot move
+    for blk, name in zip(blocks[:start - 1], names):
+        if not name.startswith("edgec_pad"):
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # noqa: BLE001
+                pass
     blocks = _all_blocks(sch)
     names = [sch.get(b).name_hint for b in blocks]
     start = names.index(sch.get(producer).name_hint) + 1
@@ -385,16 +410,25 @@ def max_cols(lanes: int) -> int:
     return 14 if lanes == 16 else 12 if lanes == 8 else 8
 
 
-def schedule_func(func, lanes: int):
+def schedule_func(func, lanes: int, isa=None):
     """Schedule one fused function; raise if no schedule applies cleanly."""
     sch = tvm.s_tir.Schedule(func)
     convs = _find_blocks(sch, CONV_BLOCK)
     dws = _find_blocks(sch, DWCONV_BLOCK)
-    if len(convs) + len(dws) > 1:
+    ints = [b for b in _find_blocks(sch, INT8_CONV_BLOCK)
+            if sch.get(b).name_hint == INT8_CONV_BLOCK]
+    if len(convs) + len(dws) + len(ints) > 1:
         raise ValueError("more than one convolution in a fused function")
     mms = [b for b in _all_blocks(sch) if sch.get(b).name_hint in ("matmul", "T_matmul_NN",
                                                                       "T_matmul")]
-    if convs:
+    if ints:
+        from .cpu_int8 import schedule_int8_conv
+
+        if isa is None:
+            raise ValueError("an int8 convolution needs the target's integer ISA")
+        schedule_int8_conv(sch, ints[0], isa, max_cols(lanes))
+        kind = "conv2d-int8-" + isa.name
+    elif convs:
         schedule_conv(sch, convs[0], lanes, max_cols(lanes))
         kind = "conv2d-packed"
     elif dws:
@@ -412,7 +446,10 @@ def schedule_func(func, lanes: int):
 def schedule_pass(target, record: dict | None = None):
     """Module pass: schedule every PrimFunc. ``record`` (if given) receives, per function,
     the kernel used, and for those left with default loops, the reason."""
+    from .cpu_int8 import select_isa
+
     lanes = simd_floats(target)
+    isa = select_isa(target)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecCPUSchedule")
     def _pass(mod, _ctx):
@@ -424,7 +461,7 @@ def schedule_pass(target, record: dict | None = None):
                 continue  # a tuned schedule was applied
             try:
                 updates[gv], kind = schedule_func(
-                    func.with_attr("global_symbol", gv.name_hint), lanes)
+                    func.with_attr("global_symbol", gv.name_hint), lanes, isa)
                 if record is not None:
                     record.setdefault("kernels", {})[gv.name_hint] = kind
             except Exception as e:  # noqa: BLE001 - keep the correct default loops

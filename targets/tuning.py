@@ -144,9 +144,11 @@ def _random_args(func, dev):
 
 def measure_default(func, target, repeat: int = 5) -> float:
     """Median seconds of one fused function under edgec's default schedule."""
+    from .cpu_int8 import select_isa
     from .cpu_kernels import schedule_func, simd_floats
 
-    scheduled, _ = schedule_func(func.with_attr("global_symbol", "main"), simd_floats(target))
+    scheduled, _ = schedule_func(func.with_attr("global_symbol", "main"), simd_floats(target),
+                                 select_isa(target))
     lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
     dev = tvm.cpu()
     args = _random_args(scheduled, dev)

@@ -29,15 +29,18 @@ def _physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_front_phases(target) -> list:
-    """Legalization and fusion for LLVM CPU targets: convolutions become packed-weight
-    kernels; the fused TIR functions are what both the default schedules and tuning
-    (:mod:`.tuning`) work on."""
+def cpu_front_phases(target, record: dict | None = None) -> list:
+    """Legalization and fusion for LLVM CPU targets: QDQ convolutions become integer kernels
+    (:mod:`.cpu_int8`), float ones packed-weight kernels; the fused TIR functions are what
+    both the default schedules and tuning (:mod:`.tuning`) work on."""
     from .backend import front_phases
+    from .cpu_int8 import make_quantize_legalizer, rewrite_pass
     from .cpu_kernels import make_conv2d_legalizer, make_fast_math_legalizers, simd_floats
 
     return front_phases({"relax.nn.conv2d": make_conv2d_legalizer(simd_floats(target)),
-                         **make_fast_math_legalizers()})
+                         "relax.quantize": make_quantize_legalizer(),
+                         **make_fast_math_legalizers()},
+                        pre=[rewrite_pass(target, record)])
 
 
 def cpu_phases(target, record: dict | None = None, tuning_db: str | None = None) -> list:
@@ -54,7 +57,7 @@ def cpu_phases(target, record: dict | None = None, tuning_db: str | None = None)
 
         scheduled.append(apply_tuned_pass(target, tuning_db, record))
     scheduled.append(schedule_pass(target, record))
-    return [*cpu_front_phases(target), *scheduled, *vm_lowering_phases()]
+    return [*cpu_front_phases(target, record), *scheduled, *vm_lowering_phases()]
 
 
 X86 = register_target(TargetSpec(

@@ -1,0 +1,418 @@
+"""Integer kernels for QDQ convolutions on LLVM CPU targets.
+
+A convolution as the ``quantize`` pass writes it (and the TVM ONNX frontend imports it)::
+
+    y = conv(dq(Xq; sx, zx), dq(Wq; sw[o], 0))      then bias, ReLU, q(.; sy, zy) ...
+
+is, by linearity, with the padding positions of ``Xq`` holding ``zx``::
+
+    y[o] = sx * sw[o] * ( sum Xq * Wq[o]  -  zx * sum Wq[o] )
+                         `-- int32 --'      `- constant -'
+
+so the sum runs on integers -- 8-bit products accumulated in int32 -- and one multiply per
+output returns to float, where the float epilogue the graph already has (bias, ReLU, and the
+quantize of the next layer's input) is fused into the same kernel: activations stay 8-bit
+between layers and no fp32 activation tensor is written.
+
+The activation is re-laid out per kernel as ``A[n, c // D, y, x, c % D]`` (padded with the zero
+point, ``D`` channels contiguous) and the weights at compile time as
+``B[o // L, c // D, kh, kw, o % L, c % D]``; one instruction adds ``D`` products into each of
+``L`` int32 lanes::
+
+    acc[n, o // L, y, x, o % L] += sum_{d < D} A[.., c // D, .., d] * B[o // L, c // D, .., o % L, d]
+
+Per ISA (chosen from the target's CPU features):
+
+==================  ====  ====  ================  =========================================
+ISA                  L     D    A x B             instruction
+==================  ====  ====  ================  =========================================
+avx512vnni           16    4    u8 x s8           vpdpbusd zmm (no saturation: i32 sums)
+avxvnni               8    4    u8 x s8           vpdpbusd ymm (VEX)
+avx512bw             16    2    s16 x s16         vpmaddwd zmm (A = X - zx: exact, no
+avx2                  8    2    s16 x s16         vpmaddwd ymm  vpmaddubsw saturation)
+aarch64 +dotprod      4    4    s8 x s8           sdot (A = X - 128, zero point shifted)
+other                 4    2    s16 x s16         plain vector code
+==================  ====  ====  ================  =========================================
+
+``vpmaddubsw`` (u8 x s8 -> saturating s16 pair sums) is deliberately not used: 255 * 127 * 2
+overflows int16, which changes results unless weights are cut to 7 bits.
+
+Depthwise QDQ convolutions read the 8-bit input directly (dequantized while padding) and
+compute in float; their weights are small.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import relax, tvm
+
+log = logging.getLogger("edgec.cpu_int8")
+
+INT8_CONV_BLOCK = "edgec_conv2d_int8"
+
+
+# ---------------------------------------------------------------------------------- ISAs
+@dataclass(frozen=True)
+class DotISA:
+    name: str
+    lanes: int       # int32 accumulators per vector
+    depth: int       # products summed into each lane per instruction
+    a_dtype: str     # packed activation element type
+    b_dtype: str     # packed weight element type
+    a_shift: int | None  # A = X + a_shift (8-bit forms); None: A = X - zx (int16 forms)
+    llvm: str | None     # the LLVM intrinsic; None: plain vector code, no tensorize
+
+    @property
+    def intrin_name(self) -> str:
+        return f"edgec_dot_{self.name}"
+
+
+ISAS = {
+    "avx512vnni": DotISA("avx512vnni", 16, 4, "uint8", "int8", 0,
+                         "llvm.x86.avx512.vpdpbusd.512"),
+    "avxvnni": DotISA("avxvnni", 8, 4, "uint8", "int8", 0, "llvm.x86.avx512.vpdpbusd.256"),
+    "avx512bw": DotISA("avx512bw", 16, 2, "int16", "int16", None,
+                       "llvm.x86.avx512.pmaddw.d.512"),
+    "avx2": DotISA("avx2", 8, 2, "int16", "int16", None, "llvm.x86.avx2.pmadd.wd"),
+    "dotprod": DotISA("dotprod", 4, 4, "int8", "int8", -128,
+                      "llvm.aarch64.neon.sdot.v4i32.v16i8"),
+    "generic": DotISA("generic", 4, 2, "int16", "int16", None, None),
+}
+
+
+def select_isa(target) -> DotISA:
+    """The best integer dot product the target's CPU has."""
+    from tvm.target.codegen import target_has_features
+
+    def has(f):
+        try:
+            return bool(target_has_features(f, target))
+        except Exception:  # noqa: BLE001 - a feature LLVM does not know for this arch
+            return False
+
+    for feature in ("avx512vnni", "avxvnni", "avx512bw", "avx2", "dotprod"):
+        if has(feature):
+            return ISAS[feature]
+    return ISAS["generic"]
+
+
+_REGISTERED: set[str] = set()
+
+
+def register_intrin(isa: DotISA) -> str | None:
+    """Register ``isa``'s tensor intrinsic (once per process); its name, or None."""
+    if isa.llvm is None:
+        return None
+    name = isa.intrin_name
+    if name in _REGISTERED:
+        return name
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    L, D = isa.lanes, isa.depth
+    at, bt = isa.a_dtype, isa.b_dtype
+    a_vec, b_vec = f"{at}x{D}", f"{bt}x{L * D}"
+    a_wide = f"{at}x{L * D}"
+    acc = f"int32x{L}"
+    llvm_name = isa.llvm
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((D,), at, offset_factor=1), B: T.Buffer((L, D), bt, offset_factor=1),
+             C: T.Buffer((L,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:D], B[0:L, 0:D])
+            T.writes(C[0:L])
+            for i in T.serial(0, L):
+                for k in T.serial(0, D):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    if isa.depth == 4:  # vpdpbusd / sdot: acc += 4-products sums, operands as i8 vectors
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((D,), at, offset_factor=1),
+                 B: T.Buffer((L, D), bt, offset_factor=1),
+                 C: T.Buffer((L,), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:D], B[0:L, 0:D])
+                T.writes(C[0:L])
+                a32 = T.reinterpret(A.vload([0], a_vec), dtype="int32")
+                C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm_name), C.vload([0], dtype=acc),
+                    T.reinterpret(T.broadcast(a32, L), dtype=a_wide),
+                    B.vload([0, 0], dtype=b_vec), dtype=acc)
+    else:  # vpmaddwd: s16 pairs -> s32, added to C
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((D,), at, offset_factor=1),
+                 B: T.Buffer((L, D), bt, offset_factor=1),
+                 C: T.Buffer((L,), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:D], B[0:L, 0:D])
+                T.writes(C[0:L])
+                a32 = T.reinterpret(A.vload([0], a_vec), dtype="int32")
+                C[T.ramp(T.int32(0), 1, L)] = C.vload([0], dtype=acc) + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm_name),
+                    T.reinterpret(T.broadcast(a32, L), dtype=a_wide),
+                    B.vload([0, 0], dtype=b_vec), dtype=acc)
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
+# ---------------------------------------------------------------------------------- TE
+def _ints(xs) -> list[int]:
+    return [int(x) for x in xs]
+
+
+def pack_weight(wq: np.ndarray, isa: DotISA) -> np.ndarray:
+    """``W[o, c, kh, kw]`` -> ``B[o // L, c // D, kh, kw, o % L, c % D]`` (zero padded)."""
+    L, D = isa.lanes, isa.depth
+    oc, ic, kh, kw = wq.shape
+    ocb, icb = -(-oc // L), -(-ic // D)
+    w = np.zeros((ocb * L, icb * D, kh, kw), isa.b_dtype)
+    w[:oc, :ic] = wq
+    return np.ascontiguousarray(w.reshape(ocb, L, icb, D, kh, kw).transpose(0, 2, 4, 5, 1, 3))
+
+
+def int8_conv_te(xq, wp, corr, scale, zx: int, oc: int, strides, pads, dil, isa: DotISA):
+    """TE of the integer convolution; returns the float output ``[n, oc, oh, ow]``."""
+    from tvm import te, tirx
+
+    nb, c, h, w = _ints(xq.shape)
+    ocb, icb, kh, kw, L, D = _ints(wp.shape)
+    (sh, sw), (dh, dw) = strides, dil
+    pt, pl, pb, pr = pads
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    za = za_of(isa, str(xq.dtype), zx)
+    # int16 forms: A = X - zx (padding 0); 8-bit forms: A = X + (za - zx) in A's type
+    shift = -zx if isa.a_shift is None else za - zx
+
+    def conv_a(v):
+        return (v.astype("int32") + shift).astype(isa.a_dtype)
+
+    def pack(n, cb, y, x, d):
+        ch = cb * D + d
+        row, col = y - pt, x - pl
+        inside = tirx.all(ch < c, row >= 0, row < h, col >= 0, col < w)
+        return tirx.if_then_else(tirx.likely(inside), conv_a(xq[n, ch, row, col]),
+                                 tirx.const(za, isa.a_dtype))
+
+    ap = te.compute((nb, icb, h + pt + pb, w + pl + pr, D), pack, name="edgec_pad_int8")
+    rc = te.reduce_axis((0, icb), "rc")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    rd = te.reduce_axis((0, D), "rd")
+    acc = te.compute(
+        (nb, ocb, oh, ow, L),
+        lambda n, o, y, x, b: te.sum(
+            ap[n, rc, y * sh + ry * dh, x * sw + rx * dw, rd].astype("int32")
+            * wp[o, rc, ry, rx, b, rd].astype("int32"), axis=[rc, ry, rx, rd]),
+        name=INT8_CONV_BLOCK)
+    return te.compute(
+        (nb, oc, oh, ow),
+        lambda n, o, y, x: (acc[n, o // L, y, x, o % L] - corr[o]).astype("float32") * scale[o],
+        name="edgec_conv2d_int8_dequant")
+
+
+def za_of(isa: DotISA, x_dtype: str, zx: int) -> int:
+    """The packed activation's value for a zero input (what padding holds)."""
+    if isa.a_shift is None:
+        return 0
+    if isa.a_dtype == "uint8":
+        return zx + (128 if x_dtype == "int8" else 0)
+    return zx - (128 if x_dtype == "uint8" else 0)
+
+
+def q_dwconv_te(xq, wt, sx: float, zx: int, strides, pads, dil):
+    """Depthwise convolution reading the 8-bit input: dequantized while padding, float sums."""
+    from .cpu_kernels import dwconv_te
+
+    def load(n, c_, y, x):
+        return (xq[n, c_, y, x].astype("int32") - zx).astype("float32") * np.float32(sx)
+
+    return dwconv_te(xq, wt, strides, pads, dil, load=load)
+
+
+def make_quantize_legalizer():
+    """relax.quantize with constant scales: ``clip(round(x * (1/s)) + zp)``. The default
+    divides (a ``vdivps`` per vector in every requantizing epilogue); onnxruntime's fused
+    QLinearConv also multiplies by a folded scale, so results agree to the rounding step."""
+    from tvm import te, tirx
+    from tvm.relax.transform.legalize_ops.qdq import _quantize as default
+
+    def legalize(bb, call):
+        data, scale, zp = call.args
+        s, z = _const(scale), _const(zp)
+        if s is None or z is None or str(data.ty.dtype) != "float32" or \
+                s.dtype != np.float32 or not np.all(s != 0):
+            return default(bb, call)
+        inv = (1.0 / s.astype(np.float64)).astype(np.float32)
+        axis = int(call.attrs.axis)
+        out_dtype = str(call.attrs.out_dtype)
+        ndim = len(data.ty.shape.values)
+        axis = axis % ndim if ndim else 0
+
+        def te_q(x, inv_t, z_t):
+            def f(*i):
+                iv = (tirx.const(float(inv.reshape(-1)[0]), "float32") if inv.size == 1
+                      else inv_t[i[axis]])
+                zv = (tirx.const(float(z.reshape(-1)[0]), "float32") if z.size == 1
+                      else z_t[i[axis]].astype("float32"))
+                v = te.round(x[i] * iv) + zv
+                lo = tirx.min_value(out_dtype).astype("float32")
+                hi = tirx.max_value(out_dtype).astype("float32")
+                return te.max(te.min(v, hi), lo).astype(out_dtype)
+            return te.compute(x.shape, f, name="quantized")
+
+        return bb.call_te(te_q, data, relax.const(inv.reshape(-1)),
+                          relax.const(z.reshape(-1)), primfunc_name_hint="quantize")
+
+    return legalize
+
+
+# ---------------------------------------------------------------------------------- rewrite
+def _const(expr):
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def _scalar(expr):
+    v = _const(expr)
+    if v is None or v.size != 1:
+        return None
+    return v.reshape(())[()]
+
+
+def rewrite_pass(target, record: dict | None = None):
+    """Relax pass, run before constant folding: QDQ Conv -> integer kernels."""
+    isa = select_isa(target)
+    conv_op = tvm.ir.Op.get("relax.nn.conv2d")
+    dq_op = tvm.ir.Op.get("relax.dequantize")
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.stats = {"isa": isa.name, "conv2d": 0, "dwconv2d": 0, "float": {}}
+
+        def _dq(self, expr):
+            if not isinstance(expr, relax.Var):
+                return None
+            b = self.lookup_binding(expr)
+            if isinstance(b, relax.Call) and b.op == dq_op:
+                return b
+            return None
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call, relax.Call) and call.op == conv_op):
+                return call
+            try:
+                return self._rewrite(call)
+            except _Skip as e:
+                self.stats["float"][str(e)] = self.stats["float"].get(str(e), 0) + 1
+                return call
+
+        def _rewrite(self, call):
+            a = call.attrs
+            if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or \
+                    a.out_layout != "NCHW" or a.out_dtype not in (None, "", "float32"):
+                raise _Skip("layout or out_dtype")
+            dqx, dqw = self._dq(call.args[0]), self._dq(call.args[1])
+            if dqx is None or dqw is None:
+                raise _Skip("input or weight not dequantized")
+            xq = dqx.args[0]
+            xdt = str(xq.ty.dtype)
+            sx, zx = _scalar(dqx.args[1]), _scalar(dqx.args[2])
+            if xdt not in ("uint8", "int8") or sx is None or zx is None:
+                raise _Skip("activation not 8-bit with one scale")
+            shape = xq.ty.shape
+            if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+                raise _Skip("dynamic shape")
+            wq, sw, zw = (_const(x) for x in dqw.args[:3])
+            if wq is None or sw is None or zw is None or wq.dtype != np.int8 or wq.ndim != 4:
+                raise _Skip("weight not constant int8")
+            if np.any(zw != 0):
+                raise _Skip("weight zero point not 0")
+            oc = wq.shape[0]
+            if sw.size not in (1, oc) or (sw.size == oc and oc > 1 and
+                                          int(dqw.attrs.axis) not in (0, -4)):
+                raise _Skip("weight scale not per output channel")
+            sw = np.broadcast_to(sw.reshape(-1).astype(np.float32), (oc,))
+            groups = int(a.groups)
+            strides, dil, pads = _ints(a.strides), _ints(a.dilation), _ints(a.padding)
+            c = int(shape.values[1])
+            bb = self.builder_
+            if groups == 1:
+                wp = pack_weight(wq, isa)
+                za = za_of(isa, xdt, int(zx))
+                corr = (za * wq.reshape(oc, -1).astype(np.int64).sum(1)).astype(np.int32)
+                scale = (np.float32(sx) * sw).astype(np.float32)
+                self.stats["conv2d"] += 1
+                return bb.call_te(functools.partial(int8_conv_te, isa=isa), xq,
+                                  relax.const(wp), relax.const(corr), relax.const(scale),
+                                  int(zx), oc, strides, pads, dil,
+                                  primfunc_name_hint="conv2d_int8",
+                                  primfunc_attrs={"op_pattern": 4})
+            if groups == c == oc and wq.shape[1] == 1:
+                wt = (wq.astype(np.float32) * sw[:, None, None, None]).astype(np.float32)
+                self.stats["dwconv2d"] += 1
+                return bb.call_te(q_dwconv_te, xq, relax.const(wt), float(sx), int(zx),
+                                  strides, pads, dil, primfunc_name_hint="dwconv2d_q",
+                                  primfunc_attrs={"op_pattern": 4})
+            raise _Skip("grouped convolution")
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecQuantizedConv")
+    def _pass(mod, _ctx):
+        rw = _Rewriter(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        out = rw.builder_.get()
+        if record is not None and (rw.stats["conv2d"] or rw.stats["dwconv2d"]
+                                   or rw.stats["float"]):
+            record["int8"] = rw.stats
+        return relax.transform.DeadCodeElimination()(out)
+
+    return _pass
+
+
+class _Skip(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------- schedule
+def schedule_int8_conv(sch, block, isa: DotISA, max_cols: int) -> None:
+    """Register tile: ``ob2`` blocks of ``L`` output channels x ``cols`` output columns of
+    int32 accumulators; per reduction step ``ob2`` weight vectors and ``cols`` broadcast
+    activations feed ``ob2 * cols`` dot-product instructions."""
+    from .cpu_kernels import _extent, _fuse_epilogue, _parallel_pad, _pick_tile, \
+        _vectorize_innermost
+
+    n, o, y, x, b, rc, ry, rx, rd = sch.get_loops(block)
+    cols = _pick_tile(_extent(sch, x), max_cols)
+    # narrow rows (e.g. 7x7 maps): two channel blocks per tile keep enough accumulators busy
+    ob2 = 2 if cols <= max_cols // 2 and _extent(sch, o) % 2 == 0 else 1
+    oo, oi = sch.split(o, [None, ob2])
+    xo, xi = sch.split(x, [None, cols])
+    sch.reorder(n, oo, y, xo, rc, ry, rx, oi, xi, b, rd)
+    epilogue = _fuse_epilogue(sch, block, xo)
+    sch.parallel(sch.fuse(n, oo, y))
+    sch.unroll(oi)
+    sch.unroll(xi)
+    sch.decompose_reduction(block, rc)
+    intrin = register_intrin(isa)
+    if intrin is not None:
+        sch.tensorize(b, intrin)
+    else:
+        sch.unroll(rd)
+        sch.reorder(rd, b)
+        sch.vectorize(b)
+    _vectorize_innermost(sch, epilogue)
+    _parallel_pad(sch)
