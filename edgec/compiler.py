@@ -93,7 +93,10 @@ def _kernel_summary(record: dict) -> dict:
         kinds[k] = kinds.get(k, 0) + 1
     return {"counts": kinds, "functions": record.get("kernels", {}),
             "unscheduled": record.get("unscheduled", {}),
-            "tuning_db": record.get("tuning_db")}
+            "tuning_db": record.get("tuning_db"),
+            # QDQ convolutions: the integer ISA, how many got integer kernels, and why the
+            # others stayed float
+            "int8": record.get("int8")}
 
 
 @dataclass

@@ -1,0 +1,200 @@
+"""Integer kernels for QDQ convolutions (targets/cpu_int8.py) against onnxruntime.
+
+The graphs are QDQ as the quantize pass writes them: uint8/int8 activation, int8 weights
+per output channel, int32 bias, and the output quantized again, so both sides round to the
+same grid; onnxruntime (its fused QLinearConv) and edgec may differ by one output step where
+a value falls on a rounding tie. Every case also checks the compile report: the integer
+kernel was used for the intended ISA and nothing was left with plain loops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from onnx import helper
+
+from conftest import compile_to, make_model
+from edgec.runtime import OrtSession, Session
+
+SETTINGS = settings(max_examples=20, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+def qdq_conv(rng, batch, c, k, ksz, stride, dil, pads, h, w, group=1, act="uint8",
+             relu=True, w_zero_point=0):
+    """x -> Q/DQ -> Conv(DQ(int8 W per channel), DQ(int32 bias)) [-> Relu] -> Q/DQ."""
+    cin = c // group
+    wq = rng.integers(-127, 128, (k, cin, ksz, ksz)).astype(np.int8)
+    sw = (rng.uniform(0.5, 2.0, k) * 0.01).astype(np.float32)
+    sx = np.float32(0.02)
+    zx = np.array(128 if act == "uint8" else 3, np.uint8 if act == "uint8" else np.int8)
+    bq = rng.integers(-2000, 2000, k).astype(np.int32)
+    sy = np.float32(0.05 * np.sqrt(cin * ksz * ksz) / 4)
+    zy = np.array(0 if relu else 128, np.uint8)
+    inits = {"sx": sx, "zx": zx, "wq": wq, "sw": sw,
+             "zw": np.full(k, w_zero_point, np.int8), "bq": bq, "sb": (sx * sw).astype(np.float32),
+             "zb": np.zeros(k, np.int32), "sy": sy, "zy": zy}
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+        helper.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["bd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd", "bd"], ["y"], strides=[stride] * 2,
+                         dilations=[dil] * 2, pads=list(pads), group=group),
+    ]
+    last = "y"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["y"], ["r"]))
+        last = "r"
+    nodes += [helper.make_node("QuantizeLinear", [last, "sy", "zy"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["out"])]
+    oh = (h + pads[0] + pads[2] - (ksz - 1) * dil - 1) // stride + 1
+    ow = (w + pads[1] + pads[3] - (ksz - 1) * dil - 1) // stride + 1
+    m = make_model(nodes, [("x", [batch, c, h, w])], [("out", [batch, k, oh, ow])], inits,
+                   opset=13)
+    return m, float(sy)
+
+
+def compare(m, step, tmp, **kw):
+    tmp.mkdir(parents=True, exist_ok=True)
+    out = tmp / "art"
+    report = compile_to(m, out, **kw)
+    sess, ort = Session(out), OrtSession(m)
+    rng = np.random.default_rng(7)
+    shape = sess.input_specs[0]["shape"]
+    for _ in range(2):
+        x = (rng.standard_normal(shape) * 1.5).astype(np.float32)
+        ref = ort.run(None, {"x": x})[0]
+        got = sess.run(None, {"x": x})[0]
+        diff = np.abs(got - ref)
+        assert diff.max() <= step * 1.001 + 1e-6, diff.max()
+        # ties are rare: nearly every value is identical
+        assert np.mean(diff > 1e-6) < 0.01
+    return report["kernels"]
+
+
+def host_has(*features) -> bool:
+    from edgec.targets import get_target
+    from edgec.targets.backend import make_target
+    from tvm.target.codegen import target_has_features
+
+    t = make_target(get_target("x86"), {})
+    return all(target_has_features(f, t) for f in features)
+
+
+@SETTINGS
+@given(batch=st.sampled_from([1, 2]), c=st.integers(1, 21), k=st.integers(1, 40),
+       ksz=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2), dil=st.integers(1, 2),
+       pads=st.tuples(*[st.integers(0, 2)] * 4), h=st.integers(5, 16), w=st.integers(5, 30),
+       act=st.sampled_from(["uint8", "int8"]), relu=st.booleans())
+def test_int8_conv_host(tmp_path_factory, batch, c, k, ksz, stride, dil, pads, h, w, act, relu):
+    ext = (ksz - 1) * dil + 1
+    if h + pads[0] + pads[2] < ext or w + pads[1] + pads[3] < ext:
+        return
+    rng = np.random.default_rng(c * 31 + k)
+    m, step = qdq_conv(rng, batch, c, k, ksz, stride, dil, pads, h, w, act=act, relu=relu)
+    kern = compare(m, step, tmp_path_factory.mktemp("i8"))
+    isa = kern["int8"]["isa"]
+    assert kern["int8"]["conv2d"] == 1 and not kern["int8"]["float"], kern["int8"]
+    assert kern["counts"].get(f"conv2d-int8-{isa}") == 1, kern
+    assert kern["unscheduled"] == {}
+
+
+# each ISA's kernel, forced through -mcpu; run where this host has the instructions
+ISA_CPUS = [("avx512vnni", "icelake-server", ("avx512vnni",)),
+            ("avxvnni", "alderlake", ("avxvnni",)),
+            ("avx512bw", "skylake-avx512", ("avx512bw",)),
+            ("avx2", "haswell", ("avx2",)),
+            ("generic", "x86-64", ())]
+
+
+@pytest.mark.parametrize("isa,mcpu,needs", ISA_CPUS, ids=[i[0] for i in ISA_CPUS])
+@pytest.mark.parametrize("case", [(1, 13, 24, 3, 1, 1, (1, 1, 1, 1), 11, 19, "uint8"),
+                                  (2, 8, 33, 3, 2, 1, (0, 1, 2, 0), 12, 15, "int8"),
+                                  (1, 64, 16, 1, 1, 1, (0, 0, 0, 0), 7, 7, "uint8")],
+                         ids=["3x3", "strided-asym-int8", "1x1-7x7"])
+def test_int8_conv_each_isa(tmp_path, isa, mcpu, needs, case):
+    if needs and not host_has(*needs):
+        pytest.skip(f"this CPU lacks {needs}")
+    batch, c, k, ksz, stride, dil, pads, h, w, act = case
+    m, step = qdq_conv(np.random.default_rng(1), batch, c, k, ksz, stride, dil, pads, h, w,
+                       act=act)
+    kern = compare(m, step, tmp_path, target_options={"mcpu": mcpu})
+    assert kern["int8"]["isa"] == isa
+    assert kern["counts"].get(f"conv2d-int8-{isa}") == 1, kern
+    assert kern["unscheduled"] == {}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_reads_8bit_input(tmp_path, stride):
+    m, step = qdq_conv(np.random.default_rng(2), 1, 24, 24, 3, stride, 1, (1, 1, 1, 1), 14, 17,
+                       group=24)
+    kern = compare(m, step, tmp_path)
+    assert kern["int8"]["dwconv2d"] == 1 and kern["int8"]["conv2d"] == 0
+    assert kern["counts"].get("dwconv2d") == 1 and kern["unscheduled"] == {}
+
+
+def test_left_float_with_reason(tmp_path):
+    """A grouped conv and a weight zero point other than 0 keep the float path, with the
+    reason in the report, and are still right."""
+    m, step = qdq_conv(np.random.default_rng(3), 1, 8, 8, 3, 1, 1, (1, 1, 1, 1), 9, 9, group=2)
+    kern = compare(m, step, tmp_path / "g")
+    assert kern["int8"]["float"] == {"grouped convolution": 1}
+    m, step = qdq_conv(np.random.default_rng(3), 1, 8, 8, 3, 1, 1, (1, 1, 1, 1), 9, 9,
+                       w_zero_point=1)
+    kern = compare(m, step, tmp_path / "z")
+    assert kern["int8"]["float"] == {"weight zero point not 0": 1}
+
+
+@pytest.mark.parametrize("target,isa", [("rpi5", "dotprod"), ("rpi4", "generic"),
+                                        ("arm64", "generic")])
+def test_int8_kernels_build_for_aarch64(tmp_path, target, isa):
+    m, _ = qdq_conv(np.random.default_rng(4), 1, 16, 32, 3, 1, 1, (1, 1, 1, 1), 10, 10)
+    report = compile_to(m, tmp_path / "a", target=target)
+    kern = report["kernels"]
+    assert kern["int8"]["isa"] == isa
+    assert kern["counts"].get(f"conv2d-int8-{isa}") == 1 and kern["unscheduled"] == {}
+
+
+def test_pack_weight_layout_and_isa_choice():
+    from edgec.targets import get_target
+    from edgec.targets.backend import make_target
+    from edgec.targets.cpu_int8 import ISAS, pack_weight, select_isa
+
+    w = np.random.default_rng(0).integers(-127, 128, (20, 6, 3, 2)).astype(np.int8)
+    isa = ISAS["avx512vnni"]
+    p = pack_weight(w, isa)
+    assert p.shape == (2, 2, 3, 2, 16, 4) and p.dtype == np.int8
+    for o, c, y, x in [(0, 0, 0, 0), (19, 5, 2, 1), (17, 4, 1, 0), (3, 2, 0, 1)]:
+        assert p[o // 16, c // 4, y, x, o % 16, c % 4] == w[o, c, y, x]
+    assert not p[1, :, :, :, 4:].any() and not p[:, 1, :, :, :, 2:].any()  # zero padding
+    assert pack_weight(w, ISAS["avx2"]).dtype == np.int16
+
+    def isa_of(target, **opt):
+        return select_isa(make_target(get_target(target), opt)).name
+
+    assert isa_of("x86", mcpu="haswell") == "avx2"
+    assert isa_of("x86", mcpu="icelake-server") == "avx512vnni"
+    assert isa_of("rpi5") == "dotprod" and isa_of("rpi4") == "generic"
+
+
+def test_quantize_pass_model_through_int8_kernels(tmp_path):
+    """The quantize pass's own output (tiny ResNet: residual Add, depthwise and grouped
+    convs) runs on the integer kernels and matches onnxruntime on the same QDQ model."""
+    from edgec.models import zoo
+    from edgec.pipeline import NORMALIZE, Pipeline
+
+    m = Pipeline(NORMALIZE).run(zoo.build("tiny_resnet", batch=1)).model
+    x = np.random.default_rng(0).standard_normal((16, 8, 17, 17)).astype(np.float32)
+    q = Pipeline(["quantize"], {"quantize": {"progress": "false"}}, calib={"input": x}).run(m)
+    report = compile_to(q.model, tmp_path / "q")
+    kern = report["kernels"]
+    assert kern["int8"]["conv2d"] >= 4 and kern["unscheduled"] == {}
+    sess, ort = Session(tmp_path / "q"), OrtSession(q.model)
+    for i in range(4):
+        ref = ort.run(None, {"input": x[i:i + 1]})[0]
+        got = sess.run(None, {"input": x[i:i + 1]})[0]
+        assert ref.argmax() == got.argmax()
+        np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max())
