@@ -331,6 +331,11 @@ def schedule_dwconv(sch, block, lanes: int) -> None:
     sch.decompose_reduction(block, rkh)
     _vectorize_innermost(sch, epilogue)
     _parallel_pad(sch)
+    for pad in _find_blocks(sch, "edgec_pad"):
+        loops = sch.get_loops(pad)
+        if len(sch.get(pad).iter_vars) == 5:  # column phases: read the row in order
+            sch.reorder(loops[-1], loops[-2])  # Xs[.., y, p, j] for j, for p (4x faster)
+            sch.unroll(sch.get_loops(pad)[-1])
 
 
 def schedule_matmul(sch, block, lanes: int) -> None:
