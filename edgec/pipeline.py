@@ -6,13 +6,15 @@ Presets are data: a name -> the ordered pass list. ``--passes`` replaces the pre
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from edgec.errors import EdgecError, PassDriftError
-from edgec.importer import random_feeds
+from edgec.importer import _name_nodes, random_feeds
 from edgec.passes import PassContext, PassReport, get_pass, make_config, run_pass
 
 # Normalization passes run first in every preset: they make the graph what later passes and
@@ -87,6 +89,11 @@ class Pipeline:
         return random_feeds(model, seed=self.ctx.seed)
 
     def run(self, model: onnx.ModelProto) -> PipelineResult:
+        names = [n.name for n in model.graph.node]
+        if "" in names or len(set(names)) != len(names):
+            # passes report and rewrite per node name: name a copy (the input stays as is)
+            model = copy.deepcopy(model)
+            _name_nodes(model)
         result = PipelineResult(model)
         feeds = ref = None
         if self.verify:

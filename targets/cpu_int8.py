@@ -294,6 +294,8 @@ def rewrite_pass(target, record: dict | None = None):
     isa = select_isa(target)
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
     dq_op = tvm.ir.Op.get("relax.dequantize")
+    q_op = tvm.ir.Op.get("relax.quantize")
+    pool_op = tvm.ir.Op.get("relax.nn.max_pool2d")
 
     @relax.expr_functor.mutator
     class _Rewriter(relax.PyExprMutator):
@@ -311,6 +313,8 @@ def rewrite_pass(target, record: dict | None = None):
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
+            if isinstance(call, relax.Call) and call.op == q_op:
+                return self._pool(call)
             if not (isinstance(call, relax.Call) and call.op == conv_op):
                 return call
             try:
@@ -318,6 +322,25 @@ def rewrite_pass(target, record: dict | None = None):
             except _Skip as e:
                 self.stats["float"][str(e)] = self.stats["float"].get(str(e), 0) + 1
                 return call
+
+        def _pool(self, q):
+            """q(maxpool(dq(Xq; s, z)); s, z) = maxpool(Xq): max commutes with the
+            increasing dequantize map, and padding with the type's minimum (0 for uint8)
+            never wins over a real value. The pool then reads 8-bit data."""
+            mp = self.lookup_binding(q.args[0]) if isinstance(q.args[0], relax.Var) else None
+            if not (isinstance(mp, relax.Call) and mp.op == pool_op):
+                return q
+            dq = self._dq(mp.args[0])
+            if dq is None:
+                return q
+            xq = dq.args[0]
+            same = all(_const(a) is not None and _const(b) is not None and
+                       np.array_equal(_const(a), _const(b))
+                       for a, b in ((q.args[1], dq.args[1]), (q.args[2], dq.args[2])))
+            if not same or str(q.attrs.out_dtype) != str(xq.ty.dtype):
+                return q
+            self.stats["maxpool"] = self.stats.get("maxpool", 0) + 1
+            return relax.Call(pool_op, [xq], mp.attrs)
 
         def _rewrite(self, call):
             a = call.attrs

@@ -198,3 +198,30 @@ def test_quantize_pass_model_through_int8_kernels(tmp_path):
         got = sess.run(None, {"input": x[i:i + 1]})[0]
         assert ref.argmax() == got.argmax()
         np.testing.assert_allclose(got, ref, atol=0.05 * np.abs(ref).max())
+
+
+def test_maxpool_on_8bit_tensor(tmp_path):
+    """q(maxpool(dq(Xq))) with one shared scale becomes a maxpool of the uint8 tensor (exact:
+    max commutes with the increasing dequantize map); the model still matches onnxruntime.
+    The nodes are unnamed, as in many exported models: the pipeline names a copy (the
+    quantize pass used to emit one weight DequantizeLinear twice)."""
+    rng = np.random.default_rng(6)
+    inits = {"W1": (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32),
+             "W2": (rng.standard_normal((8, 16, 3, 3)) * 0.1).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p"], kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["p", "W2"], ["y"], pads=[1, 1, 1, 1])]
+    m = make_model(nodes, [("x", [1, 3, 20, 20])], [("y", [1, 8, 10, 10])], inits, opset=13)
+    from edgec.pipeline import Pipeline
+
+    calib = {"x": rng.standard_normal((16, 3, 20, 20)).astype(np.float32)}
+    q = Pipeline(["quantize"], {"quantize": {"progress": "false"}}, calib=calib).run(m).model
+    assert [n.name for n in m.graph.node] == [""] * 4  # the input is left alone
+    report = compile_to(q, tmp_path / "mp")
+    assert report["kernels"]["int8"].get("maxpool") == 1, report["kernels"]["int8"]
+    sess, ort = Session(tmp_path / "mp"), OrtSession(q)
+    x = calib["x"][:1]
+    ref, got = ort.run(None, {"x": x})[0], sess.run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
