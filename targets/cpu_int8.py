@@ -65,7 +65,8 @@ class DotISA:
     depth: int       # products summed into each lane per instruction
     a_dtype: str     # packed activation element type
     b_dtype: str     # packed weight element type
-    a_shift: int | None  # A = X + a_shift (8-bit forms); None: A = X - zx (int16 forms)
+    a_shift: int | None  # None: int16 forms, A = X - zx; else 8-bit forms, A = X moved into
+    #                      A's type (u8: +128 for an int8 input; s8: -128 for a uint8 input)
     llvm: str | None     # the LLVM intrinsic; None: plain vector code, no tensorize
 
     @property
@@ -122,12 +123,13 @@ def register_intrin(isa: DotISA) -> str | None:
     acc = f"int32x{L}"
     llvm_name = isa.llvm
     mask = (1 << bits) - 1
+    u32, i32 = "uint32", "int32"  # (names, not literals, in the TVMScript annotations)
 
     # A: one 32-bit word holding D values of A's type (see int8_conv_te)
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((1,), "uint32", offset_factor=1),
+    def desc(A: T.Buffer((1,), u32, offset_factor=1),
              B: T.Buffer((L, D), bt, offset_factor=1),
-             C: T.Buffer((L,), "int32", offset_factor=1)) -> None:
+             C: T.Buffer((L,), i32, offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(C[0:L], A[0:1], B[0:L, 0:D])
             T.writes(C[0:L])
@@ -141,9 +143,9 @@ def register_intrin(isa: DotISA) -> str | None:
 
     if isa.depth == 4:  # vpdpbusd / sdot: acc += 4-products sums, operands as i8 vectors
         @T.prim_func(s_tir=True)
-        def impl(A: T.Buffer((1,), "uint32", offset_factor=1),
+        def impl(A: T.Buffer((1,), u32, offset_factor=1),
                  B: T.Buffer((L, D), bt, offset_factor=1),
-                 C: T.Buffer((L,), "int32", offset_factor=1)) -> None:
+                 C: T.Buffer((L,), i32, offset_factor=1)) -> None:
             with T.sblock("root"):
                 T.reads(C[0:L], A[0:1], B[0:L, 0:D])
                 T.writes(C[0:L])
@@ -154,9 +156,9 @@ def register_intrin(isa: DotISA) -> str | None:
                     B.vload([0, 0], dtype=b_vec), dtype=acc)
     else:  # vpmaddwd: s16 pairs -> s32, added to C
         @T.prim_func(s_tir=True)
-        def impl(A: T.Buffer((1,), "uint32", offset_factor=1),
+        def impl(A: T.Buffer((1,), u32, offset_factor=1),
                  B: T.Buffer((L, D), bt, offset_factor=1),
-                 C: T.Buffer((L,), "int32", offset_factor=1)) -> None:
+                 C: T.Buffer((L,), i32, offset_factor=1)) -> None:
             with T.sblock("root"):
                 T.reads(C[0:L], A[0:1], B[0:L, 0:D])
                 T.writes(C[0:L])
@@ -284,7 +286,7 @@ def make_quantize_legalizer():
         inv = (1.0 / s.astype(np.float64)).astype(np.float32)
         axis = int(call.attrs.axis)
         out_dtype = str(call.attrs.out_dtype)
-        ndim = len(data.ty.shape.values)
+        ndim = len(data.ty.shape.values) if data.ty.shape is not None else 0
         axis = axis % ndim if ndim else 0
 
         def te_q(x, inv_t, z_t):
@@ -427,7 +429,7 @@ def rewrite_pass(target, record: dict | None = None):
                 rw.builder_.update_func(gv, rw.visit_expr(func))
         out = rw.builder_.get()
         if record is not None and (rw.stats["conv2d"] or rw.stats["dwconv2d"]
-                                   or rw.stats["float"]):
+                                   or rw.stats["float"] or rw.stats.get("maxpool")):
             record["int8"] = rw.stats
         return relax.transform.DeadCodeElimination()(out)
 
