@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             rows.append(r)
             k = r["int8_kernels"] or {}
             print(f"{name}: isa {k.get('isa')}, {k.get('conv2d')} integer convs, "
-                  f"{k.get('dwconv2d')} depthwise on 8-bit input, float: {k.get('float')}",
+                  f"{k.get('matmul', 0)} integer matmuls, {k.get('dwconv2d')} depthwise on 8-bit input, float: {k.get('float')}",
                   flush=True)
     print(f"\n{a.threads} threads, batch 1, x86 mcpu {a.mcpu or 'host'}; medians of {a.repeat}")
     print("| model | ort fp32 ms | ort QDQ ms | edgec fp32 ms | edgec int8 ms | "

@@ -77,8 +77,9 @@ def cmd_compile(a) -> int:
         q = k.get("int8")
         if q:
             floats = ", ".join(f"{r} x{n}" for r, n in q["float"].items())
-            print(f"  int8 ({q['isa']}): {q['conv2d']} integer convs, {q['dwconv2d']} depthwise "
-                  f"on 8-bit input" + (f"; left float: {floats}" if floats else ""))
+            print(f"  int8 ({q['isa']}): {q['conv2d']} integer convs, {q.get('matmul', 0)} "
+                  f"integer matmuls, {q['dwconv2d']} depthwise on 8-bit input"
+                  + (f"; left float: {floats}" if floats else ""))
     t = report["timings"]
     print(f"  total {t.get('total_s', 0):.1f}s (import {t.get('import_s', 0):.1f}s, passes "
           f"{t.get('passes_s', 0):.1f}s, tvm build {t.get('tvm_build_s', 0):.1f}s)")

@@ -55,6 +55,7 @@ from .backend import relax, tvm
 log = logging.getLogger("edgec.cpu_int8")
 
 INT8_CONV_BLOCK = "edgec_conv2d_int8"
+INT8_PX_BLOCK = "edgec_conv2d_int8px"
 
 
 # ---------------------------------------------------------------------------------- ISAs
@@ -173,6 +174,77 @@ def register_intrin(isa: DotISA) -> str | None:
     return name
 
 
+def register_px_intrin(isa: DotISA) -> str | None:
+    """The same instruction turned around for :func:`int8_conv1x1_px_te`: the lanes are ``L``
+    pixels (one vector load of ``L`` packed words) and the ``D`` weights of one output
+    channel are broadcast from one 32-bit word."""
+    if isa.llvm is None:
+        return None
+    name = isa.intrin_name + "_px"
+    if name in _REGISTERED:
+        return name
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    L, D = isa.lanes, isa.depth
+    at, bt = isa.a_dtype, isa.b_dtype
+    bits = 32 // D
+    b_vec, a_wide, b_word = f"{bt}x{L * D}", f"{at}x{L * D}", f"{bt}x{D}"
+    acc, a_words = f"int32x{L}", f"uint32x{L}"
+    llvm_name = isa.llvm
+    mask = (1 << bits) - 1
+    u32, i32 = "uint32", "int32"
+    add_c = isa.depth != 4  # vpmaddwd does not accumulate
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((L,), u32, offset_factor=1),
+             B: T.Buffer((D,), bt, offset_factor=1),
+             C: T.Buffer((L,), i32, offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:L], A[0:L], B[0:D])
+            T.writes(C[0:L])
+            for i in T.serial(0, L):
+                for k in T.serial(0, D):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.Cast("int32", T.Cast(at, T.bitwise_and(
+                            T.shift_right(A[vi], T.Cast("uint32", vk * bits)),
+                            T.uint32(mask)))) * T.Cast("int32", B[vk])
+
+    if not add_c:
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((L,), u32, offset_factor=1),
+                 B: T.Buffer((D,), bt, offset_factor=1),
+                 C: T.Buffer((L,), i32, offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:L], B[0:D])
+                T.writes(C[0:L])
+                C[T.ramp(T.int32(0), 1, L)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm_name), C.vload([0], dtype=acc),
+                    T.reinterpret(A.vload([0], dtype=a_words), dtype=a_wide),
+                    T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], dtype=b_word),
+                                                            dtype="int32"), L), dtype=b_vec),
+                    dtype=acc)
+    else:
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((L,), u32, offset_factor=1),
+                 B: T.Buffer((D,), bt, offset_factor=1),
+                 C: T.Buffer((L,), i32, offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:L], B[0:D])
+                T.writes(C[0:L])
+                C[T.ramp(T.int32(0), 1, L)] = C.vload([0], dtype=acc) + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(llvm_name),
+                    T.reinterpret(A.vload([0], dtype=a_words), dtype=a_wide),
+                    T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], dtype=b_word),
+                                                            dtype="int32"), L), dtype=b_vec),
+                    dtype=acc)
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED.add(name)
+    return name
+
+
 # ---------------------------------------------------------------------------------- TE
 def _ints(xs) -> list[int]:
     return [int(x) for x in xs]
@@ -188,11 +260,16 @@ def pack_weight(wq: np.ndarray, isa: DotISA) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(ocb, L, icb, D, kh, kw).transpose(0, 2, 4, 5, 1, 3))
 
 
-def int8_conv_te(xq, wp, corr, scale, zx: int, oc: int, strides, pads, dil, isa: DotISA):
-    """TE of the integer convolution; returns the float output ``[n, oc, oh, ow]``."""
+def int8_conv_te(xq, wp, corr, scale, zx: int, oc: int, strides, pads, dil, isa: DotISA,
+                 view=None):
+    """TE of the integer convolution; returns the float output ``[n, oc, oh, ow]``.
+
+    ``view`` (for :func:`int8_matmul_te`): ``(shape, load)``, the NCHW shape the kernel sees
+    and ``load(n, c, y, x)`` reading it from ``xq``."""
     from tvm import te, tirx
 
-    nb, c, h, w = _ints(xq.shape)
+    nb, c, h, w = _ints(xq.shape) if view is None else view[0]
+    load = (lambda n, ch, y, x: xq[n, ch, y, x]) if view is None else view[1]
     ocb, icb, kh, kw, L, D = _ints(wp.shape)
     (sh, sw), (dh, dw) = strides, dil
     pt, pl, pb, pr = pads
@@ -222,8 +299,8 @@ def int8_conv_te(xq, wp, corr, scale, zx: int, oc: int, strides, pads, dil, isa:
         vals = []
         for d in range(D):
             ch = cb * D + d
-            v = conv_a(xq[n, tirx.min(ch, c - 1), row, col]) if c % D else \
-                conv_a(xq[n, ch, row, col])
+            v = conv_a(load(n, tirx.min(ch, c - 1), row, col)) if c % D else \
+                conv_a(load(n, ch, row, col))
             if c % D:  # channels past c (the last group) hold the zero point too
                 v = tirx.if_then_else(ch < c, v, tirx.const(za, isa.a_dtype))
             vals.append(tirx.if_then_else(tirx.likely(inside), v, tirx.const(za, isa.a_dtype)))
@@ -245,10 +322,110 @@ def int8_conv_te(xq, wp, corr, scale, zx: int, oc: int, strides, pads, dil, isa:
              & mask).astype(isa.a_dtype).astype("int32")
             * wp[o, rc, ry, rx, b, rd].astype("int32"), axis=[rc, ry, rx, rd]),
         name=INT8_CONV_BLOCK)
+    if view is not None:  # a matmul: batch rows are the columns of a 1 x M image
+        return te.compute(
+            (ow, oc),
+            lambda m, o: (acc[0, o // L, 0, m, o % L] - corr[o]).astype("float32") * scale[o],
+            name="edgec_conv2d_int8_dequant")
     return te.compute(
         (nb, oc, oh, ow),
         lambda n, o, y, x: (acc[n, o // L, y, x, o % L] - corr[o]).astype("float32") * scale[o],
         name="edgec_conv2d_int8_dequant")
+
+
+PX_ROWS = 16  # output channels per pixel-kernel register tile (the weight words' grouping)
+
+
+def _px_width(isa: DotISA, w: int) -> int:
+    """Padded row width (whole vectors of pixels) of :func:`int8_conv1x1_px_te`."""
+    return -(-w // isa.lanes) * isa.lanes
+
+
+def px_accumulators(isa: DotISA) -> int:
+    """Accumulator vectors per pixel-kernel tile: 16 of 32 vector registers (AVX-512,
+    NEON), 8 of 16 (AVX2, SSE)."""
+    return 16 if isa.lanes == 16 or isa.name == "dotprod" else 8
+
+
+def px_applies(isa: DotISA, shape, wshape, strides, pads, dil) -> bool:
+    """The pixel-oriented kernel: 1x1, stride 1, no padding; a row of pixels fits the
+    accumulators and padding it to whole vectors wastes at most a quarter of the lanes."""
+    n, c, h, w = shape
+    wp = _px_width(isa, w)
+    return (tuple(wshape[2:]) == (1, 1) and list(strides) == [1, 1] and not any(pads)
+            and wp // isa.lanes <= px_accumulators(isa) and 4 * (wp - w) <= wp)
+
+
+def pack_weight_px(wq: np.ndarray, isa: DotISA) -> np.ndarray:
+    """``W[o, c, 1, 1]`` -> ``B[o // R, c // D, o % R, c % D]`` (R = PX_ROWS, zero padded): one
+    tile's weights for one reduction step are one contiguous run of words."""
+    R, D = PX_ROWS, isa.depth
+    oc, ic = wq.shape[:2]
+    ocb, icb = -(-oc // R), -(-ic // D)
+    w = np.zeros((ocb * R, icb * D), isa.b_dtype)
+    w[:oc, :ic] = wq.reshape(oc, ic)
+    return np.ascontiguousarray(w.reshape(ocb, R, icb, D).transpose(0, 2, 1, 3))
+
+
+def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA):
+    """1x1 stride-1 integer convolution with pixels in the vector lanes::
+
+        acc[n, o, y, x] += sum_d A[n, c // D, y, x].d * B[o // R, c // D, o % R, d]
+
+    with rows padded to whole vectors (``x < Wp``; the padding holds the zero point and its
+    results are never read). The accumulators of one output channel are ``L`` consecutive
+    pixels of a row -- the layout of the NCHW output -- so the requantizing epilogue reads
+    and stores whole vectors; with output channels in the lanes (:func:`int8_conv_te`) it
+    first transposes the tile, which costs more than the dot products when the convolution
+    has few input channels (MobileNet's expansions and projections)."""
+    from tvm import te, tirx
+
+    nb, c, h, w = _ints(xq.shape)
+    ocb, icb, R, D = _ints(wp.shape)
+    wpad = _px_width(isa, w)
+    za = za_of(isa, str(xq.dtype), zx)
+    shift = -zx if isa.a_shift is None else za - zx
+    bits = 32 // D
+    unsigned = "uint8" if bits == 8 else "uint16"
+
+    def pack(n, cb, y, x):
+        out = None
+        for d in range(D):
+            ch = cb * D + d
+            v = (xq[n, tirx.min(ch, c - 1), y, tirx.min(x, w - 1)].astype("int32") + shift
+                 ).astype(isa.a_dtype)
+            keep = x < w if c % D == 0 else tirx.all(ch < c, x < w)
+            v = tirx.if_then_else(keep, v, tirx.const(za, isa.a_dtype))
+            e = v.astype(unsigned).astype("uint32")
+            e = e << tirx.const(bits * d, "uint32") if d else e
+            out = e if out is None else out | e
+        return out
+
+    ap = te.compute((nb, icb, h, wpad), pack, name="edgec_pad_int8")
+    rc = te.reduce_axis((0, icb), "rc")
+    rd = te.reduce_axis((0, D), "rd")
+    mask = tirx.const((1 << bits) - 1, "uint32")
+    acc = te.compute(
+        (nb, ocb * R, h, wpad),
+        lambda n, o, y, x: te.sum(
+            ((ap[n, rc, y, x] >> (rd * bits).astype("uint32")) & mask
+             ).astype(isa.a_dtype).astype("int32")
+            * wp[o // R, rc, o % R, rd].astype("int32"), axis=[rc, rd]),
+        name=INT8_PX_BLOCK)
+    return te.compute(
+        (nb, oc, h, w),
+        lambda n, o, y, x: (acc[n, o, y, x] - corr[o]).astype("float32") * scale[o],
+        name="edgec_conv2d_int8_dequant")
+
+
+def int8_matmul_te(xq, wp, corr, scale, zx: int, n_out: int, isa: DotISA):
+    """``Y[m, j] = sum_k dq(Xq)[m, k] * dq(Wq)[k, j]`` as a 1x1 integer convolution over a
+    ``1 x M`` image with ``K`` channels: the ``M`` rows become the register tile's columns,
+    so each weight vector loaded serves up to 16 rows (and batch 1 is an int8 GEMV reading
+    a quarter of the fp32 weight bytes)."""
+    m, k = _ints(xq.shape)
+    return int8_conv_te(xq, wp, corr, scale, zx, n_out, (1, 1), (0, 0, 0, 0), (1, 1), isa,
+                        view=((1, k, 1, m), lambda n, ch, y, x: xq[x, ch]))
 
 
 def za_of(isa: DotISA, x_dtype: str, zx: int) -> int:
@@ -326,12 +503,15 @@ def rewrite_pass(target, record: dict | None = None):
     dq_op = tvm.ir.Op.get("relax.dequantize")
     q_op = tvm.ir.Op.get("relax.quantize")
     pool_op = tvm.ir.Op.get("relax.nn.max_pool2d")
+    matmul_op = tvm.ir.Op.get("relax.matmul")
+    permute_op = tvm.ir.Op.get("relax.permute_dims")
 
     @relax.expr_functor.mutator
     class _Rewriter(relax.PyExprMutator):
         def __init__(self, mod):
             super().__init__(mod)
-            self.stats = {"isa": isa.name, "conv2d": 0, "dwconv2d": 0, "float": {}}
+            self.stats = {"isa": isa.name, "conv2d": 0, "dwconv2d": 0, "matmul": 0,
+                          "float": {}}
 
         def _dq(self, expr):
             if not isinstance(expr, relax.Var):
@@ -345,10 +525,10 @@ def rewrite_pass(target, record: dict | None = None):
             call = super().visit_call_(call)
             if isinstance(call, relax.Call) and call.op == q_op:
                 return self._pool(call)
-            if not (isinstance(call, relax.Call) and call.op == conv_op):
+            if not (isinstance(call, relax.Call) and call.op in (conv_op, matmul_op)):
                 return call
             try:
-                return self._rewrite(call)
+                return self._rewrite(call) if call.op == conv_op else self._matmul(call)
             except _Skip as e:
                 self.stats["float"][str(e)] = self.stats["float"].get(str(e), 0) + 1
                 return call
@@ -372,22 +552,66 @@ def rewrite_pass(target, record: dict | None = None):
             self.stats["maxpool"] = self.stats.get("maxpool", 0) + 1
             return relax.Call(pool_op, [xq], mp.attrs)
 
+        def _activation(self, dqx, rank: int, what: str):
+            """Xq, its dtype, scale and zero point, from ``dq(Xq)`` with one scale."""
+            if dqx is None:
+                raise _Skip(f"{what}input or weight not dequantized")
+            xq = dqx.args[0]
+            xdt = str(xq.ty.dtype)
+            sx, zx = _scalar(dqx.args[1]), _scalar(dqx.args[2])
+            if xdt not in ("uint8", "int8") or sx is None or zx is None:
+                raise _Skip(f"{what}activation not 8-bit with one scale")
+            shape = xq.ty.shape
+            if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+                raise _Skip(f"{what}dynamic shape")
+            if len(shape.values) != rank:
+                raise _Skip(f"{what}input rank {len(shape.values)}, not {rank}")
+            return xq, xdt, sx, zx
+
+        def _matmul(self, call):
+            """``dq(Xq)[M, K] @ W`` with ``W = dq(Wq)[K, N]`` or ``permute(dq(Wq)[N, K])``
+            (Gemm with transB), per-channel scales along N -> :func:`int8_matmul_te`."""
+            if call.attrs.out_dtype not in (None, "", "void", "float32"):
+                raise _Skip("matmul: out_dtype")
+            w, transposed = call.args[1], False
+            wb = self.lookup_binding(w) if isinstance(w, relax.Var) else None
+            if isinstance(wb, relax.Call) and wb.op == permute_op and (
+                    wb.attrs.axes is None or _ints(wb.attrs.axes) == [1, 0]):
+                w, transposed = wb.args[0], True
+            dqx, dqw = self._dq(call.args[0]), self._dq(w)
+            xq, xdt, sx, zx = self._activation(dqx if dqw is not None else None, 2,
+                                               "matmul: ")
+            wq, sw, zw = (_const(x) for x in dqw.args[:3])
+            if wq is None or sw is None or zw is None or wq.dtype != np.int8 or wq.ndim != 2:
+                raise _Skip("matmul: weight not constant 2-D int8")
+            if np.any(zw != 0):
+                raise _Skip("matmul: weight zero point not 0")
+            axis = int(dqw.attrs.axis) % 2
+            if not transposed:  # [K, N] -> [N, K]: the scale's axis must be N's
+                wq, axis = wq.T, 1 - axis
+            n = wq.shape[0]
+            if sw.size not in (1, n) or (sw.size == n and n > 1 and axis != 0):
+                raise _Skip("matmul: weight scale not per output column")
+            sw = np.broadcast_to(sw.reshape(-1).astype(np.float32), (n,))
+            wq = np.ascontiguousarray(wq)
+            za = za_of(isa, xdt, int(zx))
+            corr = (za * wq.astype(np.int64).sum(1)).astype(np.int32)
+            scale = (np.float32(sx) * sw).astype(np.float32)
+            self.stats["matmul"] += 1
+            return self.builder_.call_te(
+                functools.partial(int8_matmul_te, isa=isa), xq,
+                relax.const(pack_weight(wq[:, :, None, None], isa)), relax.const(corr),
+                relax.const(scale), int(zx), n, primfunc_name_hint="matmul_int8",
+                primfunc_attrs={"op_pattern": 4})
+
         def _rewrite(self, call):
             a = call.attrs
             if a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or \
                     a.out_layout != "NCHW" or a.out_dtype not in (None, "", "float32"):
                 raise _Skip("layout or out_dtype")
             dqx, dqw = self._dq(call.args[0]), self._dq(call.args[1])
-            if dqx is None or dqw is None:
-                raise _Skip("input or weight not dequantized")
-            xq = dqx.args[0]
-            xdt = str(xq.ty.dtype)
-            sx, zx = _scalar(dqx.args[1]), _scalar(dqx.args[2])
-            if xdt not in ("uint8", "int8") or sx is None or zx is None:
-                raise _Skip("activation not 8-bit with one scale")
+            xq, xdt, sx, zx = self._activation(dqx if dqw is not None else None, 4, "")
             shape = xq.ty.shape
-            if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
-                raise _Skip("dynamic shape")
             wq, sw, zw = (_const(x) for x in dqw.args[:3])
             if wq is None or sw is None or zw is None or wq.dtype != np.int8 or wq.ndim != 4:
                 raise _Skip("weight not constant int8")
@@ -403,11 +627,17 @@ def rewrite_pass(target, record: dict | None = None):
             c = int(shape.values[1])
             bb = self.builder_
             if groups == 1:
-                wp = pack_weight(wq, isa)
                 za = za_of(isa, xdt, int(zx))
                 corr = (za * wq.reshape(oc, -1).astype(np.int64).sum(1)).astype(np.int32)
                 scale = (np.float32(sx) * sw).astype(np.float32)
                 self.stats["conv2d"] += 1
+                if px_applies(isa, _ints(shape.values), wq.shape, strides, pads, dil):
+                    return bb.call_te(functools.partial(int8_conv1x1_px_te, isa=isa), xq,
+                                      relax.const(pack_weight_px(wq, isa)), relax.const(corr),
+                                      relax.const(scale), int(zx), oc,
+                                      primfunc_name_hint="conv2d_int8px",
+                                      primfunc_attrs={"op_pattern": 4})
+                wp = pack_weight(wq, isa)
                 return bb.call_te(functools.partial(int8_conv_te, isa=isa), xq,
                                   relax.const(wp), relax.const(corr), relax.const(scale),
                                   int(zx), oc, strides, pads, dil,
@@ -429,7 +659,8 @@ def rewrite_pass(target, record: dict | None = None):
                 rw.builder_.update_func(gv, rw.visit_expr(func))
         out = rw.builder_.get()
         if record is not None and (rw.stats["conv2d"] or rw.stats["dwconv2d"]
-                                   or rw.stats["float"] or rw.stats.get("maxpool")):
+                                   or rw.stats["matmul"] or rw.stats["float"]
+                                   or rw.stats.get("maxpool")):
             record["int8"] = rw.stats
         return relax.transform.DeadCodeElimination()(out)
 
@@ -452,8 +683,10 @@ def schedule_int8_conv(sch, block, isa: DotISA, max_cols: int) -> None:
     if isa.lanes == 16:  # 32 zmm: 16 accumulators + weight + broadcast; a 16-column tile
         max_cols = 16     # also gives the epilogue whole vectors (7x7/2 stem: -18 %)
     cols = _pick_tile(_extent(sch, x), max_cols)
-    # narrow rows (e.g. 7x7 maps): two channel blocks per tile keep enough accumulators busy
-    ob2 = 2 if cols <= max_cols // 2 and _extent(sch, o) % 2 == 0 else 1
+    # narrow rows (e.g. 7x7 maps, a matmul's few rows): two or three channel blocks per tile
+    # keep enough independent accumulators busy
+    oe = _extent(sch, o)
+    ob2 = next((k for k in (2, 3) if k * cols <= max_cols and oe % k == 0), 1)
     oo, oi = sch.split(o, [None, ob2])
     xo, xi = sch.split(x, [None, cols])
     intrin = register_intrin(isa)
@@ -473,3 +706,47 @@ def schedule_int8_conv(sch, block, isa: DotISA, max_cols: int) -> None:
         sch.tensorize(b, intrin)
     _vectorize_innermost(sch, epilogue)
     _parallel_pad(sch)
+
+
+def schedule_int8_px(sch, block, isa: DotISA) -> None:
+    """Register tile of :func:`int8_conv1x1_px_te`: ``rows`` output channels x one padded
+    row of pixels (``V`` vectors; ``rows * V`` accumulators); per reduction step ``V``
+    pixel-vector loads and ``rows`` broadcast weight words feed ``rows * V`` dot-product
+    instructions. The epilogue then covers exactly the tile's row, vectors along x."""
+    from .cpu_kernels import _extent, _fuse_epilogue
+
+    n, o, y, x, rc, rd = sch.get_loops(block)
+    L = isa.lanes
+    vecs = _extent(sch, x) // L
+    rows = PX_ROWS
+    while rows > 1 and rows * vecs > px_accumulators(isa):
+        rows //= 2
+    oo, oi = sch.split(o, [None, rows])
+    xv, xi = sch.split(x, [None, L])
+    intrin = register_px_intrin(isa)
+    if intrin is not None:
+        sch.reorder(n, oo, y, rc, oi, xv, xi, rd)
+    else:
+        sch.reorder(n, oo, y, rc, oi, xv, rd, xi)
+    epilogue = _fuse_epilogue(sch, block, y)
+    sch.parallel(sch.fuse(n, oo, y))
+    sch.unroll(oi)
+    sch.unroll(xv)
+    if intrin is None:  # (before the init is split off: vectorize needs the whole reduction)
+        sch.unroll(rd)
+        sch.vectorize(xi)
+    sch.decompose_reduction(block, rc)
+    if intrin is not None:
+        sch.tensorize(xi, intrin)
+    for blk in epilogue or []:  # (channel, x) loops: pixels of the row in the vector lanes
+        loops = sch.get_loops(blk)
+        try:
+            sch.vectorize(loops[-1])
+        except Exception:  # noqa: BLE001 - a scalar epilogue is still correct
+            pass
+    for pad in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(pad).name_hint == "edgec_pad_int8":  # rows of words, vectors along x
+            n_, cb, y_, x_ = sch.get_loops(pad)
+            sch.parallel(sch.fuse(n_, cb, y_))
+            _, x_ = sch.split(x_, [None, L])
+            sch.vectorize(x_)

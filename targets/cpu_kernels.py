@@ -33,6 +33,7 @@ log = logging.getLogger("edgec.cpu_kernels")
 
 CONV_BLOCK = "edgec_conv2d_packed"
 INT8_CONV_BLOCK = "edgec_conv2d_int8"
+INT8_PX_BLOCK = "edgec_conv2d_int8px"
 DWCONV_BLOCK = "edgec_dwconv2d"
 
 
@@ -422,11 +423,19 @@ def schedule_func(func, lanes: int, isa=None):
     dws = _find_blocks(sch, DWCONV_BLOCK)
     ints = [b for b in _find_blocks(sch, INT8_CONV_BLOCK)
             if sch.get(b).name_hint == INT8_CONV_BLOCK]
-    if len(convs) + len(dws) + len(ints) > 1:
+    pxs = [b for b in _find_blocks(sch, INT8_PX_BLOCK) if sch.get(b).name_hint == INT8_PX_BLOCK]
+    if len(convs) + len(dws) + len(ints) + len(pxs) > 1:
         raise ValueError("more than one convolution in a fused function")
     mms = [b for b in _all_blocks(sch) if sch.get(b).name_hint in ("matmul", "T_matmul_NN",
                                                                       "T_matmul")]
-    if ints:
+    if pxs:
+        from .cpu_int8 import schedule_int8_px
+
+        if isa is None:
+            raise ValueError("an int8 convolution needs the target's integer ISA")
+        schedule_int8_px(sch, pxs[0], isa)
+        kind = "conv2d-int8px-" + isa.name
+    elif ints:
         from .cpu_int8 import schedule_int8_conv
 
         if isa is None:

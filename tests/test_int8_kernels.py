@@ -16,6 +16,7 @@ from onnx import helper
 
 from conftest import compile_to, make_model
 from edgec.runtime import OrtSession, Session
+from edgec.targets.cpu_int8 import ISAS
 
 SETTINGS = settings(max_examples=20, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -75,6 +76,14 @@ def compare(m, step, tmp, **kw):
     return report["kernels"]
 
 
+def int8_convs(kern, isa, px=None) -> int:
+    """How many functions got an integer convolution kernel for ``isa`` (channels in the
+    lanes, pixels in the lanes (px=True), or either)."""
+    kinds = {None: ("conv2d-int8-", "conv2d-int8px-"), False: ("conv2d-int8-",),
+             True: ("conv2d-int8px-",)}[px]
+    return sum(kern["counts"].get(k + isa, 0) for k in kinds)
+
+
 def host_has(*features) -> bool:
     from edgec.targets import get_target
     from edgec.targets.backend import make_target
@@ -98,7 +107,7 @@ def test_int8_conv_host(tmp_path_factory, batch, c, k, ksz, stride, dil, pads, h
     kern = compare(m, step, tmp_path_factory.mktemp("i8"))
     isa = kern["int8"]["isa"]
     assert kern["int8"]["conv2d"] == 1 and not kern["int8"]["float"], kern["int8"]
-    assert kern["counts"].get(f"conv2d-int8-{isa}") == 1, kern
+    assert int8_convs(kern, isa) == 1, kern
     assert kern["unscheduled"] == {}
 
 
@@ -113,8 +122,9 @@ ISA_CPUS = [("avx512vnni", "icelake-server", ("avx512vnni",)),
 @pytest.mark.parametrize("isa,mcpu,needs", ISA_CPUS, ids=[i[0] for i in ISA_CPUS])
 @pytest.mark.parametrize("case", [(1, 13, 24, 3, 1, 1, (1, 1, 1, 1), 11, 19, "uint8"),
                                   (2, 8, 33, 3, 2, 1, (0, 1, 2, 0), 12, 15, "int8"),
-                                  (1, 64, 16, 1, 1, 1, (0, 0, 0, 0), 7, 7, "uint8")],
-                         ids=["3x3", "strided-asym-int8", "1x1-7x7"])
+                                  (1, 64, 16, 1, 1, 1, (0, 0, 0, 0), 7, 7, "uint8"),
+                                  (2, 13, 40, 1, 1, 1, (0, 0, 0, 0), 5, 28, "int8")],
+                         ids=["3x3", "strided-asym-int8", "1x1-7x7", "1x1-pixels"])
 def test_int8_conv_each_isa(tmp_path, isa, mcpu, needs, case):
     if needs and not host_has(*needs):
         pytest.skip(f"this CPU lacks {needs}")
@@ -123,7 +133,10 @@ def test_int8_conv_each_isa(tmp_path, isa, mcpu, needs, case):
                        act=act)
     kern = compare(m, step, tmp_path, target_options={"mcpu": mcpu})
     assert kern["int8"]["isa"] == isa
-    assert kern["counts"].get(f"conv2d-int8-{isa}") == 1, kern
+    # 1x1 stride 1 whose rows pad to whole vectors wasting at most 1/4: pixels in the lanes
+    lanes = ISAS[isa].lanes
+    px = ksz == 1 and 4 * (-w % lanes) <= w + (-w % lanes)
+    assert int8_convs(kern, isa, px=px) == 1, kern
     assert kern["unscheduled"] == {}
 
 
@@ -156,6 +169,13 @@ def test_int8_kernels_build_for_aarch64(tmp_path, target, isa):
     kern = report["kernels"]
     assert kern["int8"]["isa"] == isa
     assert kern["counts"].get(f"conv2d-int8-{isa}") == 1 and kern["unscheduled"] == {}
+    # the pixel-lane 1x1 kernel and the integer matmul build too
+    m, _ = qdq_conv(np.random.default_rng(4), 1, 16, 32, 1, 1, 1, (0, 0, 0, 0), 6, 16)
+    kern = compile_to(m, tmp_path / "px", target=target)["kernels"]
+    assert kern["counts"].get(f"conv2d-int8px-{isa}") == 1 and kern["unscheduled"] == {}
+    m, _ = qdq_matmul(np.random.default_rng(4), 2, 40, 24)
+    kern = compile_to(m, tmp_path / "mm", target=target)["kernels"]
+    assert kern["int8"]["matmul"] == 1 and kern["unscheduled"] == {}
 
 
 def test_pack_weight_layout_and_isa_choice():
@@ -225,3 +245,58 @@ def test_maxpool_on_8bit_tensor(tmp_path):
     x = calib["x"][:1]
     ref, got = ort.run(None, {"x": x})[0], sess.run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def qdq_matmul(rng, m_rows, k, n, op="Gemm", act="uint8", bias=True):
+    """x -> Q/DQ -> Gemm(transB=1: W[N, K], scales on axis 0) or MatMul (W[K, N], axis 1)
+    with DQ(int8 W per output column) [+ DQ(int32 bias)] -> Q/DQ."""
+    wq = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    sw = rng.uniform(0.002, 0.02, n).astype(np.float32)
+    sx = np.array(0.05, np.float32)
+    zx = np.array(128 if act == "uint8" else -5, np.uint8 if act == "uint8" else np.int8)
+    bq = rng.integers(-3000, 3000, n).astype(np.int32)
+    inits = {"sx": sx, "zx": zx, "sw": sw, "zw": np.zeros(n, np.int8),
+             "wq": wq if op == "Gemm" else np.ascontiguousarray(wq.T),
+             "bq": bq, "sb": (sx * sw).astype(np.float32), "zb": np.zeros(n, np.int32),
+             "sy": np.array(0.5, np.float32), "zy": np.array(128, np.uint8)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"],
+                              axis=0 if op == "Gemm" else 1),
+             helper.make_node("DequantizeLinear", ["bq", "sb", "zb"], ["bd"], axis=0)]
+    if op == "Gemm":
+        nodes.append(helper.make_node("Gemm", ["xd", "wd"] + (["bd"] if bias else []), ["y"],
+                                      transB=1))
+    else:
+        nodes.append(helper.make_node("MatMul", ["xd", "wd"], ["mm"]))
+        nodes.append(helper.make_node("Add", ["mm", "bd"], ["y"]) if bias else
+                     helper.make_node("Identity", ["mm"], ["y"]))
+    nodes += [helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["out"])]
+    return make_model(nodes, [("x", [m_rows, k])], [("out", [m_rows, n])], inits,
+                      opset=13), 0.5
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+@pytest.mark.parametrize("m_rows,k,n,act", [(1, 1280, 1000, "uint8"), (3, 37, 21, "int8"),
+                                            (17, 64, 16, "uint8"), (40, 10, 3, "int8")])
+def test_int8_matmul(tmp_path, op, m_rows, k, n, act):
+    """QDQ Gemm/MatMul -> integer matmul (batch rows as the tile's columns): within one
+    output step of onnxruntime on the same QDQ model, for odd K, N and row counts."""
+    m, step = qdq_matmul(np.random.default_rng(k + n), m_rows, k, n, op=op, act=act,
+                         bias=m_rows != 40)
+    kern = compare(m, step, tmp_path)
+    isa = kern["int8"]["isa"]
+    assert kern["int8"]["matmul"] == 1 and not kern["int8"]["float"], kern["int8"]
+    assert int8_convs(kern, isa, px=False) == 1, kern
+    assert kern["unscheduled"] == {}
+
+
+@pytest.mark.parametrize("isa,mcpu,needs", ISA_CPUS, ids=[i[0] for i in ISA_CPUS])
+def test_int8_matmul_each_isa(tmp_path, isa, mcpu, needs):
+    if needs and not host_has(*needs):
+        pytest.skip(f"this CPU lacks {needs}")
+    m, step = qdq_matmul(np.random.default_rng(3), 5, 70, 33, act="int8")
+    kern = compare(m, step, tmp_path, target_options={"mcpu": mcpu})
+    assert kern["int8"]["isa"] == isa and kern["int8"]["matmul"] == 1
+    assert int8_convs(kern, isa, px=False) == 1, kern
