@@ -106,10 +106,12 @@ def _check_static_outputs(model: onnx.ModelProto, mod) -> None:
 
 
 # ---------------------------------------------------------------------------------- pipelines
-def front_phases(legalize: dict | None = None, pre: list | None = None) -> list:
+def front_phases(legalize: dict | None = None, pre: list | None = None,
+                 folded: list | None = None) -> list:
     """The phases every target starts with: library dispatch, legalization to TIR (with
     per-target overrides; ``pre``: target rewrites that must see the graph before constants
-    are folded) and fusion of elementwise epilogues into their producers."""
+    are folded; ``folded``: rewrites that need them folded) and fusion of elementwise
+    epilogues into their producers."""
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
@@ -117,6 +119,7 @@ def front_phases(legalize: dict | None = None, pre: list | None = None) -> list:
         # evaluate ops on constants first -- e.g. DequantizeLinear of int8 weights -- so the
         # legalizers below see constant weights (packed kernels need them)
         relax.transform.FoldConstant(),
+        *(folded or []),
         relax.transform.LegalizeOps(customize_legalize_map=legalize or {}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

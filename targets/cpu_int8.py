@@ -261,8 +261,9 @@ def pack_weight(wq: np.ndarray, isa: DotISA) -> np.ndarray:
 
 
 def int8_conv_te(xq, wp, corr, scale, zx: int, oc: int, strides, pads, dil, isa: DotISA,
-                 view=None):
-    """TE of the integer convolution; returns the float output ``[n, oc, oh, ow]``.
+                 view=None, requant=None):
+    """TE of the integer convolution; returns the float output ``[n, oc, oh, ow]`` (or with
+    ``requant``, the next layer's 8-bit input: :func:`finish_int8`).
 
     ``view`` (for :func:`int8_matmul_te`): ``(shape, load)``, the NCHW shape the kernel sees
     and ``load(n, c, y, x)`` reading it from ``xq``."""
@@ -323,14 +324,33 @@ def int8_conv_te(xq, wp, corr, scale, zx: int, oc: int, strides, pads, dil, isa:
             * wp[o, rc, ry, rx, b, rd].astype("int32"), axis=[rc, ry, rx, rd]),
         name=INT8_CONV_BLOCK)
     if view is not None:  # a matmul: batch rows are the columns of a 1 x M image
-        return te.compute(
-            (ow, oc),
-            lambda m, o: (acc[0, o // L, 0, m, o % L] - corr[o]).astype("float32") * scale[o],
-            name="edgec_conv2d_int8_dequant")
-    return te.compute(
-        (nb, oc, oh, ow),
-        lambda n, o, y, x: (acc[n, o // L, y, x, o % L] - corr[o]).astype("float32") * scale[o],
-        name="edgec_conv2d_int8_dequant")
+        return finish_int8((ow, oc), lambda m, o: acc[0, o // L, 0, m, o % L],
+                           lambda m, o: o, corr, scale, requant)
+    return finish_int8((nb, oc, oh, ow), lambda n, o, y, x: acc[n, o // L, y, x, o % L],
+                       lambda n, o, y, x: o, corr, scale, requant)
+
+
+def finish_int8(shape, acc_at, chan, corr, scale, requant):
+    """The kernel's output from its int32 sums: ``(acc - corr[o]) * scale[o]`` (float), or
+    with ``requant = (lo, hi, dtype)`` the quantized next activation directly::
+
+        q = round(clamp(acc * scale[o] + corr[o], lo, hi))      (``corr`` then a float offset)
+
+    into which :func:`requant_pass` folded bias, ReLU/Clip and the quantize step."""
+    from tvm import te, tirx
+
+    if requant is None:
+        return te.compute(shape, lambda *i: (acc_at(*i) - corr[chan(*i)]).astype("float32")
+                          * scale[chan(*i)], name="edgec_conv2d_int8_dequant")
+    lo, hi, dtype = requant
+
+    def body(*i):
+        o = chan(*i)
+        t = acc_at(*i).astype("float32") * scale[o] + corr[o]
+        t = tirx.max(tirx.min(t, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
+        return tirx.round(t).astype(dtype)
+
+    return te.compute(shape, body, name="edgec_conv2d_int8_requant")
 
 
 PX_ROWS = 16  # output channels per pixel-kernel register tile (the weight words' grouping)
@@ -367,7 +387,7 @@ def pack_weight_px(wq: np.ndarray, isa: DotISA) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(ocb, R, icb, D).transpose(0, 2, 1, 3))
 
 
-def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA):
+def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA, requant=None):
     """1x1 stride-1 integer convolution with pixels in the vector lanes::
 
         acc[n, o, y, x] += sum_d A[n, c // D, y, x].d * B[o // R, c // D, o % R, d]
@@ -412,20 +432,18 @@ def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA):
              ).astype(isa.a_dtype).astype("int32")
             * wp[o // R, rc, o % R, rd].astype("int32"), axis=[rc, rd]),
         name=INT8_PX_BLOCK)
-    return te.compute(
-        (nb, oc, h, w),
-        lambda n, o, y, x: (acc[n, o, y, x] - corr[o]).astype("float32") * scale[o],
-        name="edgec_conv2d_int8_dequant")
+    return finish_int8((nb, oc, h, w), lambda n, o, y, x: acc[n, o, y, x],
+                       lambda n, o, y, x: o, corr, scale, requant)
 
 
-def int8_matmul_te(xq, wp, corr, scale, zx: int, n_out: int, isa: DotISA):
+def int8_matmul_te(xq, wp, corr, scale, zx: int, n_out: int, isa: DotISA, requant=None):
     """``Y[m, j] = sum_k dq(Xq)[m, k] * dq(Wq)[k, j]`` as a 1x1 integer convolution over a
     ``1 x M`` image with ``K`` channels: the ``M`` rows become the register tile's columns,
     so each weight vector loaded serves up to 16 rows (and batch 1 is an int8 GEMV reading
     a quarter of the fp32 weight bytes)."""
     m, k = _ints(xq.shape)
     return int8_conv_te(xq, wp, corr, scale, zx, n_out, (1, 1), (0, 0, 0, 0), (1, 1), isa,
-                        view=((1, k, 1, m), lambda n, ch, y, x: xq[x, ch]))
+                        view=((1, k, 1, m), lambda n, ch, y, x: xq[x, ch]), requant=requant)
 
 
 def za_of(isa: DotISA, x_dtype: str, zx: int) -> int:
@@ -437,14 +455,26 @@ def za_of(isa: DotISA, x_dtype: str, zx: int) -> int:
     return zx - (128 if x_dtype == "uint8" else 0)
 
 
-def q_dwconv_te(xq, wt, sx: float, zx: int, strides, pads, dil):
-    """Depthwise convolution reading the 8-bit input: dequantized while padding, float sums."""
+def q_dwconv_te(xq, wt, zx: int, strides, pads, dil, lanes: int, bias=None, requant=None):
+    """Depthwise convolution reading the 8-bit input: ``(Xq - zx)`` converted while padding
+    (the input scale is folded into ``wt``), float sums. With ``requant = (lo, hi, dtype)``
+    (``wt`` then also carries the output's 1/scale, ``bias`` its zero point) the output is
+    the next layer's 8-bit input, ``round(clamp(acc + bias[c], lo, hi))``."""
+    from tvm import tirx
+
     from .cpu_kernels import dwconv_te
 
     def load(n, c_, y, x):
-        return (xq[n, c_, y, x].astype("int32") - zx).astype("float32") * np.float32(sx)
+        return (xq[n, c_, y, x].astype("int32") - zx).astype("float32")
 
-    return dwconv_te(xq, wt, strides, pads, dil, load=load)
+    def requantize(v, n, c_, y, x):
+        lo, hi, dtype = requant
+        t = tirx.max(tirx.min(v + bias[c_], tirx.const(hi, "float32")),
+                     tirx.const(lo, "float32"))
+        return tirx.round(t).astype(dtype)
+
+    return dwconv_te(xq, wt, strides, pads, dil, load=load, lanes=lanes,
+                     finish=None if requant is None else requantize)
 
 
 def make_quantize_legalizer():
@@ -496,8 +526,12 @@ def _scalar(expr):
     return v.reshape(())[()]
 
 
-def rewrite_pass(target, record: dict | None = None):
-    """Relax pass, run before constant folding: QDQ Conv -> integer kernels."""
+def rewrite_pass(target, record: dict | None = None, kernels: dict | None = None):
+    """Relax pass, run before constant folding: QDQ Conv -> integer kernels.
+
+    ``kernels`` (if given) receives, per emitted kernel (by PrimFunc name), how to emit it
+    again with a requantizing output: what :func:`requant_pass` needs."""
+    kernels = {} if kernels is None else kernels
     isa = select_isa(target)
     conv_op = tvm.ir.Op.get("relax.nn.conv2d")
     dq_op = tvm.ir.Op.get("relax.dequantize")
@@ -598,11 +632,29 @@ def rewrite_pass(target, record: dict | None = None):
             corr = (za * wq.astype(np.int64).sum(1)).astype(np.int32)
             scale = (np.float32(sx) * sw).astype(np.float32)
             self.stats["matmul"] += 1
-            return self.builder_.call_te(
-                functools.partial(int8_matmul_te, isa=isa), xq,
-                relax.const(pack_weight(wq[:, :, None, None], isa)), relax.const(corr),
-                relax.const(scale), int(zx), n, primfunc_name_hint="matmul_int8",
+            return self._int8_kernel(int8_matmul_te, xq, pack_weight(wq[:, :, None, None], isa),
+                                     corr, scale, (int(zx), n), "matmul_int8")
+
+        def _int8_kernel(self, te_fn, xq, wpk, corr, scale, tail, name):
+            """Emit an integer kernel (float output) and remember how to emit it with the
+            requantizing one: ``(acc - corr) * scale + bias`` times ``inv`` plus ``zp``
+            is ``acc * s2 + b2``."""
+            call = self.builder_.call_te(
+                functools.partial(te_fn, isa=isa), xq, relax.const(wpk), relax.const(corr),
+                relax.const(scale), *tail, primfunc_name_hint=name,
                 primfunc_attrs={"op_pattern": 4})
+
+            def remake(bb, x_new, inv, bias, zp, rq):
+                s64 = scale.astype(np.float64)
+                s2 = (s64 * inv).astype(np.float32)
+                b2 = ((bias - corr.astype(np.float64) * s64) * inv + zp).astype(np.float32)
+                return bb.call_te(functools.partial(te_fn, isa=isa, requant=rq), x_new,
+                                  relax.const(wpk), relax.const(b2), relax.const(s2), *tail,
+                                  primfunc_name_hint=name + "_rq",
+                                  primfunc_attrs={"op_pattern": 4})
+
+            kernels[call.args[0].name_hint] = (remake, len(scale))
+            return call
 
         def _rewrite(self, call):
             a = call.attrs
@@ -632,23 +684,29 @@ def rewrite_pass(target, record: dict | None = None):
                 scale = (np.float32(sx) * sw).astype(np.float32)
                 self.stats["conv2d"] += 1
                 if px_applies(isa, _ints(shape.values), wq.shape, strides, pads, dil):
-                    return bb.call_te(functools.partial(int8_conv1x1_px_te, isa=isa), xq,
-                                      relax.const(pack_weight_px(wq, isa)), relax.const(corr),
-                                      relax.const(scale), int(zx), oc,
-                                      primfunc_name_hint="conv2d_int8px",
-                                      primfunc_attrs={"op_pattern": 4})
-                wp = pack_weight(wq, isa)
-                return bb.call_te(functools.partial(int8_conv_te, isa=isa), xq,
-                                  relax.const(wp), relax.const(corr), relax.const(scale),
-                                  int(zx), oc, strides, pads, dil,
-                                  primfunc_name_hint="conv2d_int8",
-                                  primfunc_attrs={"op_pattern": 4})
+                    return self._int8_kernel(int8_conv1x1_px_te, xq, pack_weight_px(wq, isa),
+                                             corr, scale, (int(zx), oc), "conv2d_int8px")
+                return self._int8_kernel(int8_conv_te, xq, pack_weight(wq, isa), corr, scale,
+                                         (int(zx), oc, strides, pads, dil), "conv2d_int8")
             if groups == c == oc and wq.shape[1] == 1:
-                wt = (wq.astype(np.float32) * sw[:, None, None, None]).astype(np.float32)
+                wt = (wq.astype(np.float32) * (np.float32(sx) * sw)[:, None, None, None]
+                      ).astype(np.float32)
                 self.stats["dwconv2d"] += 1
-                return bb.call_te(q_dwconv_te, xq, relax.const(wt), float(sx), int(zx),
-                                  strides, pads, dil, primfunc_name_hint="dwconv2d_q",
+                call = bb.call_te(functools.partial(q_dwconv_te, lanes=isa.lanes), xq,
+                                  relax.const(wt), int(zx), strides, pads, dil,
+                                  primfunc_name_hint="dwconv2d_q",
                                   primfunc_attrs={"op_pattern": 4})
+
+                def remake(bb_, x_new, inv, bias, zp, rq):  # sum * inv + (bias * inv + zp)
+                    wt2 = (wt.astype(np.float64) * inv).astype(np.float32)
+                    b2 = (bias * inv + zp).astype(np.float32)
+                    return bb_.call_te(
+                        functools.partial(q_dwconv_te, lanes=isa.lanes, requant=rq), x_new,
+                        relax.const(wt2), int(zx), strides, pads, dil, bias=relax.const(b2),
+                        primfunc_name_hint="dwconv2d_q_rq", primfunc_attrs={"op_pattern": 4})
+
+                kernels[call.args[0].name_hint] = (remake, oc)
+                return call
             raise _Skip("grouped convolution")
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecQuantizedConv")
@@ -663,6 +721,157 @@ def rewrite_pass(target, record: dict | None = None):
                                    or rw.stats.get("maxpool")):
             record["int8"] = rw.stats
         return relax.transform.DeadCodeElimination()(out)
+
+    return _pass
+
+
+def _uses(func) -> dict:
+    """How often each relax Var is read in ``func`` (bindings and the function's result)."""
+    counts: dict = {}
+
+    def walk(e):
+        if isinstance(e, relax.Var):
+            counts[e] = counts.get(e, 0) + 1
+        elif isinstance(e, relax.Call):
+            for a in e.args:
+                walk(a)
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                walk(f)
+        elif isinstance(e, relax.TupleGetItem):
+            walk(e.tuple_value)
+
+    body = func.body
+    for block in body.blocks:
+        for b in block.bindings:
+            walk(b.value)
+    walk(body.body)
+    return counts
+
+
+def requant_pass(kernels: dict, record: dict | None = None):
+    """Relax pass, run after constants are folded: fold the epilogue that ends in the next
+    layer's quantize into the integer kernel::
+
+        q(clamp(K + bias[o], lo, hi); s, z)  ->  round(clamp(acc * s2[o] + b2[o], lo', hi'))
+
+    where ``K = (acc - corr[o]) * scale[o]`` is the kernel's float output (or a depthwise
+    float sum), ``s2 = scale / s``, ``b2 = (bias - corr * scale) / s + z``,
+    ``lo' = max(lo / s + z, qmin)``, ``hi' = min(hi / s + z, qmax)`` (``z`` an integer, so
+    adding it before rounding moves only exact ties, by one step). ``clamp`` is any chain of
+    ReLU / maximum / minimum with scalar constants (ONNX Clip). One multiply-add, a clamp and
+    a round per output replace the dequantize, bias, clip and quantize steps; every
+    intermediate must have no other reader."""
+    q_op = tvm.ir.Op.get("relax.quantize")
+    add_op = tvm.ir.Op.get("relax.add")
+    relu_op = tvm.ir.Op.get("relax.nn.relu")
+    max_op = tvm.ir.Op.get("relax.maximum")
+    min_op = tvm.ir.Op.get("relax.minimum")
+    call_tir_op = tvm.ir.Op.get("relax.call_tir")
+    qrange = {"uint8": (0, 255), "int8": (-128, 127)}
+
+    def clamp_of(val):
+        """``("max" | "min", c, data)`` for max/min with a scalar constant, else None."""
+        if val.op == relu_op:
+            return "max", 0.0, val.args[0]
+        if val.op in (max_op, min_op):
+            kind, args = ("max" if val.op == max_op else "min"), list(val.args)
+        elif val.op == call_tir_op and isinstance(val.args[1], relax.Tuple):
+            name = val.args[0].name_hint.rstrip("0123456789_")
+            if name not in ("maximum", "minimum"):
+                return None
+            kind, args = name[:3], list(val.args[1].fields)
+        else:
+            return None
+        if len(args) != 2:
+            return None
+        c = _const(args[1])
+        if c is None or c.size != 1:
+            return None
+        return kind, float(c.reshape(-1)[0]), args[0]
+
+    @relax.expr_functor.mutator
+    class _Folder(relax.PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.folded = 0
+            self.var2val: dict = {}
+            self.uses: dict = {}
+
+        def visit_call_(self, call):
+            if call.op == q_op:
+                out = self._fold(call)
+                if out is not None:
+                    self.folded += 1
+                    return out
+            return super().visit_call_(call)
+
+        def _single(self, v):
+            if not isinstance(v, relax.Var) or self.uses.get(v, 0) != 1:
+                return None
+            val = self.var2val.get(v)
+            return val if isinstance(val, relax.Call) else None
+
+        def _fold(self, q):
+            s, z = _const(q.args[1]), _const(q.args[2])
+            dtype = str(q.attrs.out_dtype)
+            if s is None or z is None or s.size != 1 or z.size != 1 or dtype not in qrange \
+                    or float(s.reshape(-1)[0]) <= 0:
+                return None
+            inv, zp = 1.0 / float(s.reshape(-1)[0]), float(z.reshape(-1)[0])
+            clamps, bias = [], None
+            val = self._single(q.args[0])
+            while val is not None:  # outermost first
+                c = clamp_of(val)
+                if c is None:
+                    break
+                clamps.append(c[:2])
+                val = self._single(c[2])
+            if val is not None and val.op == add_op:
+                b = _const(val.args[1])
+                if b is None:
+                    return None
+                bias = b
+                val = self._single(val.args[0])
+            if val is None or val.op != call_tir_op or \
+                    val.args[0].name_hint not in kernels:
+                return None
+            remake, nch = kernels[val.args[0].name_hint]
+            oty = val.ty
+            rank = len(oty.shape.values) if oty.shape is not None else 0
+            axis = 1 if rank == 4 else rank - 1
+            if bias is None:
+                bvec = np.zeros(nch)
+            else:  # per output channel: all other axes 1 (broadcast from the right)
+                bs = (1,) * (rank - bias.ndim) + bias.shape
+                if len(bs) != rank or any(d != 1 for i, d in enumerate(bs) if i != axis) or \
+                        bs[axis] not in (1, nch) or not np.all(np.isfinite(bias)):
+                    return None
+                bvec = np.broadcast_to(bias.astype(np.float64).reshape(-1), (nch,))
+            lo, hi = -np.inf, np.inf
+            for kind, c in reversed(clamps):  # innermost first: max/min of a clamp
+                lo, hi = ((max(lo, c), max(hi, c)) if kind == "max" else
+                          (min(lo, c), min(hi, c)))
+            qmin, qmax = qrange[dtype]
+            lo2 = max(lo * inv + zp, qmin) if np.isfinite(lo) else qmin
+            hi2 = min(hi * inv + zp, qmax) if np.isfinite(hi) else qmax
+            x_new = self.visit_expr(val.args[1].fields[0])
+            return remake(self.builder_, x_new, inv, bvec, zp, (float(lo2), float(hi2), dtype))
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecFoldRequantize")
+    def _pass(mod, _ctx):
+        if not kernels:
+            return mod
+        f = _Folder(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                f.var2val = dict(relax.analysis.get_var2val(func))
+                f.uses = _uses(func)
+                f.builder_.update_func(gv, f.visit_expr(func))
+        out = f.builder_.get()
+        if record is not None and "int8" in record:
+            record["int8"]["requant_fused"] = f.folded
+        return relax.transform.DeadCodeElimination()(out) if f.folded else out
 
     return _pass
 
@@ -741,7 +950,12 @@ def schedule_int8_px(sch, block, isa: DotISA) -> None:
     for blk in epilogue or []:  # (channel, x) loops: pixels of the row in the vector lanes
         loops = sch.get_loops(blk)
         try:
-            sch.vectorize(loops[-1])
+            w = _extent(sch, loops[-1])
+            if w % L == 0 and w > L:  # whole vectors (LLVM splits a 112-lane vector badly)
+                _, inner = sch.split(loops[-1], [None, L])
+                sch.vectorize(inner)
+            else:
+                sch.vectorize(loops[-1])
         except Exception:  # noqa: BLE001 - a scalar epilogue is still correct
             pass
     for pad in sch.get_child_blocks(sch.get_sblock("root")):

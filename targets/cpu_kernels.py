@@ -23,6 +23,7 @@ whose schedule fails keeps its (correct, slow) default loops.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -99,8 +100,9 @@ def make_conv2d_legalizer(lanes: int):
                               primfunc_name_hint="conv2d_packed",
                               primfunc_attrs={"op_pattern": 4})
         if groups == c and oc == c and w.shape[1] == 1:
-            return bb.call_te(dwconv_te, data, weight, strides, pads, dil,
-                              primfunc_name_hint="dwconv2d", primfunc_attrs={"op_pattern": 4})
+            return bb.call_te(functools.partial(dwconv_te, lanes=lanes), data, weight,
+                              strides, pads, dil, primfunc_name_hint="dwconv2d",
+                              primfunc_attrs={"op_pattern": 4})
         return default(bb, call)
 
     return legalize
@@ -152,8 +154,28 @@ def _conv_packed_te(x, wp, oc, strides, pads, dil):
                       name="edgec_conv2d_unpack")
 
 
-def dwconv_te(x, wt, strides, pads, dil, load=None):
-    """Depthwise convolution; ``load`` as in :func:`_pad`."""
+def dw_vector(ow: int, lanes: int) -> int:
+    """Vector width for a depthwise output row of ``ow`` pixels: the fewest vectors, and
+    of those the narrowest (a 7-pixel row is one 8-lane vector, not a 16-lane one)."""
+    widths = [u for u in (16, 8, 4) if u <= max(lanes, 4)]
+    return min(widths, key=lambda u: (-(-ow // u), u))
+
+
+def dwconv_te(x, wt, strides, pads, dil, load=None, lanes: int = 8, finish=None):
+    """Depthwise convolution, one padded row of vectors at a time::
+
+        Xs_p[n, c, y, j] = Xpad[n, c, y, j * sw + p]                 (column phases)
+        acc[n, c, y, x]  = sum_{i, k} Xs_{(k*dw) % sw}[n, c, y*sh + i*dh, x + (k*dw) // sw]
+                                      * W[c, 0, i, k]                 for x < Wp
+        Y[n, c, y, x]    = finish(acc[n, c, y, x])                    for x < Wo
+
+    The row is padded to whole vectors (``Wp``, :func:`dw_vector`), so every tap is one
+    unaligned vector load and one FMA per vector and the accumulators of a row stay in
+    registers; the columns beyond ``Wo`` are computed from padding and never read. With
+    ``sw`` column phases every tap of a strided convolution reads contiguous columns.
+    ``load(n, c, y, x)`` (default ``x[n, c, y, x]``) reads one float input value, e.g.
+    dequantizing an 8-bit input; ``finish(v, n, c, y, x)`` (default ``v``) maps a sum to
+    the output value, e.g. requantizing it."""
     from tvm import te
 
     nb, c, h, w = _ints(x.shape)
@@ -162,37 +184,51 @@ def dwconv_te(x, wt, strides, pads, dil, load=None):
     pt, pl, pb, pr = pads
     oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
     ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    v = dw_vector(ow, lanes)
+    owp = -(-ow // v) * v
+    cols = owp + ((kw - 1) * dw) // sw
+    rows = (oh - 1) * sh + (kh - 1) * dh + 1
+    load = load or (lambda *i: x[i])
     rkh = te.reduce_axis((0, kh), "rkh")
-    rkw = te.reduce_axis((0, kw), "rkw")
+
+    def phase(p):
+        def body(n, c_, y, j):
+            col = j * sw + p - pl
+            row = y - pt
+            # only the tests that can fail (one that always holds would be simplified away
+            # together with the ``likely`` that lets LoopPartition split off the interior)
+            tests = [t for t, can_fail in ((row >= 0, pt > 0), (row < h, rows - pt > h),
+                                           (col >= 0, p < pl),
+                                           (col < w, (cols - 1) * sw + p - pl >= w))
+                     if can_fail]
+            out = load(n, c_, row, col)
+            for t in reversed(tests):  # one test per likely: LoopPartition deduces each bound
+                out = tvm.tirx.if_then_else(tvm.tirx.likely(t), out,
+                                            tvm.tirx.const(0.0, "float32"))
+            return out
+        return body
+
+    # one buffer per column phase (p a constant: the bounds tests split off cleanly)
+    xs = {p: te.compute((nb, c, rows, cols), phase(p), name=f"edgec_pad_p{p}")
+          for p in sorted({(k * dw) % sw for k in range(kw)})}
     if sw == 1:
-        xp = _pad(x, pads, load)
-        return te.compute(
-            (nb, c, oh, ow),
+        rkw = te.reduce_axis((0, kw), "rkw")
+        acc = te.compute(
+            (nb, c, oh, owp),
             lambda n, c_, y, xx: te.sum(
-                xp[n, c_, y * sh + rkh * dh, xx + rkw * dw] * wt[c_, 0, rkh, rkw],
+                xs[0][n, c_, y * sh + rkh * dh, xx + rkw * dw] * wt[c_, 0, rkh, rkw],
                 axis=[rkh, rkw]),
             name=DWCONV_BLOCK)
-    # Strided along the width: split the padded input into its ``sw`` column phases,
-    # Xs[n, c, y, p, j] = Xpad[n, c, y, j*sw + p], so that every tap reads contiguous
-    # columns: Xpad[.., xx*sw + k] = Xs[.., k % sw, xx + k // sw].
-    load = load or (lambda *i: x[i])
-    wp_ = w + pl + pr
-    cols = -(-wp_ // sw)
-
-    def phase(n, c_, y, p, j):
-        col = j * sw + p - pl
-        row = y - pt
-        inside = tvm.tirx.all(row >= 0, row < h, col >= 0, col < w)
-        return tvm.tirx.if_then_else(tvm.tirx.likely(inside), load(n, c_, row, col),
-                                     tvm.tirx.const(0.0, "float32"))
-
-    xs = te.compute((nb, c, h + pt + pb, sw, cols), phase, name="edgec_pad")
-    return te.compute(
-        (nb, c, oh, ow),
-        lambda n, c_, y, xx: te.sum(
-            xs[n, c_, y * sh + rkh * dh, (rkw * dw) % sw, xx + (rkw * dw) // sw]
-            * wt[c_, 0, rkh, rkw], axis=[rkh, rkw]),
-        name=DWCONV_BLOCK)
+    else:  # the taps of a kernel row written out: each reads its phase's buffer
+        def strided(n, c_, y, xx):
+            terms = [xs[(k * dw) % sw][n, c_, y * sh + rkh * dh, xx + (k * dw) // sw]
+                     * wt[c_, 0, rkh, k] for k in range(kw)]
+            return te.sum(functools.reduce(lambda a, b: a + b, terms), axis=[rkh])
+        acc = te.compute((nb, c, oh, owp), strided, name=DWCONV_BLOCK)
+    finish = finish or (lambda v, *i: v)
+    return te.compute((nb, c, oh, ow),
+                      lambda n, c_, y, xx: finish(acc[n, c_, y, xx], n, c_, y, xx),
+                      name="edgec_dwconv2d_crop")
 
 
 def make_fast_math_legalizers() -> dict:
@@ -319,24 +355,38 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
 
 
 def schedule_dwconv(sch, block, lanes: int) -> None:
-    n, c, y, x, rkh, rkw = sch.get_loops(block)
-    w = _extent(sch, x)
-    vec = _pick_vec_tile(w, lanes, 4 * lanes)
-    xo, xi = sch.split(x, [None, vec])
-    sch.reorder(n, c, y, xo, rkh, rkw, xi)
-    epilogue = _fuse_epilogue(sch, block, xo)
-    sch.parallel(sch.fuse(n, c, y))
-    sch.unroll(rkh)
-    sch.unroll(rkw)
-    sch.vectorize(xi)
-    sch.decompose_reduction(block, rkh)
-    _vectorize_innermost(sch, epilogue)
-    _parallel_pad(sch)
+    """Per channel (the parallel tasks): the channel's padded input, then row by row a
+    register tile of up to ``V`` vectors of the padded row, every tap unrolled (one load and
+    one FMA per vector), and the fused epilogue on the row while it is in L1."""
+    n, c, y, x, *red = sch.get_loops(block)
+    owp = _extent(sch, x)
+    crop = next(b for b in _all_blocks(sch) if sch.get(b).name_hint == "edgec_dwconv2d_crop")
+    v = dw_vector(_extent(sch, sch.get_loops(crop)[-1]), lanes)
+    nv = owp // v
+    xo, xv, xi = sch.split(x, [None, _pick_tile(nv, 8 if lanes >= 16 else 4), v])
+    sch.reorder(n, c, y, xo, *red, xv, xi)
+    epilogue = _fuse_epilogue(sch, block, y)
+    nc = sch.fuse(n, c)
+    sch.parallel(nc)
     for pad in _find_blocks(sch, "edgec_pad"):
-        loops = sch.get_loops(pad)
-        if len(sch.get(pad).iter_vars) == 5:  # column phases: read the row in order
-            sch.reorder(loops[-1], loops[-2])  # Xs[.., y, p, j] for j, for p (4x faster)
-            sch.unroll(sch.get_loops(pad)[-1])
+        sch.compute_at(pad, nc, preserve_unit_loops=True)
+    for r in red:
+        sch.unroll(r)
+    sch.unroll(xv)
+    sch.vectorize(xi)
+    sch.decompose_reduction(block, red[0])
+    ow = _extent(sch, sch.get_loops(epilogue[-1])[-1]) if epilogue else 0
+    ev = v if ow % v == 0 and ow > v else None  # (56 = 3 x 16 + 8: LLVM's split is better)
+    for blk in epilogue:  # whole vectors along the row (LLVM splits a 112-lane vector badly)
+        loops = sch.get_loops(blk)
+        try:
+            if ev is not None and _extent(sch, loops[-1]) == ow:
+                _, inner = sch.split(loops[-1], [None, ev])
+                sch.vectorize(inner)
+            else:
+                sch.vectorize(loops[-1])
+        except Exception:  # noqa: BLE001 - a scalar epilogue is still correct
+            pass
 
 
 def schedule_matmul(sch, block, lanes: int) -> None:
@@ -420,7 +470,7 @@ def schedule_func(func, lanes: int, isa=None):
     """Schedule one fused function; raise if no schedule applies cleanly."""
     sch = tvm.s_tir.Schedule(func)
     convs = _find_blocks(sch, CONV_BLOCK)
-    dws = _find_blocks(sch, DWCONV_BLOCK)
+    dws = [b for b in _find_blocks(sch, DWCONV_BLOCK) if sch.get(b).name_hint == DWCONV_BLOCK]
     ints = [b for b in _find_blocks(sch, INT8_CONV_BLOCK)
             if sch.get(b).name_hint == INT8_CONV_BLOCK]
     pxs = [b for b in _find_blocks(sch, INT8_PX_BLOCK) if sch.get(b).name_hint == INT8_PX_BLOCK]

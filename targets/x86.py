@@ -34,13 +34,15 @@ def cpu_front_phases(target, record: dict | None = None) -> list:
     (:mod:`.cpu_int8`), float ones packed-weight kernels; the fused TIR functions are what
     both the default schedules and tuning (:mod:`.tuning`) work on."""
     from .backend import front_phases
-    from .cpu_int8 import make_quantize_legalizer, rewrite_pass
+    from .cpu_int8 import make_quantize_legalizer, requant_pass, rewrite_pass
     from .cpu_kernels import make_conv2d_legalizer, make_fast_math_legalizers, simd_floats
 
+    kernels: dict = {}  # integer kernels emitted, for folding their requantizing epilogues
     return front_phases({"relax.nn.conv2d": make_conv2d_legalizer(simd_floats(target)),
                          "relax.quantize": make_quantize_legalizer(),
                          **make_fast_math_legalizers()},
-                        pre=[rewrite_pass(target, record)])
+                        pre=[rewrite_pass(target, record, kernels)],
+                        folded=[requant_pass(kernels, record)])
 
 
 def cpu_phases(target, record: dict | None = None, tuning_db: str | None = None) -> list:

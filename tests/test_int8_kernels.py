@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+import onnx
 from onnx import helper
 
 from conftest import compile_to, make_model
@@ -107,6 +108,7 @@ def test_int8_conv_host(tmp_path_factory, batch, c, k, ksz, stride, dil, pads, h
     kern = compare(m, step, tmp_path_factory.mktemp("i8"))
     isa = kern["int8"]["isa"]
     assert kern["int8"]["conv2d"] == 1 and not kern["int8"]["float"], kern["int8"]
+    assert kern["int8"]["requant_fused"] == 1, kern["int8"]  # bias, ReLU, quantize folded
     assert int8_convs(kern, isa) == 1, kern
     assert kern["unscheduled"] == {}
 
@@ -146,6 +148,7 @@ def test_depthwise_reads_8bit_input(tmp_path, stride):
                        group=24)
     kern = compare(m, step, tmp_path)
     assert kern["int8"]["dwconv2d"] == 1 and kern["int8"]["conv2d"] == 0
+    assert kern["int8"]["requant_fused"] == 1
     assert kern["counts"].get("dwconv2d") == 1 and kern["unscheduled"] == {}
 
 
@@ -288,6 +291,7 @@ def test_int8_matmul(tmp_path, op, m_rows, k, n, act):
     kern = compare(m, step, tmp_path)
     isa = kern["int8"]["isa"]
     assert kern["int8"]["matmul"] == 1 and not kern["int8"]["float"], kern["int8"]
+    assert kern["int8"]["requant_fused"] == 1
     assert int8_convs(kern, isa, px=False) == 1, kern
     assert kern["unscheduled"] == {}
 
@@ -300,3 +304,29 @@ def test_int8_matmul_each_isa(tmp_path, isa, mcpu, needs):
     kern = compare(m, step, tmp_path, target_options={"mcpu": mcpu})
     assert kern["int8"]["isa"] == isa and kern["int8"]["matmul"] == 1
     assert int8_convs(kern, isa, px=False) == 1, kern
+
+
+@pytest.mark.parametrize("kind", ["clip", "shared", "clip-then-add"])
+def test_requant_fold_clip_and_its_limits(tmp_path, kind):
+    """conv -> bias -> Clip(0, 6) -> quantize folds into one requantizing kernel; a conv
+    output that another node also reads, or an Add after the Clip, is left unfolded (the
+    float epilogue) -- all three within one step of onnxruntime."""
+    rng = np.random.default_rng(11)
+    m, step = qdq_conv(rng, 1, 8, 24, 1, 1, 1, (0, 0, 0, 0), 6, 16, relu=False)
+    g = m.graph
+    for init, val in (("lo", 0.0), ("hi", 6.0), ("one", 0.25)):
+        g.initializer.append(onnx.numpy_helper.from_array(np.array(val, np.float32), init))
+    qi = next(i for i, n in enumerate(g.node) if n.op_type == "QuantizeLinear"
+              and n.input[0] == "y")
+    g.node.insert(qi, helper.make_node("Clip", ["y", "lo", "hi"], ["r6"]))
+    g.node[qi + 1].input[0] = "r6"
+    if kind == "clip-then-add":
+        g.node.insert(qi + 1, helper.make_node("Add", ["r6", "one"], ["r7"]))
+        g.node[qi + 2].input[0] = "r7"
+    if kind == "shared":  # the conv output is also a graph output
+        g.output.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
+                                                      [1, 24, 6, 16]))
+    onnx.checker.check_model(m)
+    kern = compare(m, step, tmp_path)
+    assert kern["int8"]["conv2d"] == 1
+    assert kern["int8"]["requant_fused"] == (1 if kind == "clip" else 0), kern["int8"]
