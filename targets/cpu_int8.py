@@ -336,29 +336,44 @@ def finish_int8(shape, acc_at, chan, corr, scale, requant):
 
         q = round(clamp(acc * scale[o] + corr[o], lo, hi))      (``corr`` then a float offset)
 
-    into which :func:`requant_pass` folded bias, ReLU/Clip and the quantize step."""
-    from tvm import te, tirx
+    into which :func:`requant_pass` folded bias, ReLU/Clip and the quantize step
+    (:func:`round_clamp`)."""
+    from tvm import te
 
     if requant is None:
         return te.compute(shape, lambda *i: (acc_at(*i) - corr[chan(*i)]).astype("float32")
                           * scale[chan(*i)], name="edgec_conv2d_int8_dequant")
-    lo, hi, dtype = requant
 
     def body(*i):
         o = chan(*i)
-        t = acc_at(*i).astype("float32") * scale[o] + corr[o]
-        t = tirx.max(tirx.min(t, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
-        return tirx.round(t).astype(dtype)
+        return round_clamp(acc_at(*i).astype("float32") * scale[o] + corr[o], requant)
 
     return te.compute(shape, body, name="edgec_conv2d_int8_requant")
 
 
-PX_ROWS = 16  # output channels per pixel-kernel register tile (the weight words' grouping)
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: x + M is M + round_half_even(x) for |x| < 2**22
 
 
-def _px_width(isa: DotISA, w: int) -> int:
-    """Padded row width (whole vectors of pixels) of :func:`int8_conv1x1_px_te`."""
-    return -(-w // isa.lanes) * isa.lanes
+def round_clamp(t, requant):
+    """``round(clamp(t, lo, hi))`` as 8-bit ``dtype`` for ``requant = (lo, hi, dtype)``:
+    ``t + M`` (one float add; the float grid there has spacing 1, so the add rounds half
+    to even) read as int32 is ``M + round(t)``, whose bit pattern orders as the value does;
+    it is clamped to ``M + rint(lo)``..``M + rint(hi)`` (rounding commutes with clamping)
+    and truncated: the low byte of ``M + r`` is ``r``'s (``M``'s low bits are zero). One
+    add, two integer compares and a truncation -- no round and no float->int conversion;
+    a value so large that ``t + M`` no longer has spacing 1, or negative enough to make
+    it negative, lands beyond a bound and is clamped all the same."""
+    from tvm import tirx
+
+    lo, hi, dtype = requant
+    magic = int(np.float32(_ROUND_MAGIC).view(np.int32))
+    bits = tirx.reinterpret("int32", t + tirx.const(_ROUND_MAGIC, "float32"))
+    bits = tirx.max(tirx.min(bits, tirx.const(magic + int(np.rint(hi)), "int32")),
+                    tirx.const(magic + int(np.rint(lo)), "int32"))
+    return bits.astype(dtype)
+
+
+PX_ROWS = 16  # most output channels per pixel-kernel register tile
 
 
 def px_accumulators(isa: DotISA) -> int:
@@ -367,19 +382,49 @@ def px_accumulators(isa: DotISA) -> int:
     return 16 if isa.lanes == 16 or isa.name == "dotprod" else 8
 
 
+def px_tile(isa: DotISA, h: int, w: int):
+    """How :func:`int8_conv1x1_px_te` walks an ``h x w`` map: ``(hv, wv, wpad, vecs, rows)``.
+
+    When the ``h * w`` pixels fill whole vectors, the map is one flat row (``hv = 1``,
+    ``wv = h * w``; contiguous in NCHW) cut into tiles of ``vecs`` vectors, else each image
+    row is padded to whole vectors (``wpad``) and is one tile. ``rows`` output channels x
+    ``vecs`` vectors of accumulators, at most the register budget and under 1 KiB (larger
+    per-task buffers are heap workspace calls instead of registers); among flat tiles the
+    one with the most dot products per load (``rows * vecs / (rows + vecs)``)."""
+    L = isa.lanes
+    limit = min(px_accumulators(isa), (1023 // (4 * L)))
+    npix = h * w
+    if npix % L == 0:
+        nv = npix // L
+        best = None
+        for vecs in range(1, limit + 1):
+            if nv % vecs:
+                continue
+            rows = 16
+            while rows > 1 and rows * vecs > limit:
+                rows //= 2
+            key = (rows * vecs / (rows + vecs), rows * vecs)
+            if best is None or key > best[0]:
+                best = (key, vecs, rows)
+        return 1, npix, npix, best[1], best[2]
+    wpad = -(-w // L) * L
+    return (h, w, wpad, *_row_tile(isa, wpad))
+
+
 def px_applies(isa: DotISA, shape, wshape, strides, pads, dil) -> bool:
-    """The pixel-oriented kernel: 1x1, stride 1, no padding; a row of pixels fits the
-    accumulators and padding it to whole vectors wastes at most a quarter of the lanes."""
+    """The pixel-oriented kernel: 1x1, stride 1, no padding; a tile fits the accumulators
+    and padding rows to whole vectors wastes at most a quarter of the lanes."""
     n, c, h, w = shape
-    wp = _px_width(isa, w)
+    _, wv, wpad, vecs, rows = px_tile(isa, h, w)
     return (tuple(wshape[2:]) == (1, 1) and list(strides) == [1, 1] and not any(pads)
-            and wp // isa.lanes <= px_accumulators(isa) and 4 * (wp - w) <= wp)
+            and rows * vecs <= px_accumulators(isa) and 4 * (wpad - wv) <= wpad)
 
 
-def pack_weight_px(wq: np.ndarray, isa: DotISA) -> np.ndarray:
-    """``W[o, c, 1, 1]`` -> ``B[o // R, c // D, o % R, c % D]`` (R = PX_ROWS, zero padded): one
-    tile's weights for one reduction step are one contiguous run of words."""
-    R, D = PX_ROWS, isa.depth
+def pack_weight_px(wq: np.ndarray, isa: DotISA, rows: int) -> np.ndarray:
+    """``W[o, c, 1, 1]`` -> ``B[o // R, c // D, o % R, c % D]`` (``R`` = the tile's ``rows``,
+    zero padded): one tile's weights for one reduction step are one contiguous run of
+    words, and only ``oc`` up to a multiple of the tile is computed."""
+    R, D = rows, isa.depth
     oc, ic = wq.shape[:2]
     ocb, icb = -(-oc // R), -(-ic // D)
     w = np.zeros((ocb * R, icb * D), isa.b_dtype)
@@ -392,48 +437,56 @@ def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA, requa
 
         acc[n, o, y, x] += sum_d A[n, c // D, y, x].d * B[o // R, c // D, o % R, d]
 
-    with rows padded to whole vectors (``x < Wp``; the padding holds the zero point and its
-    results are never read). The accumulators of one output channel are ``L`` consecutive
-    pixels of a row -- the layout of the NCHW output -- so the requantizing epilogue reads
-    and stores whole vectors; with output channels in the lanes (:func:`int8_conv_te`) it
-    first transposes the tile, which costs more than the dot products when the convolution
-    has few input channels (MobileNet's expansions and projections)."""
+    over the map as :func:`px_tile` views it: one flat row of ``H*W`` pixels when they fill
+    whole vectors (contiguous in NCHW), else rows padded to whole vectors (the padding
+    holds the zero point; its results are never read). The accumulators of one output
+    channel are ``L`` consecutive pixels -- the layout of the NCHW output -- so the
+    requantizing epilogue reads and stores whole vectors; with output channels in the lanes
+    (:func:`int8_conv_te`) it first transposes the tile, which costs more than the dot
+    products when the convolution has few input channels (MobileNet's expansions and
+    projections)."""
     from tvm import te, tirx
 
     nb, c, h, w = _ints(xq.shape)
     ocb, icb, R, D = _ints(wp.shape)
-    wpad = _px_width(isa, w)
+    hv, wv, wpad, _, _ = px_tile(isa, h, w)
     za = za_of(isa, str(xq.dtype), zx)
     shift = -zx if isa.a_shift is None else za - zx
     bits = 32 // D
     unsigned = "uint8" if bits == 8 else "uint16"
 
+    def at(y, x):  # the view's (y, x) in the map (a flat row: x // w, x % w)
+        return (y, x) if hv == h else (x // w, x % w)
+
     def pack(n, cb, y, x):
         out = None
         for d in range(D):
             ch = cb * D + d
-            v = (xq[n, tirx.min(ch, c - 1), y, tirx.min(x, w - 1)].astype("int32") + shift
-                 ).astype(isa.a_dtype)
-            keep = x < w if c % D == 0 else tirx.all(ch < c, x < w)
+            v = (xq[n, tirx.min(ch, c - 1), *at(y, tirx.min(x, wv - 1))].astype("int32")
+                 + shift).astype(isa.a_dtype)
+            keep = x < wv if c % D == 0 else tirx.all(ch < c, x < wv)
             v = tirx.if_then_else(keep, v, tirx.const(za, isa.a_dtype))
             e = v.astype(unsigned).astype("uint32")
             e = e << tirx.const(bits * d, "uint32") if d else e
             out = e if out is None else out | e
         return out
 
-    ap = te.compute((nb, icb, h, wpad), pack, name="edgec_pad_int8")
+    ap = te.compute((nb, icb, hv, wpad), pack, name="edgec_pad_int8")
     rc = te.reduce_axis((0, icb), "rc")
     rd = te.reduce_axis((0, D), "rd")
     mask = tirx.const((1 << bits) - 1, "uint32")
     acc = te.compute(
-        (nb, ocb * R, h, wpad),
+        (nb, ocb * R, hv, wpad),
         lambda n, o, y, x: te.sum(
             ((ap[n, rc, y, x] >> (rd * bits).astype("uint32")) & mask
              ).astype(isa.a_dtype).astype("int32")
             * wp[o // R, rc, o % R, rd].astype("int32"), axis=[rc, rd]),
         name=INT8_PX_BLOCK)
-    return finish_int8((nb, oc, h, w), lambda n, o, y, x: acc[n, o, y, x],
-                       lambda n, o, y, x: o, corr, scale, requant)
+    if hv == h:
+        acc_at = lambda n, o, y, x: acc[n, o, y, x]  # noqa: E731
+    else:
+        acc_at = lambda n, o, y, x: acc[n, o, 0, y * w + x]  # noqa: E731
+    return finish_int8((nb, oc, h, w), acc_at, lambda n, o, y, x: o, corr, scale, requant)
 
 
 def int8_matmul_te(xq, wp, corr, scale, zx: int, n_out: int, isa: DotISA, requant=None):
@@ -460,18 +513,13 @@ def q_dwconv_te(xq, wt, zx: int, strides, pads, dil, lanes: int, bias=None, requ
     (the input scale is folded into ``wt``), float sums. With ``requant = (lo, hi, dtype)``
     (``wt`` then also carries the output's 1/scale, ``bias`` its zero point) the output is
     the next layer's 8-bit input, ``round(clamp(acc + bias[c], lo, hi))``."""
-    from tvm import tirx
-
     from .cpu_kernels import dwconv_te
 
     def load(n, c_, y, x):
         return (xq[n, c_, y, x].astype("int32") - zx).astype("float32")
 
     def requantize(v, n, c_, y, x):
-        lo, hi, dtype = requant
-        t = tirx.max(tirx.min(v + bias[c_], tirx.const(hi, "float32")),
-                     tirx.const(lo, "float32"))
-        return tirx.round(t).astype(dtype)
+        return round_clamp(v + bias[c_], requant)
 
     return dwconv_te(xq, wt, strides, pads, dil, load=load, lanes=lanes,
                      finish=None if requant is None else requantize)
@@ -683,8 +731,11 @@ def rewrite_pass(target, record: dict | None = None, kernels: dict | None = None
                 corr = (za * wq.reshape(oc, -1).astype(np.int64).sum(1)).astype(np.int32)
                 scale = (np.float32(sx) * sw).astype(np.float32)
                 self.stats["conv2d"] += 1
-                if px_applies(isa, _ints(shape.values), wq.shape, strides, pads, dil):
-                    return self._int8_kernel(int8_conv1x1_px_te, xq, pack_weight_px(wq, isa),
+                dims = _ints(shape.values)
+                if px_applies(isa, dims, wq.shape, strides, pads, dil):
+                    rows = px_tile(isa, dims[2], dims[3])[4]
+                    return self._int8_kernel(int8_conv1x1_px_te, xq,
+                                             pack_weight_px(wq, isa, rows),
                                              corr, scale, (int(zx), oc), "conv2d_int8px")
                 return self._int8_kernel(int8_conv_te, xq, pack_weight(wq, isa), corr, scale,
                                          (int(zx), oc, strides, pads, dil), "conv2d_int8")
@@ -918,27 +969,38 @@ def schedule_int8_conv(sch, block, isa: DotISA, max_cols: int) -> None:
 
 
 def schedule_int8_px(sch, block, isa: DotISA) -> None:
-    """Register tile of :func:`int8_conv1x1_px_te`: ``rows`` output channels x one padded
-    row of pixels (``V`` vectors; ``rows * V`` accumulators); per reduction step ``V``
-    pixel-vector loads and ``rows`` broadcast weight words feed ``rows * V`` dot-product
-    instructions. The epilogue then covers exactly the tile's row, vectors along x."""
+    """Register tile of :func:`int8_conv1x1_px_te`: ``rows`` output channels x ``vecs``
+    vectors of pixels (:func:`px_tile`); per reduction step ``vecs`` pixel-vector loads and
+    ``rows`` broadcast weight words feed ``rows * vecs`` dot-product instructions. The
+    epilogue is computed per tile; on a flat view its (y, x) iteration is flattened to the
+    kernel's pixel index first, so that it covers exactly the tile."""
     from .cpu_kernels import _extent, _fuse_epilogue
 
     n, o, y, x, rc, rd = sch.get_loops(block)
     L = isa.lanes
-    vecs = _extent(sch, x) // L
-    rows = PX_ROWS
-    while rows > 1 and rows * vecs > px_accumulators(isa):
-        rows //= 2
+    wpad = _extent(sch, x)
+    flat = _extent(sch, y) == 1
+    # (a flat view's width is its pixel count; a padded row is one tile)
+    vecs, rows = px_tile(isa, 1, wpad)[3:] if flat else _row_tile(isa, wpad)
+    assert _extent(sch, o) % rows == 0, "weights packed for another tile"
     oo, oi = sch.split(o, [None, rows])
-    xv, xi = sch.split(x, [None, L])
+    xo, xv, xi = sch.split(x, [None, vecs, L])
     intrin = register_px_intrin(isa)
+    # channel tiles innermost: consecutive tasks reuse the same packed pixels (K words x
+    # the tile's vectors, from L1) with another channel tile's weights
     if intrin is not None:
-        sch.reorder(n, oo, y, rc, oi, xv, xi, rd)
+        sch.reorder(n, y, xo, oo, rc, oi, xv, xi, rd)
     else:
-        sch.reorder(n, oo, y, rc, oi, xv, rd, xi)
-    epilogue = _fuse_epilogue(sch, block, y)
-    sch.parallel(sch.fuse(n, oo, y))
+        sch.reorder(n, y, xo, oo, rc, oi, xv, rd, xi)
+
+    def flatten(blk):  # (n, o, y, x) -> (n, o, y * W + x): the tile's pixels, contiguous
+        iters = sch.get(blk).iter_vars
+        if flat and len(iters) == 4 and int(iters[2].dom.extent) > 1:
+            w = int(iters[3].dom.extent)
+            sch.transform_block_layout(blk, lambda a, b, yy, xx: (a, b, yy * w + xx))
+
+    epilogue = _fuse_epilogue(sch, block, oo, prepare=flatten)
+    sch.parallel(sch.fuse(n, y, xo, oo))
     sch.unroll(oi)
     sch.unroll(xv)
     if intrin is None:  # (before the init is split off: vectorize needs the whole reduction)
@@ -947,11 +1009,11 @@ def schedule_int8_px(sch, block, isa: DotISA) -> None:
     sch.decompose_reduction(block, rc)
     if intrin is not None:
         sch.tensorize(xi, intrin)
-    for blk in epilogue or []:  # (channel, x) loops: pixels of the row in the vector lanes
+    for blk in epilogue or []:  # (channel, pixel) loops: pixels in the vector lanes
         loops = sch.get_loops(blk)
         try:
             w = _extent(sch, loops[-1])
-            if w % L == 0 and w > L:  # whole vectors (LLVM splits a 112-lane vector badly)
+            if w % L == 0 and w > L:  # whole vectors (LLVM splits long vectors badly)
                 _, inner = sch.split(loops[-1], [None, L])
                 sch.vectorize(inner)
             else:
@@ -964,3 +1026,13 @@ def schedule_int8_px(sch, block, isa: DotISA) -> None:
             sch.parallel(sch.fuse(n_, cb, y_))
             _, x_ = sch.split(x_, [None, L])
             sch.vectorize(x_)
+
+
+def _row_tile(isa: DotISA, wpad: int):
+    """``(vecs, rows)`` for one padded row of ``wpad`` pixels per tile."""
+    vecs = wpad // isa.lanes
+    limit = min(px_accumulators(isa), (1023 // (4 * isa.lanes)))
+    rows = 16
+    while rows > 1 and rows * vecs > limit:
+        rows //= 2
+    return vecs, rows

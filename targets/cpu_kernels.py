@@ -287,13 +287,14 @@ def _all_blocks(sch) -> list:
     return list(sch.get_child_blocks(root))
 
 
-def _fuse_epilogue(sch, producer, loop) -> list:
+def _fuse_epilogue(sch, producer, loop, prepare=None) -> list:
     """Move everything computed from ``producer`` (the unpack and the fused elementwise
     epilogue, a chain or a DAG such as ``x * sigmoid(x)``) under its tile loop ``loop``.
 
     Injective intermediate blocks are inlined into their readers first (recomputing an
     elementwise value is cheaper than storing it); what remains is placed at ``loop`` in
-    dataflow order, so each tile is finished while it is in registers / L1."""
+    dataflow order, so each tile is finished while it is in registers / L1 (``prepare``, if
+    given, is applied to each block just before it moves)."""
     blocks = _all_blocks(sch)
     names = [sch.get(b).name_hint for b in blocks]
     start = names.index(sch.get(producer).name_hint) + 1
@@ -318,6 +319,8 @@ def _fuse_epilogue(sch, producer, loop) -> list:
     start = names.index(sch.get(producer).name_hint) + 1
     moved = []
     for blk in blocks[start:]:
+        if prepare is not None:
+            prepare(blk)
         sch.reverse_compute_at(blk, loop, preserve_unit_loops=True)
         moved.append(blk)
     return moved

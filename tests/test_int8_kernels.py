@@ -17,7 +17,7 @@ from onnx import helper
 
 from conftest import compile_to, make_model
 from edgec.runtime import OrtSession, Session
-from edgec.targets.cpu_int8 import ISAS
+from edgec.targets.cpu_int8 import ISAS, px_applies
 
 SETTINGS = settings(max_examples=20, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -125,8 +125,9 @@ ISA_CPUS = [("avx512vnni", "icelake-server", ("avx512vnni",)),
 @pytest.mark.parametrize("case", [(1, 13, 24, 3, 1, 1, (1, 1, 1, 1), 11, 19, "uint8"),
                                   (2, 8, 33, 3, 2, 1, (0, 1, 2, 0), 12, 15, "int8"),
                                   (1, 64, 16, 1, 1, 1, (0, 0, 0, 0), 7, 7, "uint8"),
-                                  (2, 13, 40, 1, 1, 1, (0, 0, 0, 0), 5, 28, "int8")],
-                         ids=["3x3", "strided-asym-int8", "1x1-7x7", "1x1-pixels"])
+                                  (2, 13, 40, 1, 1, 1, (0, 0, 0, 0), 5, 28, "int8"),
+                                  (1, 24, 20, 1, 1, 1, (0, 0, 0, 0), 8, 12, "uint8")],
+                         ids=["3x3", "strided-asym-int8", "1x1-7x7", "1x1-pixels", "1x1-flat"])
 def test_int8_conv_each_isa(tmp_path, isa, mcpu, needs, case):
     if needs and not host_has(*needs):
         pytest.skip(f"this CPU lacks {needs}")
@@ -135,9 +136,12 @@ def test_int8_conv_each_isa(tmp_path, isa, mcpu, needs, case):
                        act=act)
     kern = compare(m, step, tmp_path, target_options={"mcpu": mcpu})
     assert kern["int8"]["isa"] == isa
-    # 1x1 stride 1 whose rows pad to whole vectors wasting at most 1/4: pixels in the lanes
-    lanes = ISAS[isa].lanes
-    px = ksz == 1 and 4 * (-w % lanes) <= w + (-w % lanes)
+    # 1x1 stride 1 whose pixels fill whole vectors (one flat row) or whose rows pad to
+    # whole vectors wasting at most 1/4: pixels in the lanes
+    px = px_applies(ISAS[isa], (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads,
+                    (dil,) * 2)
+    assert px == (ksz == 1 and (h * w % ISAS[isa].lanes == 0 or
+                                4 * (-w % ISAS[isa].lanes) <= w + (-w % ISAS[isa].lanes)))
     assert int8_convs(kern, isa, px=px) == 1, kern
     assert kern["unscheduled"] == {}
 
