@@ -56,6 +56,7 @@ log = logging.getLogger("edgec.cpu_int8")
 
 INT8_CONV_BLOCK = "edgec_conv2d_int8"
 INT8_PX_BLOCK = "edgec_conv2d_int8px"
+PX_TILE = "edgec_px_tile"  # (cpu_kernels.PX_TILE: the tile a pixel kernel was computed for)
 
 
 # ---------------------------------------------------------------------------------- ISAs
@@ -382,42 +383,22 @@ def px_accumulators(isa: DotISA) -> int:
     return 16 if isa.lanes == 16 or isa.name == "dotprod" else 8
 
 
-def px_tile(isa: DotISA, h: int, w: int):
-    """How :func:`int8_conv1x1_px_te` walks an ``h x w`` map: ``(hv, wv, wpad, vecs, rows)``.
+def px_tile(isa: DotISA, shape, wshape, strides, pads):
+    """The tile (:func:`cpu_kernels.px_tile`; ``L`` pixels per vector, the ISA's
+    accumulator budget, input pixels of ``ceil(C / D)`` words) of the pixel-oriented
+    kernel for a 1x1 stride-1 unpadded convolution, else None."""
+    from .cpu_kernels import px_tile as tile
 
-    When the ``h * w`` pixels fill whole vectors, the map is one flat row (``hv = 1``,
-    ``wv = h * w``; contiguous in NCHW) cut into tiles of ``vecs`` vectors, else each image
-    row is padded to whole vectors (``wpad``) and is one tile. ``rows`` output channels x
-    ``vecs`` vectors of accumulators, at most the register budget and under 1 KiB (larger
-    per-task buffers are heap workspace calls instead of registers); among flat tiles the
-    one with the most dot products per load (``rows * vecs / (rows + vecs)``)."""
-    L = isa.lanes
-    limit = min(px_accumulators(isa), (1023 // (4 * L)))
-    npix = h * w
-    if npix % L == 0:
-        nv = npix // L
-        best = None
-        for vecs in range(1, limit + 1):
-            if nv % vecs:
-                continue
-            rows = 16
-            while rows > 1 and rows * vecs > limit:
-                rows //= 2
-            key = (rows * vecs / (rows + vecs), rows * vecs)
-            if best is None or key > best[0]:
-                best = (key, vecs, rows)
-        return 1, npix, npix, best[1], best[2]
-    wpad = -(-w // L) * L
-    return (h, w, wpad, *_row_tile(isa, wpad))
+    n, c, h, w = shape
+    if tuple(wshape[2:]) != (1, 1) or list(strides) != [1, 1] or any(pads):
+        return None
+    return tile(isa.lanes, px_accumulators(isa), h, w, 4 * -(-c // isa.depth),
+                int(wshape[0]))
 
 
 def px_applies(isa: DotISA, shape, wshape, strides, pads, dil) -> bool:
-    """The pixel-oriented kernel: 1x1, stride 1, no padding; a tile fits the accumulators
-    and padding rows to whole vectors wastes at most a quarter of the lanes."""
-    n, c, h, w = shape
-    _, wv, wpad, vecs, rows = px_tile(isa, h, w)
-    return (tuple(wshape[2:]) == (1, 1) and list(strides) == [1, 1] and not any(pads)
-            and rows * vecs <= px_accumulators(isa) and 4 * (wpad - wv) <= wpad)
+    """Whether a convolution takes :func:`int8_conv1x1_px_te` (see :func:`px_tile`)."""
+    return px_tile(isa, shape, wshape, strides, pads) is not None
 
 
 def pack_weight_px(wq: np.ndarray, isa: DotISA, rows: int) -> np.ndarray:
@@ -432,7 +413,8 @@ def pack_weight_px(wq: np.ndarray, isa: DotISA, rows: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(ocb, R, icb, D).transpose(0, 2, 1, 3))
 
 
-def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA, requant=None):
+def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA, tile,
+                       requant=None):
     """1x1 stride-1 integer convolution with pixels in the vector lanes::
 
         acc[n, o, y, x] += sum_d A[n, c // D, y, x].d * B[o // R, c // D, o % R, d]
@@ -449,7 +431,7 @@ def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA, requa
 
     nb, c, h, w = _ints(xq.shape)
     ocb, icb, R, D = _ints(wp.shape)
-    hv, wv, wpad, _, _ = px_tile(isa, h, w)
+    hv, wv, wpad, vecs, rows = tile
     za = za_of(isa, str(xq.dtype), zx)
     shift = -zx if isa.a_shift is None else za - zx
     bits = 32 // D
@@ -481,7 +463,7 @@ def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA, requa
             ((ap[n, rc, y, x] >> (rd * bits).astype("uint32")) & mask
              ).astype(isa.a_dtype).astype("int32")
             * wp[o // R, rc, o % R, rd].astype("int32"), axis=[rc, rd]),
-        name=INT8_PX_BLOCK)
+        name=INT8_PX_BLOCK, attrs={PX_TILE: [vecs, rows]})
     if hv == h:
         acc_at = lambda n, o, y, x: acc[n, o, y, x]  # noqa: E731
     else:
@@ -731,11 +713,10 @@ def rewrite_pass(target, record: dict | None = None, kernels: dict | None = None
                 corr = (za * wq.reshape(oc, -1).astype(np.int64).sum(1)).astype(np.int32)
                 scale = (np.float32(sx) * sw).astype(np.float32)
                 self.stats["conv2d"] += 1
-                dims = _ints(shape.values)
-                if px_applies(isa, dims, wq.shape, strides, pads, dil):
-                    rows = px_tile(isa, dims[2], dims[3])[4]
-                    return self._int8_kernel(int8_conv1x1_px_te, xq,
-                                             pack_weight_px(wq, isa, rows),
+                tile = px_tile(isa, _ints(shape.values), wq.shape, strides, pads)
+                if tile is not None:
+                    return self._int8_kernel(functools.partial(int8_conv1x1_px_te, tile=tile),
+                                             xq, pack_weight_px(wq, isa, tile[4]),
                                              corr, scale, (int(zx), oc), "conv2d_int8px")
                 return self._int8_kernel(int8_conv_te, xq, pack_weight(wq, isa), corr, scale,
                                          (int(zx), oc, strides, pads, dil), "conv2d_int8")
@@ -969,70 +950,30 @@ def schedule_int8_conv(sch, block, isa: DotISA, max_cols: int) -> None:
 
 
 def schedule_int8_px(sch, block, isa: DotISA) -> None:
-    """Register tile of :func:`int8_conv1x1_px_te`: ``rows`` output channels x ``vecs``
-    vectors of pixels (:func:`px_tile`); per reduction step ``vecs`` pixel-vector loads and
-    ``rows`` broadcast weight words feed ``rows * vecs`` dot-product instructions. The
-    epilogue is computed per tile; on a flat view its (y, x) iteration is flattened to the
-    kernel's pixel index first, so that it covers exactly the tile."""
-    from .cpu_kernels import _extent, _fuse_epilogue
+    """Register tile of :func:`int8_conv1x1_px_te` (:func:`cpu_kernels.schedule_px`): per
+    reduction step ``vecs`` pixel-vector loads and ``rows`` broadcast weight words feed
+    ``rows * vecs`` dot-product instructions."""
+    from .cpu_kernels import _extent, schedule_px
 
-    n, o, y, x, rc, rd = sch.get_loops(block)
     L = isa.lanes
-    wpad = _extent(sch, x)
-    flat = _extent(sch, y) == 1
-    # (a flat view's width is its pixel count; a padded row is one tile)
-    vecs, rows = px_tile(isa, 1, wpad)[3:] if flat else _row_tile(isa, wpad)
-    assert _extent(sch, o) % rows == 0, "weights packed for another tile"
-    oo, oi = sch.split(o, [None, rows])
-    xo, xv, xi = sch.split(x, [None, vecs, L])
     intrin = register_px_intrin(isa)
-    # channel tiles innermost: consecutive tasks reuse the same packed pixels (K words x
-    # the tile's vectors, from L1) with another channel tile's weights
-    if intrin is not None:
-        sch.reorder(n, y, xo, oo, rc, oi, xv, xi, rd)
-    else:
-        sch.reorder(n, y, xo, oo, rc, oi, xv, rd, xi)
+    n, o, y, x, rc, rd = sch.get_loops(block)
 
-    def flatten(blk):  # (n, o, y, x) -> (n, o, y * W + x): the tile's pixels, contiguous
-        iters = sch.get(blk).iter_vars
-        if flat and len(iters) == 4 and int(iters[2].dom.extent) > 1:
-            w = int(iters[3].dom.extent)
-            sch.transform_block_layout(blk, lambda a, b, yy, xx: (a, b, yy * w + xx))
+    def inner(xi):
+        if intrin is None:  # (before the init is split off: vectorize needs the whole sum)
+            sch.unroll(rd)
+            sch.vectorize(xi)
 
-    epilogue = _fuse_epilogue(sch, block, oo, prepare=flatten)
-    sch.parallel(sch.fuse(n, y, xo, oo))
-    sch.unroll(oi)
-    sch.unroll(xv)
-    if intrin is None:  # (before the init is split off: vectorize needs the whole reduction)
-        sch.unroll(rd)
-        sch.vectorize(xi)
-    sch.decompose_reduction(block, rc)
-    if intrin is not None:
-        sch.tensorize(xi, intrin)
-    for blk in epilogue or []:  # (channel, pixel) loops: pixels in the vector lanes
-        loops = sch.get_loops(blk)
-        try:
-            w = _extent(sch, loops[-1])
-            if w % L == 0 and w > L:  # whole vectors (LLVM splits long vectors badly)
-                _, inner = sch.split(loops[-1], [None, L])
-                sch.vectorize(inner)
-            else:
-                sch.vectorize(loops[-1])
-        except Exception:  # noqa: BLE001 - a scalar epilogue is still correct
-            pass
+    def after(xi):
+        if intrin is not None:
+            sch.tensorize(xi, intrin)
+
+    schedule_px(sch, block, L, rd=rd if intrin is not None else None,
+                inner=inner, after=after, innermost=None if intrin is not None else rd)
     for pad in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(pad).name_hint == "edgec_pad_int8":  # rows of words, vectors along x
             n_, cb, y_, x_ = sch.get_loops(pad)
             sch.parallel(sch.fuse(n_, cb, y_))
-            _, x_ = sch.split(x_, [None, L])
-            sch.vectorize(x_)
-
-
-def _row_tile(isa: DotISA, wpad: int):
-    """``(vecs, rows)`` for one padded row of ``wpad`` pixels per tile."""
-    vecs = wpad // isa.lanes
-    limit = min(px_accumulators(isa), (1023 // (4 * isa.lanes)))
-    rows = 16
-    while rows > 1 and rows * vecs > limit:
-        rows //= 2
-    return vecs, rows
+            if _extent(sch, x_) % L == 0:
+                _, x_ = sch.split(x_, [None, L])
+                sch.vectorize(x_)

@@ -36,6 +36,8 @@ CONV_BLOCK = "edgec_conv2d_packed"
 INT8_CONV_BLOCK = "edgec_conv2d_int8"
 INT8_PX_BLOCK = "edgec_conv2d_int8px"
 DWCONV_BLOCK = "edgec_dwconv2d"
+CONV_PX_BLOCK = "edgec_conv2d_px"
+PX_TILE = "edgec_px_tile"  # block annotation of a pixels-in-lanes kernel: [vecs, rows]
 
 
 # ---------------------------------------------------------------------------------- vector width
@@ -90,6 +92,17 @@ def make_conv2d_legalizer(lanes: int):
         oc = w.shape[0]
         strides, dil = _ints(attrs.strides), _ints(attrs.dilation)
         pads = _ints(attrs.padding)
+        tile = conv_px_tile(lanes, (n, c, h, wd), w.shape, strides, pads) \
+            if groups == 1 else None
+        if tile is not None:
+            rows = tile[4]
+            ocb = -(-oc // rows)
+            wpx = np.zeros((ocb * rows, c), w.dtype)
+            wpx[:oc] = w.reshape(oc, c)
+            wpx = np.ascontiguousarray(wpx.reshape(ocb, rows, c).transpose(0, 2, 1))
+            return bb.call_te(functools.partial(conv1x1_px_te, tile=tile), data,
+                              relax.const(wpx), oc, primfunc_name_hint="conv2d_px",
+                              primfunc_attrs={"op_pattern": 4})
         if groups == 1:
             occ = -(-oc // lanes)
             wp = np.zeros((occ * lanes,) + w.shape[1:], w.dtype)
@@ -106,6 +119,62 @@ def make_conv2d_legalizer(lanes: int):
         return default(bb, call)
 
     return legalize
+
+
+def px_budget(lanes: int) -> int:
+    """float accumulators per pixels-in-lanes tile: 15 zmm (AVX-512; 1 KiB), 12 of 16 ymm
+    (AVX2), 24 of 32 q (NEON)."""
+    return 15 if lanes >= 16 else 12 if lanes == 8 else 24
+
+
+def conv_px_tile(lanes: int, shape, wshape, strides, pads):
+    """The :func:`px_tile` of a 1x1 stride-1 unpadded float convolution, else None."""
+    n, c, h, w = shape
+    if tuple(wshape[2:]) != (1, 1) or list(strides) != [1, 1] or any(pads):
+        return None
+    return px_tile(lanes, px_budget(lanes), h, w, 4 * c, int(wshape[0]))
+
+
+def conv1x1_px_te(x, wpx, oc: int, tile):
+    """1x1 stride-1 convolution as ``W[O x C] . X[C x pixels]`` with pixels in the lanes::
+
+        acc[n, o, y, x] = sum_c X[n, c, y, x] * Wt[o // R, c, o % R]
+
+    over the map as :func:`px_tile` views it (one flat row of ``H*W`` pixels when they fill
+    whole vectors -- no copy at all -- else rows padded to whole vectors). Per input
+    channel a tile loads ``vecs`` pixel vectors and broadcasts ``R`` weights; the NCHW
+    output rows are the accumulators themselves, so the fused epilogue (bias, BN, ReLU,
+    residual Add) reads and writes whole vectors with no transpose -- which the
+    channels-in-lanes kernel needs, and which costs more than the multiply-adds when
+    there are few input channels (MobileNet's expansions and projections)."""
+    from tvm import te
+
+    nb, c, h, w = _ints(x.shape)
+    ocb, ic, rows = _ints(wpx.shape)
+    hv, wv, wpad, vecs, _ = tile
+    if hv == 1 and h > 1:
+        def xin(n, c_, y, xx):
+            return x[n, c_, xx // w, xx % w]
+    elif wpad != w:
+        xp = te.compute((nb, c, h, wpad), lambda n, c_, y, xx: tvm.tirx.if_then_else(
+            tvm.tirx.likely(xx < w), x[n, c_, y, tvm.tirx.min(xx, w - 1)],
+            tvm.tirx.const(0.0, "float32")), name="edgec_pad")
+
+        def xin(n, c_, y, xx):
+            return xp[n, c_, y, xx]
+    else:
+        def xin(n, c_, y, xx):
+            return x[n, c_, y, xx]
+    rc = te.reduce_axis((0, ic), "rc")
+    acc = te.compute((nb, ocb * rows, hv, wpad),
+                     lambda n, o, y, xx: te.sum(xin(n, rc, y, xx) * wpx[o // rows, rc, o % rows],
+                                                axis=rc),
+                     name=CONV_PX_BLOCK, attrs={PX_TILE: [vecs, rows]})
+    if hv == 1 and h > 1:
+        return te.compute((nb, oc, h, w), lambda n, o, y, xx: acc[n, o, 0, y * w + xx],
+                          name="edgec_conv2d_px_out")
+    return te.compute((nb, oc, h, w), lambda n, o, y, xx: acc[n, o, y, xx],
+                      name="edgec_conv2d_px_out")
 
 
 def _pad(x, pads, load=None):
@@ -344,13 +413,21 @@ def _parallel_pad(sch) -> None:
 
 
 def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
+    """Register tile: ``ob2`` vectors of output channels x ``cols`` output columns; per
+    reduction step ``ob2`` weight-vector loads and ``cols`` input broadcasts feed
+    ``ob2 * cols`` FMAs. Narrow rows (7x7 maps) take two or three channel blocks, else a
+    7-column tile would load nearly once per FMA."""
     n, o, y, x, b, ric, rkh, rkw = sch.get_loops(block)
     cols = _pick_tile(_extent(sch, x), max_cols)
+    oe = _extent(sch, o)
+    ob2 = next((k for k in (3, 2) if k * cols <= max_cols and oe % k == 0), 1)
+    oo, oi = sch.split(o, [None, ob2])
     xo, xi = sch.split(x, [None, cols])
-    sch.reorder(n, o, y, xo, ric, rkh, rkw, xi, b)
+    sch.reorder(n, oo, y, xo, ric, rkh, rkw, oi, xi, b)
     epilogue = _fuse_epilogue(sch, block, xo)
-    sch.parallel(sch.fuse(n, o, y))
+    sch.parallel(sch.fuse(n, oo, y))
     sch.vectorize(b)
+    sch.unroll(oi)
     sch.unroll(xi)
     sch.decompose_reduction(block, ric)
     _vectorize_innermost(sch, epilogue)  # along the tile's columns: contiguous NCHW stores
@@ -463,6 +540,92 @@ def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> None:
                     pass
 
 
+PX_L1_BYTES = 16 * 1024  # a tile's input pixels (all input channels) stay in half of L1
+
+
+def px_tile(lanes: int, budget: int, h: int, w: int, kbytes: int, oc: int):
+    """How a pixels-in-lanes 1x1 kernel walks an ``h x w`` map: ``(hv, wv, wpad, vecs,
+    rows)``, or None when no tile fits.
+
+    When the ``h * w`` pixels fill whole vectors the map is one flat row (``hv = 1``,
+    ``wv = h * w``; contiguous in NCHW) cut into tiles of ``vecs`` vectors, else each image
+    row is padded to whole vectors (``wpad``) and is one tile. A tile is ``rows`` output
+    channels x ``vecs`` vectors of 32-bit accumulators: at most ``budget`` and under 1 KiB
+    (a larger per-task buffer is a workspace call per task instead of registers), and its
+    input pixels (``kbytes`` per pixel: every input channel) within :data:`PX_L1_BYTES`, so
+    the channel tiles that follow each other reuse them from L1. Among those, the most
+    multiply-adds per load (``rows * vecs / (rows + vecs)``) times the share of the
+    ``oc`` channels padded to whole tiles that is real."""
+    limit = min(budget, 1023 // (4 * lanes))
+    npix = h * w
+    flat = npix % lanes == 0
+    wpad = npix if flat else -(-w // lanes) * lanes
+    nv = wpad // lanes
+    best = None
+    for vecs in range(1, min(limit, nv) + 1):
+        if nv % vecs or (not flat and vecs != nv) or kbytes * vecs * lanes > PX_L1_BYTES:
+            continue
+        for rows in range(1, min(16, limit // vecs) + 1):
+            score = (rows * vecs / (rows + vecs) * oc / (-(-oc // rows) * rows), rows * vecs)
+            if best is None or score > best[0]:
+                best = (score, vecs, rows)
+    if best is None or (not flat and 4 * (wpad - w) > wpad):
+        return None
+    return (1, npix, wpad, best[1], best[2]) if flat else (h, w, wpad, best[1], best[2])
+
+
+def schedule_px(sch, block, lanes: int, rd=None, inner=None, after=None,
+                innermost=None) -> None:
+    """Register tile of a pixels-in-lanes 1x1 convolution ``acc[n, o, y, x]`` (reduction
+    ``rc`` over input channels, and for packed 8-bit words ``rd`` within a word): ``rows``
+    output channels x ``vecs`` vectors of pixels (:func:`px_tile`; the kernel's
+    ``PX_TILE`` annotation), channel tiles innermost
+    so consecutive tasks reuse the same input pixels from L1 with other weights. The
+    epilogue is computed per tile; on a flat view its (y, x) iteration is flattened to the
+    kernel's pixel index first, so that it covers exactly the tile, whole vectors along the
+    pixels. ``inner(xi)`` runs before the reduction's init is split off, ``after(xi)``
+    after (tensorize)."""
+    loops = sch.get_loops(block)
+    n, o, y, x, rc = loops[:5]
+    flat = _extent(sch, y) == 1
+    vecs, rows = (int(v) for v in sch.get(block).annotations[PX_TILE])
+    if _extent(sch, o) % rows or _extent(sch, x) % (vecs * lanes):
+        raise ValueError("kernel computed for another tile")
+    oo, oi = sch.split(o, [None, rows])
+    xo, xv, xi = sch.split(x, [None, vecs, lanes])
+    order = [n, y, xo, oo, rc, oi, xv]
+    order += [xi, rd] if rd is not None else ([innermost, xi] if innermost is not None
+                                              else [xi])
+    sch.reorder(*order)
+
+    def flatten(blk):  # (n, o, y, x) -> (n, o, y * W + x): the tile's pixels, contiguous
+        iters = sch.get(blk).iter_vars
+        if flat and len(iters) == 4 and int(iters[2].dom.extent) > 1:
+            w = int(iters[3].dom.extent)
+            sch.transform_block_layout(blk, lambda a, b, yy, xx: (a, b, yy * w + xx))
+
+    epilogue = _fuse_epilogue(sch, block, oo, prepare=flatten)
+    sch.parallel(sch.fuse(n, y, xo, oo))
+    sch.unroll(oi)
+    sch.unroll(xv)
+    if inner is not None:
+        inner(xi)
+    sch.decompose_reduction(block, rc)
+    if after is not None:
+        after(xi)
+    for blk in epilogue or []:  # (channel, pixel) loops: pixels in the vector lanes
+        loops = sch.get_loops(blk)
+        try:
+            w = _extent(sch, loops[-1])
+            if w % lanes == 0 and w > lanes:  # whole vectors (LLVM splits long ones badly)
+                _, vi = sch.split(loops[-1], [None, lanes])
+                sch.vectorize(vi)
+            else:
+                sch.vectorize(loops[-1])
+        except Exception:  # noqa: BLE001 - a scalar epilogue is still correct
+            pass
+
+
 def max_cols(lanes: int) -> int:
     """Output columns per conv register tile: with one accumulator vector per column, as many
     as the vector registers allow (32 zmm on AVX-512, 16 ymm on AVX2, 32 q on NEON)."""
@@ -477,7 +640,8 @@ def schedule_func(func, lanes: int, isa=None):
     ints = [b for b in _find_blocks(sch, INT8_CONV_BLOCK)
             if sch.get(b).name_hint == INT8_CONV_BLOCK]
     pxs = [b for b in _find_blocks(sch, INT8_PX_BLOCK) if sch.get(b).name_hint == INT8_PX_BLOCK]
-    if len(convs) + len(dws) + len(ints) + len(pxs) > 1:
+    fpx = [b for b in _find_blocks(sch, CONV_PX_BLOCK) if sch.get(b).name_hint == CONV_PX_BLOCK]
+    if len(convs) + len(dws) + len(ints) + len(pxs) + len(fpx) > 1:
         raise ValueError("more than one convolution in a fused function")
     mms = [b for b in _all_blocks(sch) if sch.get(b).name_hint in ("matmul", "T_matmul_NN",
                                                                       "T_matmul")]
@@ -495,6 +659,10 @@ def schedule_func(func, lanes: int, isa=None):
             raise ValueError("an int8 convolution needs the target's integer ISA")
         schedule_int8_conv(sch, ints[0], isa, max_cols(lanes))
         kind = "conv2d-int8-" + isa.name
+    elif fpx:
+        schedule_px(sch, fpx[0], lanes, inner=sch.vectorize)
+        _parallel_pad(sch)
+        kind = "conv2d-px"
     elif convs:
         schedule_conv(sch, convs[0], lanes, max_cols(lanes))
         kind = "conv2d-packed"

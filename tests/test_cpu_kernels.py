@@ -15,6 +15,7 @@ from onnx import helper
 
 from conftest import compile_to, make_model
 from edgec.runtime import OrtSession, Session, run_batched
+from edgec.targets.cpu_kernels import conv_px_tile, simd_floats
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -88,8 +89,61 @@ def test_packed_conv(tmp_path_factory, c, k, ksz, stride, dil, pads, h, w, batch
     m = make_model(nodes, [("x", [batch, c, h, w])], [(last, [batch, k, oh, ow])], inits,
                    opset=14)
     report = _compile_and_compare(m, tmp_path_factory.mktemp("pc"))
-    assert report["kernels"]["counts"].get("conv2d-packed") == 1, report["kernels"]
+    px = conv_px_tile(host_lanes(), (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads)
+    kind = "conv2d-packed" if px is None else "conv2d-px"
+    assert report["kernels"]["counts"].get(kind) == 1, report["kernels"]
     assert report["kernels"]["unscheduled"] == {}
+
+
+def host_lanes(options=None) -> int:
+    from edgec.targets import get_target
+    from edgec.targets.backend import make_target
+
+    return simd_floats(make_target(get_target("x86"), options or {}))
+
+
+# 1x1 stride 1: pixels in the lanes -- a flat map (H*W whole vectors), rows padded to whole
+# vectors, a channel count that is no multiple of the tile, batch 2, a residual epilogue
+PX_CASES = [(16, 24, 8, 8, 1, "relu6"), (13, 40, 5, 28, 2, "relu"), (96, 20, 14, 14, 1, "none"),
+            (24, 7, 4, 12, 2, "residual"), (32, 32, 6, 8, 1, "residual")]
+
+
+@pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
+@pytest.mark.parametrize("c,k,h,w,batch,epi", PX_CASES)
+def test_pixel_conv(tmp_path, mcpu, c, k, h, w, batch, epi):
+    rng = np.random.default_rng(c + k)
+    inits = {"W": (rng.standard_normal((k, c, 1, 1)) * 0.3).astype(np.float32),
+             "B": rng.standard_normal(k).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"])]
+    last = _epilogue(epi, "y", nodes, inits, "x", [batch, c, h, w], [batch, k, h, w])
+    m = make_model(nodes, [("x", [batch, c, h, w])], [(last, [batch, k, h, w])], inits,
+                   opset=14)
+    opts = {"mcpu": mcpu} if mcpu else {}
+    out = tmp_path / "art"
+    report = compile_to(m, out, target_options=opts)
+    lanes = host_lanes(opts)
+    assert conv_px_tile(lanes, (batch, c, h, w), (k, c, 1, 1), (1, 1), (0,) * 4) is not None
+    assert report["kernels"]["counts"].get("conv2d-px") == 1, report["kernels"]
+    assert report["kernels"]["unscheduled"] == {}
+    x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
+                               atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+def test_pixel_tile_choice():
+    """Flat maps are cut into tiles of whole vectors; rows pad to whole vectors; a tile's
+    accumulators stay under 1 KiB and its input pixels within half of L1, else no tile."""
+    from edgec.targets.cpu_kernels import PX_L1_BYTES, px_tile
+
+    hv, wv, wpad, vecs, rows = px_tile(16, 15, 56, 56, 4 * 24, 144)
+    assert (hv, wv, wpad) == (1, 3136, 3136) and 3136 % (16 * vecs) == 0
+    assert rows * vecs * 16 * 4 < 1024 and 144 % rows == 0
+    assert px_tile(16, 15, 14, 14, 4 * 96, 576)[:3] == (14, 14, 16)
+    assert px_tile(16, 15, 7, 7, 4 * 96, 96) is None  # 7 of 16 lanes used
+    assert px_tile(16, 15, 14, 14, PX_L1_BYTES // 16 + 4, 96) is None  # K too large
+    for vecs_rows in (px_tile(8, 12, 28, 28, 4 * 32, 192)[3:], px_tile(4, 24, 8, 8, 64, 24)[3:]):
+        assert vecs_rows[0] * vecs_rows[1] <= 24
 
 
 @SETTINGS
@@ -162,6 +216,13 @@ def test_kernels_build_for_aarch64(tmp_path, target):
                     [("x", [1, 16, 12, 12])], [("y", [1, 16, 5, 5])], inits)
     report = compile_to(dw, tmp_path / "dw", target=target)
     assert report["kernels"]["counts"].get("dwconv2d") == 1
+    px = make_model([helper.make_node("Conv", ["x", "P"], ["y"]),
+                     helper.make_node("Relu", ["y"], ["z"])],
+                    [("x", [1, 16, 6, 10])], [("z", [1, 24, 6, 10])],
+                    {"P": rng.standard_normal((24, 16, 1, 1)).astype(np.float32)})
+    report = compile_to(px, tmp_path / "px", target=target)
+    assert report["kernels"]["counts"].get("conv2d-px") == 1
+    assert report["kernels"]["unscheduled"] == {}
 
 
 def test_batch_split_matches(tmp_path):
