@@ -177,6 +177,27 @@ def conv1x1_px_te(x, wpx, oc: int, tile):
                       name="edgec_conv2d_px_out")
 
 
+def make_maxpool_legalizer(lanes: int):
+    """relax.nn.max_pool2d (NCHW, floor mode, static shape) through :func:`dwconv_te`'s row
+    kernel: column phases for the stride, whole-vector rows, the taps unrolled. TOPI's
+    pool is left with a reduction innermost that the generic schedule cannot vectorize."""
+    from tvm.relax.transform.legalize_ops.nn import _nn_max_pool2d as default
+
+    def legalize(bb, call):
+        a = call.attrs
+        x = call.args[0]
+        shape = x.ty.shape
+        if (a.layout != "NCHW" or a.out_layout != "NCHW" or bool(a.ceil_mode) or shape is None
+                or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values)
+                or len(shape.values) != 4):
+            return default(bb, call)
+        return bb.call_te(functools.partial(dwconv_te, lanes=lanes, pool=_ints(a.pool_size)),
+                          x, None, _ints(a.strides), _ints(a.padding), _ints(a.dilation),
+                          primfunc_name_hint="max_pool2d", primfunc_attrs={"op_pattern": 4})
+
+    return legalize
+
+
 def _pad(x, pads, load=None):
     """Zero padding whose bounds test is marked ``likely``, so TIR's LoopPartition
     splits off an interior that copies without tests (topi.nn.pad does not mark it).
@@ -230,7 +251,7 @@ def dw_vector(ow: int, lanes: int) -> int:
     return min(widths, key=lambda u: (-(-ow // u), u))
 
 
-def dwconv_te(x, wt, strides, pads, dil, load=None, lanes: int = 8, finish=None):
+def dwconv_te(x, wt, strides, pads, dil, load=None, lanes: int = 8, finish=None, pool=None):
     """Depthwise convolution, one padded row of vectors at a time::
 
         Xs_p[n, c, y, j] = Xpad[n, c, y, j * sw + p]                 (column phases)
@@ -244,11 +265,18 @@ def dwconv_te(x, wt, strides, pads, dil, load=None, lanes: int = 8, finish=None)
     ``sw`` column phases every tap of a strided convolution reads contiguous columns.
     ``load(n, c, y, x)`` (default ``x[n, c, y, x]``) reads one float input value, e.g.
     dequantizing an 8-bit input; ``finish(v, n, c, y, x)`` (default ``v``) maps a sum to
-    the output value, e.g. requantizing it."""
+    the output value, e.g. requantizing it. With ``wt = None`` and ``pool = (kh, kw)`` it is
+    a max pool instead (``max`` over the taps, padding with the type's lowest value) in the
+    input's own type."""
     from tvm import te
 
     nb, c, h, w = _ints(x.shape)
-    _, _, kh, kw = _ints(wt.shape)
+    kh, kw = pool if wt is None else _ints(wt.shape)[2:]
+    if wt is None:
+        dt = str(x.dtype)
+        fill = tvm.tirx.min_value(dt)
+    else:
+        fill = tvm.tirx.const(0.0, "float32")
     (sh, sw), (dh, dw) = strides, dil
     pt, pl, pb, pr = pads
     oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
@@ -272,15 +300,23 @@ def dwconv_te(x, wt, strides, pads, dil, load=None, lanes: int = 8, finish=None)
                      if can_fail]
             out = load(n, c_, row, col)
             for t in reversed(tests):  # one test per likely: LoopPartition deduces each bound
-                out = tvm.tirx.if_then_else(tvm.tirx.likely(t), out,
-                                            tvm.tirx.const(0.0, "float32"))
+                out = tvm.tirx.if_then_else(tvm.tirx.likely(t), out, fill)
             return out
         return body
 
     # one buffer per column phase (p a constant: the bounds tests split off cleanly)
     xs = {p: te.compute((nb, c, rows, cols), phase(p), name=f"edgec_pad_p{p}")
           for p in sorted({(k * dw) % sw for k in range(kw)})}
-    if sw == 1:
+    if wt is None:  # max pool: the same taps, max instead of multiply-add
+        def tap(n, c_, y, xx, k):
+            return xs[(k * dw) % sw][n, c_, y * sh + rkh * dh, xx + (k * dw) // sw]
+
+        acc = te.compute(
+            (nb, c, oh, owp),
+            lambda n, c_, y, xx: te.max(functools.reduce(
+                tvm.tirx.max, [tap(n, c_, y, xx, k) for k in range(kw)]), axis=[rkh]),
+            name=DWCONV_BLOCK)
+    elif sw == 1:
         rkw = te.reduce_axis((0, kw), "rkw")
         acc = te.compute(
             (nb, c, oh, owp),
@@ -667,8 +703,9 @@ def schedule_func(func, lanes: int, isa=None):
         schedule_conv(sch, convs[0], lanes, max_cols(lanes))
         kind = "conv2d-packed"
     elif dws:
+        pool = isinstance(getattr(sch.get(dws[0]).body, "value", None), tvm.tirx.Max)
         schedule_dwconv(sch, dws[0], lanes)
-        kind = "dwconv2d"
+        kind = "maxpool2d" if pool else "dwconv2d"
     elif len(mms) == 1:
         schedule_matmul(sch, mms[0], lanes)
         kind = "matmul"

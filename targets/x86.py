@@ -35,10 +35,13 @@ def cpu_front_phases(target, record: dict | None = None) -> list:
     both the default schedules and tuning (:mod:`.tuning`) work on."""
     from .backend import front_phases
     from .cpu_int8 import make_quantize_legalizer, requant_pass, rewrite_pass
-    from .cpu_kernels import make_conv2d_legalizer, make_fast_math_legalizers, simd_floats
+    from .cpu_kernels import (make_conv2d_legalizer, make_fast_math_legalizers,
+                              make_maxpool_legalizer, simd_floats)
 
     kernels: dict = {}  # integer kernels emitted, for folding their requantizing epilogues
-    return front_phases({"relax.nn.conv2d": make_conv2d_legalizer(simd_floats(target)),
+    lanes = simd_floats(target)
+    return front_phases({"relax.nn.conv2d": make_conv2d_legalizer(lanes),
+                         "relax.nn.max_pool2d": make_maxpool_legalizer(lanes),
                          "relax.quantize": make_quantize_legalizer(),
                          **make_fast_math_legalizers()},
                         pre=[rewrite_pass(target, record, kernels)],

@@ -223,6 +223,11 @@ def test_kernels_build_for_aarch64(tmp_path, target):
     report = compile_to(px, tmp_path / "px", target=target)
     assert report["kernels"]["counts"].get("conv2d-px") == 1
     assert report["kernels"]["unscheduled"] == {}
+    mp = make_model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3],
+                                      strides=[2, 2], pads=[1, 1, 1, 1])],
+                    [("x", [1, 16, 12, 12])], [("y", [1, 16, 6, 6])])
+    report = compile_to(mp, tmp_path / "mp", target=target)
+    assert report["kernels"]["counts"].get("maxpool2d") == 1
 
 
 def test_batch_split_matches(tmp_path):
@@ -258,3 +263,29 @@ def test_avx2_kernels(tmp_path):
         x = rng.standard_normal(Session(out).input_specs[0]["shape"]).astype(np.float32)
         np.testing.assert_allclose(Session(out).run(None, {"x": x})[0],
                                    OrtSession(m).run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("c,h,w,k,s,p,d,ceil,dtype", [
+    (8, 13, 17, 3, 2, 1, 1, 0, "float32"), (5, 9, 11, 2, 2, 0, 1, 0, "float32"),
+    (6, 10, 12, 3, 1, 1, 1, 0, "float32"), (4, 15, 14, 3, 2, 1, 2, 0, "float32"),
+    (16, 20, 20, 3, 2, 1, 1, 0, "uint8"), (4, 11, 11, 3, 2, 1, 1, 1, "float32")])
+def test_max_pool(tmp_path, c, h, w, k, s, p, d, ceil, dtype):
+    """MaxPool through the depthwise row kernel (max over the taps, padding never wins),
+    float and uint8; ceil_mode keeps TOPI's pool."""
+    ext = (k - 1) * d + 1
+    out = [(-(-(n + 2 * p - ext) // s) if ceil else (n + 2 * p - ext) // s) + 1 for n in (h, w)]
+    m = make_model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k],
+                                     strides=[s, s], pads=[p] * 4, dilations=[d, d],
+                                     ceil_mode=ceil)],
+                   [("x", [2, c, h, w])], [("y", [2, c, *out])], opset=13)
+    if dtype == "uint8":
+        for v in (m.graph.input[0], m.graph.output[0]):
+            v.type.tensor_type.elem_type = 2  # UINT8
+    report = compile_to(m, tmp_path / "mp")
+    assert report["kernels"]["unscheduled"] == {}
+    assert report["kernels"]["counts"].get("maxpool2d", 0) == (0 if ceil else 1), report["kernels"]
+    rng = np.random.default_rng(c)
+    x = (rng.integers(0, 256, (2, c, h, w)) if dtype == "uint8"
+         else rng.standard_normal((2, c, h, w))).astype(dtype)
+    np.testing.assert_array_equal(Session(tmp_path / "mp").run(None, {"x": x})[0],
+                                  OrtSession(m).run(None, {"x": x})[0])
