@@ -538,9 +538,11 @@ def _pick_vec_tile(n: int, lanes: int, limit: int) -> int:
     return _pick_tile(n, limit)
 
 
-def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> None:
+def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> bool:
     """Parallelize the outer spatial loops of every root block; vectorize a plain innermost
-    spatial loop."""
+    spatial loop; reductions over trailing axes by :func:`_schedule_reduce`. Returns
+    whether a reduction was scheduled."""
+    reduced = False
     for blk in _all_blocks(sch):
         loops = sch.get_loops(blk)
         if not loops:
@@ -553,6 +555,9 @@ def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> None:
                 break
             n_sp += 1
         if n_sp == 0 or len(loops) < n_sp:
+            continue
+        if n_sp < len(kinds) and _schedule_reduce(sch, blk, lanes, n_sp):
+            reduced = True
             continue
         total = 1
         for lp in loops[:n_sp]:
@@ -574,6 +579,51 @@ def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> None:
                     sch.vectorize(vi)
                 except Exception:  # noqa: BLE001
                     pass
+    return reduced
+
+
+def _schedule_reduce(sch, block, lanes: int, n_sp: int) -> bool:
+    """A sum/max over trailing contiguous axes (a global average pool, ``mean``):
+    the reduction is split into ``U`` lanes (``rfactor``: ``U`` partial results per
+    output, ``U`` up to four vectors, i.e. independent accumulator chains), vectorized
+    along them, with the outputs in parallel; the partials are then combined per output.
+    TOPI's loop is one scalar chain per output and, with few outputs, not parallel at all.
+    Returns False (schedule untouched) when it does not apply."""
+    loops = sch.get_loops(block)
+    iters = sch.get(block).iter_vars
+    if len(loops) != len(iters) or any(iv.iter_type != 2 for iv in iters[n_sp:]):
+        return False
+    red = loops[n_sp:]
+    total = 1
+    for lp in red:
+        total *= _extent(sch, lp) or 0
+    unit = next((u for u in (4 * lanes, 2 * lanes, lanes)
+                 if total and total % u == 0 and total >= 2 * u), None)
+    if unit is None:
+        return False
+    # the reduction must read the trailing axes of its input contiguously, in loop order
+    reads = sch.get(block).reads
+    rvars = [iv.var for iv in iters[n_sp:]]
+    if not any(
+            len(r.region) >= len(rvars) and all(
+                rg.min.same_as(v) for rg, v in zip(list(r.region)[-len(rvars):], rvars))
+            for r in reads):
+        return False
+    def steps(s_):
+        lp = s_.get_loops(block)
+        r = s_.fuse(*lp[n_sp:]) if len(lp) - n_sp > 1 else lp[n_sp]
+        _, ri = s_.split(r, [None, unit])
+        rf = s_.rfactor(ri, 0)  # raises for a reducer TIR does not recognize
+        sp = s_.get_loops(rf)[:n_sp]
+        s_.parallel(s_.fuse(*sp) if len(sp) > 1 else sp[0])
+        s_.vectorize(s_.get_loops(rf)[-1])
+
+    try:
+        steps(sch.copy())  # on a copy first: a failure must not leave half a schedule
+    except Exception:  # noqa: BLE001
+        return False
+    steps(sch)
+    return True
 
 
 PX_L1_BYTES = 16 * 1024  # a tile's input pixels (all input channels) stay in half of L1
@@ -710,8 +760,7 @@ def schedule_func(func, lanes: int, isa=None):
         schedule_matmul(sch, mms[0], lanes)
         kind = "matmul"
     else:
-        schedule_generic(sch, lanes)
-        kind = "generic"
+        kind = "reduce" if schedule_generic(sch, lanes) else "generic"
     return sch.mod["main"], kind
 
 

@@ -289,3 +289,26 @@ def test_max_pool(tmp_path, c, h, w, k, s, p, d, ceil, dtype):
          else rng.standard_normal((2, c, h, w))).astype(dtype)
     np.testing.assert_array_equal(Session(tmp_path / "mp").run(None, {"x": x})[0],
                                   OrtSession(m).run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("op,c,h,w,expect", [
+    ("GlobalAveragePool", 24, 16, 16, "reduce"), ("ReduceMean23", 12, 8, 12, "reduce"),
+    ("ReduceMax3", 6, 5, 64, "reduce"), ("ReduceSum1", 8, 10, 12, "generic"),
+    ("GlobalAveragePool", 5, 7, 7, "generic")])
+def test_reductions(tmp_path, op, c, h, w, expect):
+    """Reductions over trailing axes (SE blocks' global pools) are split into vector lanes
+    and run in parallel; others keep the generic schedule. Both match onnxruntime."""
+    inits = {}
+    if op == "GlobalAveragePool":
+        node, out = helper.make_node(op, ["x"], ["y"]), [2, c, 1, 1]
+    elif op == "ReduceMean23":
+        node, out = helper.make_node("ReduceMean", ["x"], ["y"], axes=[2, 3]), [2, c, 1, 1]
+    elif op == "ReduceMax3":
+        node, out = helper.make_node("ReduceMax", ["x"], ["y"], axes=[3], keepdims=0), [2, c, h]
+    else:
+        inits["ax"] = np.array([1], np.int64)
+        node, out = helper.make_node("ReduceSum", ["x", "ax"], ["y"], keepdims=0), [2, h, w]
+    m = make_model([node], [("x", [2, c, h, w])], [("y", out)], inits, opset=13)
+    report = _compile_and_compare(m, tmp_path)
+    assert report["kernels"]["unscheduled"] == {}
+    assert set(report["kernels"]["counts"]) == {expect}, report["kernels"]
