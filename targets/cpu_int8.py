@@ -262,7 +262,7 @@ def pack_weight(wq: np.ndarray, isa: DotISA) -> np.ndarray:
 
 
 def int8_conv_te(xq, wp, corr, scale, zx: int, oc: int, strides, pads, dil, isa: DotISA,
-                 view=None, requant=None):
+                 view=None, requant=None, residual=None):
     """TE of the integer convolution; returns the float output ``[n, oc, oh, ow]`` (or with
     ``requant``, the next layer's 8-bit input: :func:`finish_int8`).
 
@@ -326,20 +326,21 @@ def int8_conv_te(xq, wp, corr, scale, zx: int, oc: int, strides, pads, dil, isa:
         name=INT8_CONV_BLOCK)
     if view is not None:  # a matmul: batch rows are the columns of a 1 x M image
         return finish_int8((ow, oc), lambda m, o: acc[0, o // L, 0, m, o % L],
-                           lambda m, o: o, corr, scale, requant)
+                           lambda m, o: o, corr, scale, requant, residual)
     return finish_int8((nb, oc, oh, ow), lambda n, o, y, x: acc[n, o // L, y, x, o % L],
-                       lambda n, o, y, x: o, corr, scale, requant)
+                       lambda n, o, y, x: o, corr, scale, requant, residual)
 
 
-def finish_int8(shape, acc_at, chan, corr, scale, requant):
+def finish_int8(shape, acc_at, chan, corr, scale, requant, residual=None):
     """The kernel's output from its int32 sums: ``(acc - corr[o]) * scale[o]`` (float), or
     with ``requant = (lo, hi, dtype)`` the quantized next activation directly::
 
         q = round(clamp(acc * scale[o] + corr[o], lo, hi))      (``corr`` then a float offset)
 
     into which :func:`requant_pass` folded bias, ReLU/Clip and the quantize step
-    (:func:`round_clamp`)."""
-    from tvm import te
+    (:func:`round_clamp`). ``requant = (lo, hi, dtype, (a, b, c, lo2, hi2, dtype2))`` also
+    adds the 8-bit tensor ``residual`` (:func:`requant_pass`)."""
+    from tvm import te, tirx
 
     if requant is None:
         return te.compute(shape, lambda *i: (acc_at(*i) - corr[chan(*i)]).astype("float32")
@@ -347,11 +348,24 @@ def finish_int8(shape, acc_at, chan, corr, scale, requant):
 
     def body(*i):
         o = chan(*i)
-        return round_clamp(acc_at(*i).astype("float32") * scale[o] + corr[o], requant)
+        t = acc_at(*i).astype("float32") * scale[o] + corr[o]
+        if len(requant) == 3:
+            return round_clamp(t, requant)
+        # a residual Add: t is the kernel's 8-bit output q (kept as the float value of its
+        # clamped bit pattern), then, as onnxruntime's QLinearAdd,
+        # round(clamp(q * a + r * b + c, lo2, hi2)) with r the other 8-bit input
+        a, b, c, lo2, hi2, dt2 = requant[3]
+        r = residual
+        q = tirx.reinterpret("float32", _round_clamp_bits(t, requant[0], requant[1])) \
+            - tirx.const(_ROUND_MAGIC, "float32")
+        v = q * tirx.const(a, "float32") + r(*i).astype("float32") * tirx.const(b, "float32") \
+            + tirx.const(c, "float32")
+        return round_clamp(v, (lo2, hi2, dt2))
 
     return te.compute(shape, body, name="edgec_conv2d_int8_requant")
 
 
+RESIDUAL = "residual"  # kernels[RESIDUAL, name]: a requantizing kernel's residual re-emitter
 _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: x + M is M + round_half_even(x) for |x| < 2**22
 
 
@@ -364,17 +378,18 @@ def round_clamp(t, requant):
     add, two integer compares and a truncation -- no round and no float->int conversion;
     a value so large that ``t + M`` no longer has spacing 1, or negative enough to make
     it negative, lands beyond a bound and is clamped all the same."""
+    lo, hi, dtype = requant
+    return _round_clamp_bits(t, lo, hi).astype(dtype)
+
+
+def _round_clamp_bits(t, lo, hi):
+    """``M + round(clamp(t, lo, hi))`` as int32 bits (:func:`round_clamp`)."""
     from tvm import tirx
 
-    lo, hi, dtype = requant
     magic = int(np.float32(_ROUND_MAGIC).view(np.int32))
     bits = tirx.reinterpret("int32", t + tirx.const(_ROUND_MAGIC, "float32"))
-    bits = tirx.max(tirx.min(bits, tirx.const(magic + int(np.rint(hi)), "int32")),
+    return tirx.max(tirx.min(bits, tirx.const(magic + int(np.rint(hi)), "int32")),
                     tirx.const(magic + int(np.rint(lo)), "int32"))
-    return bits.astype(dtype)
-
-
-PX_ROWS = 16  # most output channels per pixel-kernel register tile
 
 
 def px_accumulators(isa: DotISA) -> int:
@@ -414,7 +429,7 @@ def pack_weight_px(wq: np.ndarray, isa: DotISA, rows: int) -> np.ndarray:
 
 
 def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA, tile,
-                       requant=None):
+                       requant=None, residual=None):
     """1x1 stride-1 integer convolution with pixels in the vector lanes::
 
         acc[n, o, y, x] += sum_d A[n, c // D, y, x].d * B[o // R, c // D, o % R, d]
@@ -468,17 +483,20 @@ def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA, tile,
         acc_at = lambda n, o, y, x: acc[n, o, y, x]  # noqa: E731
     else:
         acc_at = lambda n, o, y, x: acc[n, o, 0, y * w + x]  # noqa: E731
-    return finish_int8((nb, oc, h, w), acc_at, lambda n, o, y, x: o, corr, scale, requant)
+    return finish_int8((nb, oc, h, w), acc_at, lambda n, o, y, x: o, corr, scale, requant,
+                       residual)
 
 
-def int8_matmul_te(xq, wp, corr, scale, zx: int, n_out: int, isa: DotISA, requant=None):
+def int8_matmul_te(xq, wp, corr, scale, zx: int, n_out: int, isa: DotISA, requant=None,
+                   residual=None):
     """``Y[m, j] = sum_k dq(Xq)[m, k] * dq(Wq)[k, j]`` as a 1x1 integer convolution over a
     ``1 x M`` image with ``K`` channels: the ``M`` rows become the register tile's columns,
     so each weight vector loaded serves up to 16 rows (and batch 1 is an int8 GEMV reading
     a quarter of the fp32 weight bytes)."""
     m, k = _ints(xq.shape)
     return int8_conv_te(xq, wp, corr, scale, zx, n_out, (1, 1), (0, 0, 0, 0), (1, 1), isa,
-                        view=((1, k, 1, m), lambda n, ch, y, x: xq[x, ch]), requant=requant)
+                        view=((1, k, 1, m), lambda n, ch, y, x: xq[x, ch]), requant=requant,
+                        residual=residual)
 
 
 def za_of(isa: DotISA, x_dtype: str, zx: int) -> int:
@@ -678,10 +696,19 @@ def rewrite_pass(target, record: dict | None = None, kernels: dict | None = None
                 s64 = scale.astype(np.float64)
                 s2 = (s64 * inv).astype(np.float32)
                 b2 = ((bias - corr.astype(np.float64) * s64) * inv + zp).astype(np.float32)
-                return bb.call_te(functools.partial(te_fn, isa=isa, requant=rq), x_new,
-                                  relax.const(wpk), relax.const(b2), relax.const(s2), *tail,
-                                  primfunc_name_hint=name + "_rq",
-                                  primfunc_attrs={"op_pattern": 4})
+
+                def emit(bb_, x_, rq_, suffix, **residual):
+                    return bb_.call_te(functools.partial(te_fn, isa=isa, requant=rq_), x_,
+                                       relax.const(wpk), relax.const(b2), relax.const(s2),
+                                       *tail, **residual, primfunc_name_hint=name + suffix,
+                                       primfunc_attrs={"op_pattern": 4})
+
+                out = emit(bb, x_new, rq, "_rq")
+                # (the residual fold re-emits it with a second, residual epilogue)
+                kernels[RESIDUAL, out.args[0].name_hint] = (
+                    lambda bb_, x_, r, res: emit(bb_, x_, (*rq, res), "_res", residual=r),
+                    len(scale))
+                return out
 
             kernels[call.args[0].name_hint] = (remake, len(scale))
             return call
@@ -755,6 +782,14 @@ def rewrite_pass(target, record: dict | None = None, kernels: dict | None = None
         return relax.transform.DeadCodeElimination()(out)
 
     return _pass
+
+
+def _static(expr):
+    """The static shape of a tensor-typed relax expression, else None."""
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+        return None
+    return tuple(int(d) for d in shape.values)
 
 
 def _uses(func) -> dict:
@@ -890,20 +925,84 @@ def requant_pass(kernels: dict, record: dict | None = None):
             x_new = self.visit_expr(val.args[1].fields[0])
             return remake(self.builder_, x_new, inv, bvec, zp, (float(lo2), float(hi2), dtype))
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecFoldRequantize")
-    def _pass(mod, _ctx):
-        if not kernels:
-            return mod
-        f = _Folder(mod)
+    dq_op = tvm.ir.Op.get("relax.dequantize")
+
+    @relax.expr_functor.mutator
+    class _ResidualFolder(_Folder._cls):
+        """``q(clamp(dq(K) + dq(R)))`` with ``K`` a requantizing kernel's 8-bit output (one
+        reader) and ``R`` another 8-bit tensor of the same shape, scalar scales: the add is
+        the kernel's second epilogue, ``round(clamp(K * a + R * b + c))`` with
+        ``a = sK / s``, ``b = sR / s``, ``c = z - zK * a - zR * b`` -- what onnxruntime's
+        QLinearAdd computes (both roundings kept), without the float round trip."""
+
+        def _fold(self, q):
+            s_, z_ = _const(q.args[1]), _const(q.args[2])
+            dtype = str(q.attrs.out_dtype)
+            if s_ is None or z_ is None or s_.size != 1 or z_.size != 1 or \
+                    dtype not in qrange or float(s_.reshape(-1)[0]) <= 0:
+                return None
+            inv, zp = 1.0 / float(s_.reshape(-1)[0]), float(z_.reshape(-1)[0])
+            clamps, val = [], self._single(q.args[0])
+            while val is not None:
+                c = clamp_of(val)
+                if c is None:
+                    break
+                clamps.append(c[:2])
+                val = self._single(c[2])
+            if val is None or val.op != add_op:
+                return None
+            for kside, rside in ((0, 1), (1, 0)):
+                dk = self._single(val.args[kside])
+                dr = self.var2val.get(val.args[rside]) \
+                    if isinstance(val.args[rside], relax.Var) else None
+                if not (isinstance(dk, relax.Call) and dk.op == dq_op and
+                        isinstance(dr, relax.Call) and dr.op == dq_op):
+                    continue
+                k = self._single(dk.args[0])
+                if k is None or k.op != call_tir_op or \
+                        (RESIDUAL, k.args[0].name_hint) not in kernels:
+                    continue
+                sk, zk, sr, zr = (_const(a) for a in (*dk.args[1:3], *dr.args[1:3]))
+                r = dr.args[0]
+                if any(v is None or v.size != 1 for v in (sk, zk, sr, zr)) or \
+                        str(r.ty.dtype) not in qrange or _static(r) is None or \
+                        _static(r) != _static(k):
+                    continue
+                sk, zk, sr, zr = (float(v.reshape(-1)[0]) for v in (sk, zk, sr, zr))
+                lo, hi = -np.inf, np.inf
+                for kind, c in reversed(clamps):
+                    lo, hi = ((max(lo, c), max(hi, c)) if kind == "max" else
+                              (min(lo, c), min(hi, c)))
+                qmin, qmax = qrange[dtype]
+                lo2 = max(lo * inv + zp, qmin) if np.isfinite(lo) else qmin
+                hi2 = min(hi * inv + zp, qmax) if np.isfinite(hi) else qmax
+                a, b = sk * inv, sr * inv
+                res = (a, b, zp - zk * a - zr * b, float(lo2), float(hi2), dtype)
+                emit, _ = kernels[RESIDUAL, k.args[0].name_hint]
+                return emit(self.builder_, self.visit_expr(k.args[1].fields[0]),
+                            self.visit_expr(r), res)
+            return None
+
+    def run(folder_cls, mod):
+        f = folder_cls(mod)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 f.var2val = dict(relax.analysis.get_var2val(func))
                 f.uses = _uses(func)
                 f.builder_.update_func(gv, f.visit_expr(func))
         out = f.builder_.get()
+        return (relax.transform.DeadCodeElimination()(out) if f.folded else out), f.folded
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecFoldRequantize")
+    def _pass(mod, _ctx):
+        if not kernels:
+            return mod
+        mod, folded = run(_Folder, mod)
+        mod, residual = run(_ResidualFolder, mod) if folded else (mod, 0)
         if record is not None and "int8" in record:
-            record["int8"]["requant_fused"] = f.folded
-        return relax.transform.DeadCodeElimination()(out) if f.folded else out
+            record["int8"]["requant_fused"] = folded
+            record["int8"]["residual_fused"] = residual
+        return mod
 
     return _pass
 

@@ -334,3 +334,36 @@ def test_requant_fold_clip_and_its_limits(tmp_path, kind):
     kern = compare(m, step, tmp_path)
     assert kern["int8"]["conv2d"] == 1
     assert kern["int8"]["requant_fused"] == (1 if kind == "clip" else 0), kern["int8"]
+
+
+@pytest.mark.parametrize("ksz,h,w,relu,shared", [(1, 8, 16, False, False), (1, 6, 10, True, False),
+                                                  (3, 7, 9, True, False), (3, 7, 9, False, True)],
+                         ids=["1x1-flat", "1x1-rows-relu", "3x3-relu", "shared"])
+def test_residual_add_fold(tmp_path, ksz, h, w, relu, shared):
+    """q(dq(conv_q) + dq(xq)) [-> Relu] -> q becomes the kernel's second epilogue (as
+    onnxruntime's QLinearAdd: both roundings kept), within one step of onnxruntime; not when
+    the conv's 8-bit output has another reader."""
+    rng = np.random.default_rng(5)
+    c = 16
+    m, _ = qdq_conv(rng, 1, c, c, ksz, 1, 1, (ksz // 2,) * 4, h, w, relu=False)
+    g = m.graph
+    sa = 0.09
+    for name, val in (("sa", np.array(sa, np.float32)), ("za", np.array(100, np.uint8))):
+        g.initializer.append(onnx.numpy_helper.from_array(val, name))
+    g.node.remove(next(n for n in g.node if n.output[0] == "out"))
+    g.node.extend([helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["yd"]),
+                   helper.make_node("Add", ["yd", "xd"], ["s"])])
+    last = "s"
+    if relu:
+        g.node.append(helper.make_node("Relu", ["s"], ["sr"]))
+        last = "sr"
+    g.node.extend([helper.make_node("QuantizeLinear", [last, "sa", "za"], ["aq"]),
+                   helper.make_node("DequantizeLinear", ["aq", "sa", "za"], ["out"])])
+    if shared:
+        g.output.append(helper.make_tensor_value_info("yd", onnx.TensorProto.FLOAT,
+                                                      [1, c, h, w]))
+    onnx.checker.check_model(m)
+    kern = compare(m, sa, tmp_path)
+    assert kern["int8"]["requant_fused"] == 1
+    assert kern["int8"]["residual_fused"] == (0 if shared else 1), kern["int8"]
+    assert kern["unscheduled"] == {}
