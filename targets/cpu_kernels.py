@@ -29,6 +29,8 @@ import logging
 import numpy as np
 
 from .backend import relax, tvm
+from .cpu_winograd import (WINO_GEMM_BLOCK, WINO_OUT1_BLOCK, schedule_winograd,
+                           transform_weight, winograd_te, winograd_tile)
 
 log = logging.getLogger("edgec.cpu_kernels")
 
@@ -92,6 +94,12 @@ def make_conv2d_legalizer(lanes: int):
         oc = w.shape[0]
         strides, dil = _ints(attrs.strides), _ints(attrs.dilation)
         pads = _ints(attrs.padding)
+        m = winograd_tile(lanes, (n, c, h, wd), w.shape, strides, pads, dil, groups)
+        if m is not None:
+            return bb.call_te(functools.partial(winograd_te, m=m), data,
+                              relax.const(transform_weight(w, m, lanes)), oc, pads,
+                              primfunc_name_hint="conv2d_winograd",
+                              primfunc_attrs={"op_pattern": 4})
         tile = conv_px_tile(lanes, (n, c, h, wd), w.shape, strides, pads) \
             if groups == 1 else None
         if tile is not None:
@@ -406,7 +414,7 @@ def _fuse_epilogue(sch, producer, loop, prepare=None) -> list:
     # an elementwise side input of the epilogue (e.g. a residual's dequantize) computed
     # before the kernel: inline it into its reader, else the epilogue cannot move
     for blk, name in zip(blocks[:start - 1], names):
-        if not name.startswith("edgec_pad"):
+        if not name.startswith(("edgec_pad", "edgec_wino")):
             try:
                 sch.compute_inline(blk)
             except Exception:  # noqa: BLE001
@@ -747,7 +755,8 @@ def schedule_func(func, lanes: int, isa=None):
             if sch.get(b).name_hint == INT8_CONV_BLOCK]
     pxs = [b for b in _find_blocks(sch, INT8_PX_BLOCK) if sch.get(b).name_hint == INT8_PX_BLOCK]
     fpx = [b for b in _find_blocks(sch, CONV_PX_BLOCK) if sch.get(b).name_hint == CONV_PX_BLOCK]
-    if len(convs) + len(dws) + len(ints) + len(pxs) + len(fpx) > 1:
+    wino = _find_blocks(sch, WINO_GEMM_BLOCK)
+    if len(convs) + len(dws) + len(ints) + len(pxs) + len(fpx) + len(wino) > 1:
         raise ValueError("more than one convolution in a fused function")
     mms = [b for b in _all_blocks(sch) if sch.get(b).name_hint in ("matmul", "T_matmul_NN",
                                                                       "T_matmul")]
@@ -765,6 +774,10 @@ def schedule_func(func, lanes: int, isa=None):
             raise ValueError("an int8 convolution needs the target's integer ISA")
         schedule_int8_conv(sch, ints[0], isa, max_cols(lanes))
         kind = "conv2d-int8-" + isa.name
+    elif wino:
+        m = _extent(sch, sch.get_loops(_find_blocks(sch, WINO_OUT1_BLOCK)[0])[3])
+        schedule_winograd(sch, wino[0], lanes, max_cols(lanes))
+        kind = f"conv2d-winograd-f{m}"
     elif fpx:
         schedule_px(sch, fpx[0], lanes, inner=sch.vectorize)
         _parallel_pad(sch)

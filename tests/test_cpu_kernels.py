@@ -16,6 +16,7 @@ from onnx import helper
 from conftest import compile_to, make_model
 from edgec.runtime import OrtSession, Session, run_batched
 from edgec.targets.cpu_kernels import conv_px_tile, simd_floats
+from edgec.targets.cpu_winograd import matrices, transform_weight, winograd_tile
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -90,7 +91,10 @@ def test_packed_conv(tmp_path_factory, c, k, ksz, stride, dil, pads, h, w, batch
                    opset=14)
     report = _compile_and_compare(m, tmp_path_factory.mktemp("pc"))
     px = conv_px_tile(host_lanes(), (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads)
+    wino = winograd_tile(host_lanes(), (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads,
+                         (dil,) * 2, 1)
     kind = "conv2d-packed" if px is None else "conv2d-px"
+    kind = kind if wino is None else f"conv2d-winograd-f{wino}"
     assert report["kernels"]["counts"].get(kind) == 1, report["kernels"]
     assert report["kernels"]["unscheduled"] == {}
 
@@ -129,6 +133,73 @@ def test_pixel_conv(tmp_path, mcpu, c, k, h, w, batch, epi):
     ref = OrtSession(m).run(None, {"x": x})[0]
     np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
                                atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+# 3x3 stride 1, Winograd: F(4, 3) on an exact and a cropped (30 = 7 * 4 + 2) map, F(2, 3)
+# with asymmetric pads and batch 2, odd maps, output channels that are no whole vector
+WINO_CASES = [(16, 16, 24, 24, (1, 1, 1, 1), 1, "relu", 4),
+              (32, 32, 30, 30, (1, 1, 1, 1), 1, "residual", 4),
+              (20, 35, 13, 29, (0, 2, 1, 1), 2, "relu6", 2),
+              (24, 17, 17, 19, (1, 1, 1, 1), 2, "silu", 2)]
+
+
+@pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
+@pytest.mark.parametrize("c,k,h,w,pads,batch,epi,m", WINO_CASES)
+def test_winograd_conv(tmp_path, mcpu, c, k, h, w, pads, batch, epi, m):
+    rng = np.random.default_rng(c + k)
+    inits = {"W": (rng.standard_normal((k, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32),
+             "B": rng.standard_normal(k).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=list(pads))]
+    oh, ow = h + pads[0] + pads[2] - 2, w + pads[1] + pads[3] - 2
+    last = _epilogue(epi, "y", nodes, inits, "x", [batch, c, h, w], [batch, k, oh, ow])
+    model = make_model(nodes, [("x", [batch, c, h, w])], [(last, [batch, k, oh, ow])], inits,
+                       opset=14)
+    opts = {"mcpu": mcpu} if mcpu else {}
+    assert winograd_tile(host_lanes(opts), (batch, c, h, w), (k, c, 3, 3), (1, 1), pads,
+                         (1, 1), 1) == m
+    out = tmp_path / "art"
+    report = compile_to(model, out, target_options=opts)
+    assert report["kernels"]["counts"].get(f"conv2d-winograd-f{m}") == 1, report["kernels"]
+    assert report["kernels"]["unscheduled"] == {}
+    x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
+    ref = OrtSession(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
+                               atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_transforms(m):
+    """A^T [(G g) * (B^T d)] is the 3-tap correlation of d with g, in 1-D and (through
+    transform_weight's G g G^T) in 2-D."""
+    bt, g_, at = matrices(m)
+    rng = np.random.default_rng(m)
+    d, g = rng.standard_normal(m + 2), rng.standard_normal(3)
+    np.testing.assert_allclose(at @ ((g_ @ g) * (bt @ d)), np.correlate(d, g, "valid"),
+                               atol=1e-12)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    u = transform_weight(w, m, 4)  # [e, kb, c, l]
+    a = m + 2
+    assert u.shape == (a * a, 2, 3, 4) and not u[:, 1, :, 1:].any()  # 5 channels -> 2 x 4
+    d2 = rng.standard_normal((3, a, a))
+    v = np.einsum("ei,cij,fj->efc", bt, d2, bt).reshape(a * a, 3)
+    mk = np.einsum("ec,eocl->eol", v, u).reshape(a, a, 8)[..., :5]
+    y = np.einsum("ie,efk,jf->kij", at, mk, at)
+    ref = np.array([[[np.sum(d2[:, i:i + 3, j:j + 3] * w[k]) for j in range(m)]
+                     for i in range(m)] for k in range(5)])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_winograd_choice():
+    """Tiles decide: F(4, 3) on 56x56 and 28x28 maps, F(2, 3) on 14x14, the direct kernel
+    on 7x7, strided, dilated, grouped, 1x1, or narrow convolutions."""
+    def tile(c, h, k=None, stride=1, dil=1, groups=1, ksz=3, pads=(1, 1, 1, 1)):
+        return winograd_tile(16, (1, c, h, h), (k or c, c, ksz, ksz), (stride,) * 2, pads,
+                             (dil,) * 2, groups)
+
+    assert tile(64, 56) == 4 and tile(128, 28) == 4 and tile(256, 14) == 2
+    assert tile(512, 7) is None
+    assert None is tile(64, 56, stride=2) is tile(64, 56, dil=2) is tile(64, 56, groups=2)
+    assert None is tile(64, 56, ksz=1, pads=(0,) * 4) is tile(8, 56) is tile(64, 56, k=8)
 
 
 def test_pixel_tile_choice():
@@ -228,6 +299,13 @@ def test_kernels_build_for_aarch64(tmp_path, target):
                     [("x", [1, 16, 12, 12])], [("y", [1, 16, 6, 6])])
     report = compile_to(mp, tmp_path / "mp", target=target)
     assert report["kernels"]["counts"].get("maxpool2d") == 1
+    wi = make_model([helper.make_node("Conv", ["x", "Q"], ["y"], pads=[1, 1, 1, 1]),
+                     helper.make_node("Relu", ["y"], ["z"])],
+                    [("x", [1, 16, 24, 24])], [("z", [1, 16, 24, 24])],
+                    {"Q": rng.standard_normal((16, 16, 3, 3)).astype(np.float32)})
+    report = compile_to(wi, tmp_path / "wi", target=target)
+    assert report["kernels"]["counts"].get("conv2d-winograd-f4") == 1, report["kernels"]
+    assert report["kernels"]["unscheduled"] == {}
 
 
 def test_batch_split_matches(tmp_path):

@@ -1,0 +1,322 @@
+"""Winograd F(m x m, 3 x 3) for 3x3 stride-1 float convolutions on CPUs.
+
+For an output tile ``Y`` of ``m x m`` pixels, its ``a x a`` input tile ``d`` (``a = m + 2``)
+and one 3x3 filter ``g`` (Lavin & Gray, *Fast Algorithms for Convolutional Neural Networks*)::
+
+    Y = A^T [ (G g G^T) (.) (B^T d B) ] A
+
+so with ``U[e, k, c] = (G g[k, c] G^T)[e]`` (computed at compile time) and
+``V[e, c, p] = (B^T d[c, p] B)[e]`` for every tile ``p``, the convolution is ``a^2``
+independent matrix products ``M[e] = U[e] . V[e]`` followed by the output transform
+``Y[k, p] = A^T M[:, k, p] A``. F(4x4, 3x3) does 36 multiply-adds per 16 outputs and input
+channel where the direct convolution does 144 (4x fewer); F(2x2, 3x3) 16 per 4 (2.25x).
+
+The kernel, in four stages of one function (each parallel)::
+
+    Xs[n, c, q, y, j] = Xpad[n, c, y, j * m + q]       column phases: every tile row reads
+                                                         contiguous tiles (q = column % m)
+    V[e1 * a + e2, c, p] = sum_{r1, r2} B[r1, e1] B[r2, e2] Xs[.., r2 % m, ty*m + r1, tx + r2 // m]
+    M[e, kb, p, l]       = sum_c V[e, c, p] * U[e, kb, c, l]         (l: output-channel lanes)
+    P[n, kb, oy, ox, l]  = sum_{r1, r2} A[r1, oy % m] A[r2, ox % m] M[r1 * a + r2, kb, p, l]
+    Y[n, k, oy, ox]      = epilogue(P[n, k // L, oy, ox, k % L])    (bias, BN, ReLU, Add ...)
+
+Both transforms are separable (two passes of ``a`` terms, not ``a^2``) with the
+coefficients as constants: the transform loops are unrolled, so the zero and unit entries
+of ``A`` and ``B`` vanish when TIR simplifies. The product ``M`` is the packed direct
+convolution's register tile (``cols`` tiles x one or two vectors of output channels, one
+weight-vector load per ``cols`` FMAs) with a ``C``-long reduction per product.
+
+The cost is in memory, not in multiplies: ``U`` is ``a^2 / 9`` times the weights (4x for
+F(4, 3)) and ``V``/``M`` are ``a^2 / m^2`` times the activations, so :func:`winograd_tile`
+takes Winograd only where the weights are small next to the work (many tiles), and the
+direct kernel elsewhere (7x7 maps, 512 channels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WINO_GEMM_BLOCK = "edgec_wino_gemm"
+WINO_IN_BLOCK = "edgec_wino_v"
+WINO_IN1_BLOCK = "edgec_wino_v1"
+WINO_OUT_BLOCK = "edgec_wino_p"
+WINO_OUT1_BLOCK = "edgec_wino_p1"
+WINO_PHASE_BLOCK = "edgec_wino_xs"
+
+# B^T, G, A^T (Lavin & Gray 2016; interpolation points 0, +-1, +-2, infinity for m = 4)
+_MATRICES = {
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
+        np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)),
+    4: (np.array([[4, 0, -5, 0, 1, 0],
+                  [0, -4, -4, 1, 1, 0],
+                  [0, 4, -4, -1, 1, 0],
+                  [0, -2, -1, 2, 1, 0],
+                  [0, 2, -1, -2, 1, 0],
+                  [0, 4, 0, -5, 0, 1]], np.float64),
+        np.array([[1 / 4, 0, 0],
+                  [-1 / 6, -1 / 6, -1 / 6],
+                  [-1 / 6, 1 / 6, -1 / 6],
+                  [1 / 24, 1 / 12, 1 / 6],
+                  [1 / 24, -1 / 12, 1 / 6],
+                  [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 1, 1, 0],
+                  [0, 1, -1, 2, -2, 0],
+                  [0, 1, 1, 4, 4, 0],
+                  [0, 1, -1, 8, -8, 1]], np.float64)),
+}
+
+
+def matrices(m: int):
+    """``(B^T, G, A^T)`` of F(m x m, 3 x 3)."""
+    return _MATRICES[m]
+
+
+def transform_weight(w: np.ndarray, m: int, lanes: int) -> np.ndarray:
+    """``U[e, kb, c, l] = (G W[kb * L + l, c] G^T)[e]`` (float64 then float32), output
+    channels padded to whole vectors of ``lanes``."""
+    _, g, _ = matrices(m)
+    k, c = w.shape[:2]
+    a = m + 2
+    u = np.einsum("ei,kcij,fj->efkc", g, w.astype(np.float64), g).reshape(a * a, k, c)
+    kb = -(-k // lanes)
+    up = np.zeros((a * a, kb * lanes, c), np.float64)
+    up[:, :k] = u
+    return np.ascontiguousarray(
+        up.reshape(a * a, kb, lanes, c).transpose(0, 1, 3, 2)).astype(np.float32)
+
+
+def winograd_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int) -> int | None:
+    """The tile size ``m`` to run a float convolution with, or None for the direct kernel.
+
+    3x3, stride 1, no dilation, groups 1, at least one vector of output channels and 16
+    input channels, and enough tiles that the products are compute-bound rather than
+    weight-bound: F(4, 3) with at least 36 tiles per image, else F(2, 3) with at least 36
+    (so 56x56 and 28x28 maps take F(4, 3), 14x14 F(2, 3), 7x7 the direct kernel), either
+    with at most a quarter of the tiles' outputs beyond the map. Measured on a Zen 4 core
+    pair (2 threads, one layer, against the direct kernel): 64@56 1.95x, 128@28 2.40x,
+    256@14 1.71x, 32@112 1.53x; 512@7 (16 tiles, 9 MiB of ``U``) 0.84x."""
+    n, c, h, w = shape
+    k = int(wshape[0])
+    if tuple(wshape[2:]) != (3, 3) or list(strides) != [1, 1] or list(dil) != [1, 1] \
+            or groups != 1 or k < lanes or c < 16:
+        return None
+    pt, pl, pb, pr = pads
+    oh, ow = h + pt + pb - 2, w + pl + pr - 2
+    for m in (4, 2):
+        tiles = -(-oh // m) * -(-ow // m)
+        if tiles >= 36 and oh * ow >= 0.75 * tiles * m * m:
+            return m
+    return None
+
+
+def _coef(mat: np.ndarray, i, j):
+    """``mat[i, j]`` for loop variables (or ints) ``i``, ``j`` as a chain of selects over
+    the nonzero entries: constant once the loops are unrolled, zero terms then vanish."""
+    from tvm import tirx
+
+    out = tirx.const(0.0, "float32")
+    for (a, b), v in np.ndenumerate(mat):
+        if v == 0:
+            continue
+        cond = []
+        if isinstance(i, int):
+            if i != a:
+                continue
+        else:
+            cond.append(i == a)
+        if isinstance(j, int):
+            if j != b:
+                continue
+        else:
+            cond.append(j == b)
+        val = tirx.const(float(v), "float32")
+        if not cond:
+            return val
+        out = tirx.Select(tirx.all(*cond), val, out)
+    return out
+
+
+def winograd_te(x, u, oc: int, pads, m: int):
+    """TE of the Winograd convolution (module docstring); returns ``Y[n, oc, oh, ow]``."""
+    v, geom = winograd_input_te(x, pads, m)
+    return winograd_output_te(winograd_gemm_te(v, u), oc, geom)
+
+
+def winograd_input_te(x, pads, m: int):
+    """``V[e, c, p]`` of the input (tiles ``p`` over ``n, ty, tx``) and the geometry
+    ``(nb, oh, ow, th, tw, m)`` for :func:`winograd_output_te`."""
+    from tvm import te, tirx
+
+    bt, _, _ = matrices(m)
+    a = m + 2
+    nb, c, h, w = (int(d) for d in x.shape)
+    pt, pl, pb, pr = pads
+    oh, ow = h + pt + pb - 2, w + pl + pr - 2
+    th, tw = -(-oh // m), -(-ow // m)
+    ptiles = nb * th * tw
+    rows, jcols = th * m + 2, tw + (a - 1) // m
+
+    def phase(n, c_, q, y, j):
+        col, row = j * m + q - pl, y - pt
+        inside = tirx.all(row >= 0, row < h, col >= 0, col < w)
+        return tirx.if_then_else(inside, x[n, c_, tirx.min(tirx.max(row, 0), h - 1),
+                                           tirx.min(tirx.max(col, 0), w - 1)],
+                                 tirx.const(0.0, "float32"))
+
+    xs = te.compute((nb, c, m, rows, jcols), phase, name=WINO_PHASE_BLOCK)
+    # V1[n, c, ty, e1, r2, tx] = sum_r1 B[r1, e1] d[r1, r2]     (B^T[e1, r1])
+    r1 = te.reduce_axis((0, a), "r1")
+    v1 = te.compute(
+        (nb, c, th, a, a, tw),
+        lambda n, c_, ty, e1, r2, tx: te.sum(
+            _coef(bt, e1, r1) * xs[n, c_, r2 % m, ty * m + r1, tx + r2 // m], axis=r1),
+        name=WINO_IN1_BLOCK)
+    r2 = te.reduce_axis((0, a), "r2")
+
+    def vbody(e, c_, p):
+        n, ty, tx = p // (th * tw), (p // tw) % th, p % tw
+        return te.sum(_coef(bt, e % a, r2) * v1[n, c_, ty, e // a, r2, tx], axis=r2)
+
+    return te.compute((a * a, c, ptiles), vbody, name=WINO_IN_BLOCK), \
+        (nb, oh, ow, th, tw, m)
+
+
+def winograd_gemm_te(v, u):
+    """``M[e, kb, p, l] = sum_c V[e, c, p] * U[e, kb, c, l]``."""
+    from tvm import te
+
+    a2, c, ptiles = (int(d) for d in v.shape)
+    _, kb, _, lanes = (int(d) for d in u.shape)
+    rc = te.reduce_axis((0, c), "rc")
+    return te.compute((a2, kb, ptiles, lanes),
+                      lambda e, o, p, l: te.sum(v[e, rc, p] * u[e, o, rc, l], axis=rc),
+                      name=WINO_GEMM_BLOCK)
+
+
+def winograd_output_te(mm, oc: int, geom):
+    """``Y[n, k, oy, ox]`` from the products ``M`` (the output transform and unpacking)."""
+    from tvm import te
+
+    nb, oh, ow, th, tw, m = geom
+    _, at = matrices(m)[1:]
+    a = m + 2
+    lanes = int(mm.shape[3])
+    # P1[n, kb, ty, i, r2, tx, l] = sum_r1 A[r1, i] M[r1 * a + r2, kb, p, l]
+    s1 = te.reduce_axis((0, a), "s1")
+    p1 = te.compute(
+        (nb, int(mm.shape[1]), th, m, a, tw, lanes),
+        lambda n, o, ty, i, r, tx, l: te.sum(
+            _coef(at, i, s1) * mm[s1 * a + r, o, (n * th + ty) * tw + tx, l], axis=s1),
+        name=WINO_OUT1_BLOCK)
+    s2 = te.reduce_axis((0, a), "s2")
+    pk = te.compute(
+        (nb, int(mm.shape[1]), th * m, tw * m, lanes),
+        lambda n, o, y, xx, l: te.sum(
+            _coef(at, xx % m, s2) * p1[n, o, y // m, y % m, s2, xx // m, l], axis=s2),
+        name=WINO_OUT_BLOCK)
+    return te.compute((nb, oc, oh, ow),
+                      lambda n, k, y, xx: pk[n, k // lanes, y, xx, k % lanes],
+                      name="edgec_wino_unpack")
+
+
+def schedule_winograd(sch, gemm, lanes: int, max_cols: int) -> None:
+    """Input transform per (channel, tile row), the products per (e, channel block) with
+    the packed-convolution register tile, output transform and fused epilogue per
+    (channel block, tile row); every stage parallel, transforms unrolled and vectorized
+    along tiles (input) or output-channel lanes (output)."""
+    from .cpu_kernels import _all_blocks
+
+    def block(name):
+        return next((b for b in _all_blocks(sch) if sch.get(b).name_hint == name), None)
+
+    xs, v1, v = block(WINO_PHASE_BLOCK), block(WINO_IN1_BLOCK), block(WINO_IN_BLOCK)
+    p1, pk = block(WINO_OUT1_BLOCK), block(WINO_OUT_BLOCK)
+    if xs is not None:
+        _schedule_input(sch, xs, v1, v)
+    if gemm is not None:
+        _schedule_gemm(sch, gemm, max_cols)
+    if pk is not None:
+        _schedule_output(sch, p1, pk)
+
+
+def _schedule_input(sch, xs, v1, v):
+    from .cpu_kernels import _extent
+
+    a_ = _extent(sch, sch.get_loops(v1)[3])
+
+    # column phases: parallel over (n, c)
+    n, c, q, y, j = sch.get_loops(xs)
+    sch.parallel(sch.fuse(n, c))
+    sch.vectorize(j)
+
+    # input transform per channel: V1 of all tiles, then V, both vectorized along tile rows
+    e, c, p, r2 = sch.get_loops(v)
+    tw = _extent(sch, sch.get_loops(v1)[-2])
+    e1, e2 = sch.split(e, [None, a_])
+    po, tx = sch.split(p, [None, tw])
+    sch.reorder(c, e1, po, e2, r2, tx)
+    sch.parallel(c)
+    sch.compute_at(v1, c, preserve_unit_loops=True)
+    sch.unroll(e2)
+    sch.unroll(r2)
+    sch.vectorize(tx)
+    *_, ve1, vr2, vtx, vr1 = sch.get_loops(v1)
+    sch.reorder(ve1, vr2, vr1, vtx)
+    sch.unroll(ve1)
+    sch.unroll(vr2)
+    sch.unroll(vr1)
+    sch.vectorize(vtx)
+
+
+
+def _schedule_gemm(sch, gemm, max_cols):
+    """products: parallel over (e, channel block), register tile cols x lanes"""
+    from .cpu_kernels import _extent
+
+    e, o, p, l, rc = sch.get_loops(gemm)
+    cols = _pick_cols(_extent(sch, p), max_cols)
+    ob = _extent(sch, o)
+    ob2 = next((k for k in (3, 2) if k * cols <= max_cols and ob % k == 0), 1)
+    oo, oi = sch.split(o, [None, ob2])
+    po, pi = sch.split(p, [None, cols])
+    sch.reorder(e, oo, po, rc, oi, pi, l)
+    sch.parallel(sch.fuse(e, oo))
+    sch.unroll(oi)
+    sch.unroll(pi)
+    sch.vectorize(l)
+    sch.decompose_reduction(gemm, rc)
+
+
+
+def _schedule_output(sch, p1, pk):
+    """output transform + unpack + epilogue per (n, channel block, tile row)"""
+    from .cpu_kernels import _extent, _fuse_epilogue, _vectorize_innermost
+
+    n, o, y, xx, l, s2 = sch.get_loops(pk)
+    ty, i = sch.split(y, [None, _extent(sch, sch.get_loops(p1)[3])])
+    mt = _extent(sch, i)
+    tx, jj = sch.split(xx, [None, mt])
+    sch.reorder(n, o, ty, i, tx, jj, s2, l)
+    epilogue = _fuse_epilogue(sch, pk, ty)
+    outer = sch.fuse(n, o, ty)
+    sch.parallel(outer)
+    sch.compute_at(p1, outer, preserve_unit_loops=True)
+    *_, pi_, pr, ptx, pl_, ps1 = sch.get_loops(p1)
+    sch.reorder(pi_, pr, ptx, ps1, pl_)
+    sch.unroll(pi_)
+    sch.unroll(pr)
+    sch.unroll(ps1)
+    sch.vectorize(pl_)
+    sch.unroll(i)
+    sch.unroll(jj)
+    sch.unroll(s2)
+    sch.vectorize(l)
+    _vectorize_innermost(sch, epilogue)
+
+
+def _pick_cols(p: int, max_cols: int) -> int:
+    for t in range(max_cols, 0, -1):
+        if p % t == 0:
+            return t
+    return 1
