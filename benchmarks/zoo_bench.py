@@ -7,7 +7,7 @@ For each model: compile with the default kernels only (no tuning database), then
 ``--tune-minutes`` -- tune for that budget into a private cache and compile again. Each
 artifact is timed by ``edgec.bench.bench`` (same inputs, same thread count as onnxruntime,
 medians). Prints onnxruntime ms, edgec ms, the ratio onnxruntime/edgec (> 1: edgec faster),
-GFLOP/s and % of the numpy sgemm peak measured in the same run.
+GFLOP/s and % of the sgemm peak measured in the same run (edgec.bench.sgemm_peak_gflops).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                   f"ratio {r['ratio']:.3f}" + (f"  tuned {r['tuned_ms']:8.2f} ms ratio "
                                                f"{r['tuned_ratio']:.3f}" if a.tune_minutes
                                                else ""), flush=True)
-    print(f"\n{a.threads} threads, batch {a.batch}, target {a.target}; numpy sgemm peak "
+    print(f"\n{a.threads} threads, batch {a.batch}, target {a.target}; sgemm peak "
           f"{peak:.1f} GFLOP/s" + (f"; tuning budget {a.tune_minutes} min/model"
                                    if a.tune_minutes else ""))
     head = (f"{'model':<16} {'GMAC':>6} {'ort ms':>8} {'edgec ms':>9} {'ort/edgec':>9} "
