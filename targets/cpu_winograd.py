@@ -86,16 +86,21 @@ def transform_weight(w: np.ndarray, m: int, lanes: int) -> np.ndarray:
         up.reshape(a * a, kb, lanes, c).transpose(0, 1, 3, 2)).astype(np.float32)
 
 
+WINO_MIN_MACS = 6_000_000  # products' multiply-adds per image below which Winograd loses
+
+
 def winograd_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int) -> int | None:
     """The tile size ``m`` to run a float convolution with, or None for the direct kernel.
 
     3x3, stride 1, no dilation, groups 1, at least one vector of output channels and 16
-    input channels, and enough tiles that the products are compute-bound rather than
-    weight-bound: F(4, 3) with at least 36 tiles per image, else F(2, 3) with at least 36
-    (so 56x56 and 28x28 maps take F(4, 3), 14x14 F(2, 3), 7x7 the direct kernel), either
-    with at most a quarter of the tiles' outputs beyond the map. Measured on a Zen 4 core
-    pair (2 threads, one layer, against the direct kernel): 64@56 1.95x, 128@28 2.40x,
-    256@14 1.71x, 32@112 1.53x; 512@7 (16 tiles, 9 MiB of ``U``) 0.84x."""
+    input channels, and enough work: F(4, 3) with at least 36 tiles per image, else F(2, 3)
+    with at least 36 (so 56x56 and 28x28 maps take F(4, 3), 14x14 F(2, 3), 7x7 the direct
+    kernel), at most a quarter of the tiles' outputs beyond the map, and at least
+    ``WINO_MIN_MACS`` multiply-adds in the products per image (below it the four stages'
+    passes and parallel launches cost more than they save). Measured on a Zen 4 core pair
+    (2 threads, one layer, against the direct kernel): 64@56 1.95x, 128@28 2.40x, 64@28
+    1.67x, 256@14 1.71x, 128@14 1.49x, 32@112 1.53x; 32@28 1.11x (1.8 M), 64@14 0.88x
+    (3.2 M), 32->64@14 0.92x (1.6 M), 512@7 (16 tiles, 9 MiB of ``U``) 0.84x."""
     n, c, h, w = shape
     k = int(wshape[0])
     if tuple(wshape[2:]) != (3, 3) or list(strides) != [1, 1] or list(dil) != [1, 1] \
@@ -105,7 +110,8 @@ def winograd_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int) ->
     oh, ow = h + pt + pb - 2, w + pl + pr - 2
     for m in (4, 2):
         tiles = -(-oh // m) * -(-ow // m)
-        if tiles >= 36 and oh * ow >= 0.75 * tiles * m * m:
+        if tiles >= 36 and oh * ow >= 0.75 * tiles * m * m and \
+                tiles * (m + 2) ** 2 * c * k >= WINO_MIN_MACS:
             return m
     return None
 
@@ -232,26 +238,26 @@ def schedule_winograd(sch, gemm, lanes: int, max_cols: int) -> None:
 
     xs, v1, v = block(WINO_PHASE_BLOCK), block(WINO_IN1_BLOCK), block(WINO_IN_BLOCK)
     p1, pk = block(WINO_OUT1_BLOCK), block(WINO_OUT_BLOCK)
-    if xs is not None:
-        _schedule_input(sch, xs, v1, v)
+    # consumers first: with a batch, every stage moves under the output's image loop, so
+    # the transformed tiles of one image (not of the whole batch) pass through the caches
+    image = _schedule_output(sch, p1, pk) if pk is not None else None
     if gemm is not None:
+        if image is not None:
+            sch.compute_at(gemm, image, preserve_unit_loops=True)
         _schedule_gemm(sch, gemm, max_cols)
-    if pk is not None:
-        _schedule_output(sch, p1, pk)
+    if xs is not None:
+        if image is not None:
+            sch.compute_at(v, image, preserve_unit_loops=True)
+        _schedule_input(sch, xs, v1, v, image)
 
 
-def _schedule_input(sch, xs, v1, v):
+def _schedule_input(sch, xs, v1, v, image=None):
     from .cpu_kernels import _extent
 
     a_ = _extent(sch, sch.get_loops(v1)[3])
 
-    # column phases: parallel over (n, c)
-    n, c, q, y, j = sch.get_loops(xs)
-    sch.parallel(sch.fuse(n, c))
-    sch.vectorize(j)
-
     # input transform per channel: V1 of all tiles, then V, both vectorized along tile rows
-    e, c, p, r2 = sch.get_loops(v)
+    *_, e, c, p, r2 = sch.get_loops(v)
     tw = _extent(sch, sch.get_loops(v1)[-2])
     e1, e2 = sch.split(e, [None, a_])
     po, tx = sch.split(p, [None, tw])
@@ -268,13 +274,20 @@ def _schedule_input(sch, xs, v1, v):
     sch.unroll(vr1)
     sch.vectorize(vtx)
 
+    # column phases: parallel over (n, c)
+    if image is not None:
+        sch.compute_at(xs, image, preserve_unit_loops=True)
+    *_, n, c, q, y, j = sch.get_loops(xs)
+    sch.parallel(sch.fuse(n, c))
+    sch.vectorize(j)
+
 
 
 def _schedule_gemm(sch, gemm, max_cols):
     """products: parallel over (e, channel block), register tile cols x lanes"""
     from .cpu_kernels import _extent
 
-    e, o, p, l, rc = sch.get_loops(gemm)
+    *_, e, o, p, l, rc = sch.get_loops(gemm)
     cols = _pick_cols(_extent(sch, p), max_cols)
     ob = _extent(sch, o)
     ob2 = next((k for k in (3, 2) if k * cols <= max_cols and ob % k == 0), 1)
@@ -290,7 +303,8 @@ def _schedule_gemm(sch, gemm, max_cols):
 
 
 def _schedule_output(sch, p1, pk):
-    """output transform + unpack + epilogue per (n, channel block, tile row)"""
+    """output transform + unpack + epilogue per (n, channel block, tile row); returns the
+    (serial) image loop when there is a batch"""
     from .cpu_kernels import _extent, _fuse_epilogue, _vectorize_innermost
 
     n, o, y, xx, l, s2 = sch.get_loops(pk)
@@ -299,7 +313,8 @@ def _schedule_output(sch, p1, pk):
     tx, jj = sch.split(xx, [None, mt])
     sch.reorder(n, o, ty, i, tx, jj, s2, l)
     epilogue = _fuse_epilogue(sch, pk, ty)
-    outer = sch.fuse(n, o, ty)
+    batch = _extent(sch, n) > 1
+    outer = sch.fuse(o, ty) if batch else sch.fuse(n, o, ty)
     sch.parallel(outer)
     sch.compute_at(p1, outer, preserve_unit_loops=True)
     *_, pi_, pr, ptx, pl_, ps1 = sch.get_loops(p1)
@@ -313,6 +328,7 @@ def _schedule_output(sch, p1, pk):
     sch.unroll(s2)
     sch.vectorize(l)
     _vectorize_innermost(sch, epilogue)
+    return n if batch else None
 
 
 def _pick_cols(p: int, max_cols: int) -> int:

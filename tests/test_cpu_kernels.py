@@ -137,10 +137,10 @@ def test_pixel_conv(tmp_path, mcpu, c, k, h, w, batch, epi):
 
 # 3x3 stride 1, Winograd: F(4, 3) on an exact and a cropped (30 = 7 * 4 + 2) map, F(2, 3)
 # with asymmetric pads and batch 2, odd maps, output channels that are no whole vector
-WINO_CASES = [(16, 16, 24, 24, (1, 1, 1, 1), 1, "relu", 4),
-              (32, 32, 30, 30, (1, 1, 1, 1), 1, "residual", 4),
-              (20, 35, 13, 29, (0, 2, 1, 1), 2, "relu6", 2),
-              (24, 17, 17, 19, (1, 1, 1, 1), 2, "silu", 2)]
+WINO_CASES = [(64, 80, 24, 24, (1, 1, 1, 1), 1, "relu", 4),
+              (64, 64, 30, 30, (1, 1, 1, 1), 1, "residual", 4),
+              (64, 72, 13, 29, (0, 2, 1, 1), 2, "relu6", 2),
+              (64, 81, 17, 19, (1, 1, 1, 1), 2, "silu", 2)]
 
 
 @pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
@@ -191,13 +191,14 @@ def test_winograd_transforms(m):
 
 def test_winograd_choice():
     """Tiles decide: F(4, 3) on 56x56 and 28x28 maps, F(2, 3) on 14x14, the direct kernel
-    on 7x7, strided, dilated, grouped, 1x1, or narrow convolutions."""
+    on 7x7, strided, dilated, grouped, 1x1, narrow or small convolutions."""
     def tile(c, h, k=None, stride=1, dil=1, groups=1, ksz=3, pads=(1, 1, 1, 1)):
         return winograd_tile(16, (1, c, h, h), (k or c, c, ksz, ksz), (stride,) * 2, pads,
                              (dil,) * 2, groups)
 
     assert tile(64, 56) == 4 and tile(128, 28) == 4 and tile(256, 14) == 2
     assert tile(512, 7) is None
+    assert tile(64, 14) is None and tile(32, 28) is None  # too little work per image
     assert None is tile(64, 56, stride=2) is tile(64, 56, dil=2) is tile(64, 56, groups=2)
     assert None is tile(64, 56, ksz=1, pads=(0,) * 4) is tile(8, 56) is tile(64, 56, k=8)
 
@@ -301,8 +302,8 @@ def test_kernels_build_for_aarch64(tmp_path, target):
     assert report["kernels"]["counts"].get("maxpool2d") == 1
     wi = make_model([helper.make_node("Conv", ["x", "Q"], ["y"], pads=[1, 1, 1, 1]),
                      helper.make_node("Relu", ["y"], ["z"])],
-                    [("x", [1, 16, 24, 24])], [("z", [1, 16, 24, 24])],
-                    {"Q": rng.standard_normal((16, 16, 3, 3)).astype(np.float32)})
+                    [("x", [1, 64, 24, 24])], [("z", [1, 96, 24, 24])],
+                    {"Q": rng.standard_normal((96, 64, 3, 3)).astype(np.float32)})
     report = compile_to(wi, tmp_path / "wi", target=target)
     assert report["kernels"]["counts"].get("conv2d-winograd-f4") == 1, report["kernels"]
     assert report["kernels"]["unscheduled"] == {}
