@@ -70,6 +70,24 @@ class _Runner:
         return arrays
 
 
+def kind_of(manifest: dict) -> str:
+    return manifest.get("device", "cpu")
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (psutil), else the CPUs it may run on."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        import psutil
+
+        return max(1, min(cpus, psutil.cpu_count(logical=False) or cpus))
+    except ImportError:
+        return cpus
+
+
 class Session(_Runner):
     """Run a compiled artifact folder with the TVM runtime."""
 
@@ -82,6 +100,11 @@ class Session(_Runner):
         os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
         if num_threads:
             os.environ["TVM_NUM_THREADS"] = str(num_threads)
+        elif kind_of(self.manifest) == "cpu":
+            # TVM's own default on x86 is half the logical CPUs (it assumes hyper-threads):
+            # one thread on a 2-vCPU machine, where MobileNetV2 int8 then ran 2.2 ms instead
+            # of 1.0 ms. Use every core this process may run on, as onnxruntime does.
+            os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
         import tvm
         from tvm import relax
 
