@@ -238,20 +238,42 @@ def schedule_winograd(sch, gemm, lanes: int, max_cols: int) -> None:
 
     xs, v1, v = block(WINO_PHASE_BLOCK), block(WINO_IN1_BLOCK), block(WINO_IN_BLOCK)
     p1, pk = block(WINO_OUT1_BLOCK), block(WINO_OUT_BLOCK)
-    # consumers first: with a batch, every stage moves under the output's image loop, so
-    # the transformed tiles of one image (not of the whole batch) pass through the caches
-    image = _schedule_output(sch, p1, pk) if pk is not None else None
+    # consumers first: with a batch or a large map, every stage moves under the output's
+    # loop over images / chunks of tile rows, so the transformed tiles of one chunk (not of
+    # the whole map) pass through the caches
+    chunk = _chunk_rows(sch, gemm, p1) if gemm is not None and p1 is not None else None
+    anchor = _schedule_output(sch, p1, pk, chunk) if pk is not None else None
     if gemm is not None:
-        if image is not None:
-            sch.compute_at(gemm, image, preserve_unit_loops=True)
+        if anchor is not None:
+            sch.compute_at(gemm, anchor, preserve_unit_loops=True)
         _schedule_gemm(sch, gemm, max_cols)
     if xs is not None:
-        if image is not None:
-            sch.compute_at(v, image, preserve_unit_loops=True)
-        _schedule_input(sch, xs, v1, v, image)
+        if anchor is not None:
+            sch.compute_at(v, anchor, preserve_unit_loops=True)
+        _schedule_input(sch, xs, v1, v, anchor)
 
 
-def _schedule_input(sch, xs, v1, v, image=None):
+WINO_CHUNK_BYTES = 8 << 20  # V and M of one chunk of tile rows (2 MiB L2s, 32 MiB L3 here)
+
+
+def _chunk_rows(sch, gemm, p1) -> int | None:
+    """Tile rows per chunk: the most (a divisor of the rows) whose transformed input and
+    products fit ``WINO_CHUNK_BYTES``; None when the whole map does. 64 channels at
+    224x224 (29 MiB each): 1.17x over the direct kernel unchunked, 1.65x in chunks of
+    8 MiB (2 MiB: 1.54x; each chunk reloads the transformed weights and starts three
+    parallel stages)."""
+    from .cpu_kernels import _extent
+
+    a2, kb, _, lanes, c = (_extent(sch, lp) for lp in sch.get_loops(gemm))
+    th, tw = (_extent(sch, lp) for lp in (sch.get_loops(p1)[2], sch.get_loops(p1)[5]))
+    row = tw * a2 * (c + kb * lanes) * 4
+    if th * row <= WINO_CHUNK_BYTES:
+        return None
+    return max(r for r in range(1, th + 1) if th % r == 0 and (r * row <= WINO_CHUNK_BYTES
+                                                                 or r == 1))
+
+
+def _schedule_input(sch, xs, v1, v, anchor=None):
     from .cpu_kernels import _extent
 
     a_ = _extent(sch, sch.get_loops(v1)[3])
@@ -275,8 +297,8 @@ def _schedule_input(sch, xs, v1, v, image=None):
     sch.vectorize(vtx)
 
     # column phases: parallel over (n, c)
-    if image is not None:
-        sch.compute_at(xs, image, preserve_unit_loops=True)
+    if anchor is not None:
+        sch.compute_at(xs, anchor, preserve_unit_loops=True)
     *_, n, c, q, y, j = sch.get_loops(xs)
     sch.parallel(sch.fuse(n, c))
     sch.vectorize(j)
@@ -302,19 +324,24 @@ def _schedule_gemm(sch, gemm, max_cols):
 
 
 
-def _schedule_output(sch, p1, pk):
+def _schedule_output(sch, p1, pk, chunk=None):
     """output transform + unpack + epilogue per (n, channel block, tile row); returns the
-    (serial) image loop when there is a batch"""
+    serial loop (over images, or over chunks of ``chunk`` tile rows) the other stages are
+    computed under, or None"""
     from .cpu_kernels import _extent, _fuse_epilogue, _vectorize_innermost
 
     n, o, y, xx, l, s2 = sch.get_loops(pk)
     ty, i = sch.split(y, [None, _extent(sch, sch.get_loops(p1)[3])])
     mt = _extent(sch, i)
     tx, jj = sch.split(xx, [None, mt])
-    sch.reorder(n, o, ty, i, tx, jj, s2, l)
+    anchor = n if _extent(sch, n) > 1 else None
+    if chunk is not None:
+        anchor, ty = sch.split(ty, [None, chunk])
+        sch.reorder(n, anchor, o, ty, i, tx, jj, s2, l)
+    else:
+        sch.reorder(n, o, ty, i, tx, jj, s2, l)
     epilogue = _fuse_epilogue(sch, pk, ty)
-    batch = _extent(sch, n) > 1
-    outer = sch.fuse(o, ty) if batch else sch.fuse(n, o, ty)
+    outer = sch.fuse(o, ty) if anchor is not None else sch.fuse(n, o, ty)
     sch.parallel(outer)
     sch.compute_at(p1, outer, preserve_unit_loops=True)
     *_, pi_, pr, ptx, pl_, ps1 = sch.get_loops(p1)
@@ -328,7 +355,7 @@ def _schedule_output(sch, p1, pk):
     sch.unroll(s2)
     sch.vectorize(l)
     _vectorize_innermost(sch, epilogue)
-    return n if batch else None
+    return anchor
 
 
 def _pick_cols(p: int, max_cols: int) -> int:

@@ -136,11 +136,13 @@ def test_pixel_conv(tmp_path, mcpu, c, k, h, w, batch, epi):
 
 
 # 3x3 stride 1, Winograd: F(4, 3) on an exact and a cropped (30 = 7 * 4 + 2) map, F(2, 3)
-# with asymmetric pads and batch 2, odd maps, output channels that are no whole vector
+# with asymmetric pads and batch 2, odd maps, output channels that are no whole vector, and a
+# map large enough to run in chunks of tile rows (batch 2: chunks within each image)
 WINO_CASES = [(64, 80, 24, 24, (1, 1, 1, 1), 1, "relu", 4),
               (64, 64, 30, 30, (1, 1, 1, 1), 1, "residual", 4),
               (64, 72, 13, 29, (0, 2, 1, 1), 2, "relu6", 2),
-              (64, 81, 17, 19, (1, 1, 1, 1), 2, "silu", 2)]
+              (64, 81, 17, 19, (1, 1, 1, 1), 2, "silu", 2),
+              (64, 64, 112, 112, (1, 1, 1, 1), 2, "residual", 4)]  # in chunks of tile rows
 
 
 @pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
@@ -391,3 +393,22 @@ def test_reductions(tmp_path, op, c, h, w, expect):
     report = _compile_and_compare(m, tmp_path)
     assert report["kernels"]["unscheduled"] == {}
     assert set(report["kernels"]["counts"]) == {expect}, report["kernels"]
+
+
+@pytest.mark.parametrize("h,batch,rows", [(56, 1, None), (112, 1, 14), (112, 2, 14),
+                                          (224, 1, 8)])
+def test_winograd_chunks(h, batch, rows):
+    """Maps whose transformed tiles exceed WINO_CHUNK_BYTES run in chunks of tile rows: 64
+    channels F(4, 3) take 516 KiB of V and M per tile row at 112x112 (28 rows: chunks of 14)
+    and 1008 KiB at 224x224 (56 rows: chunks of 8); 56x56 (3.6 MiB in all) runs whole."""
+    import tvm
+    from tvm import te
+
+    from edgec.targets.cpu_winograd import (WINO_GEMM_BLOCK, WINO_OUT1_BLOCK, _chunk_rows,
+                                            winograd_te)
+
+    x = te.placeholder((batch, 64, h, h), name="x")
+    u = te.placeholder((36, 4, 64, 16), name="u")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, u, winograd_te(x, u, 64, (1,) * 4, 4)]))
+    assert _chunk_rows(sch, sch.get_sblock(WINO_GEMM_BLOCK), sch.get_sblock(WINO_OUT1_BLOCK)) \
+        == rows
