@@ -96,11 +96,13 @@ def winograd_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int) ->
     input channels, and enough work: F(4, 3) with at least 36 tiles per image, else F(2, 3)
     with at least 36 (so 56x56 and 28x28 maps take F(4, 3), 14x14 F(2, 3), 7x7 the direct
     kernel), at most a quarter of the tiles' outputs beyond the map, and at least
-    ``WINO_MIN_MACS`` multiply-adds in the products per image (below it the four stages'
-    passes and parallel launches cost more than they save). Measured on a Zen 4 core pair
-    (2 threads, one layer, against the direct kernel): 64@56 1.95x, 128@28 2.40x, 64@28
-    1.67x, 256@14 1.71x, 128@14 1.49x, 32@112 1.53x; 32@28 1.11x (1.8 M), 64@14 0.88x
-    (3.2 M), 32->64@14 0.92x (1.6 M), 512@7 (16 tiles, 9 MiB of ``U``) 0.84x."""
+    ``WINO_MIN_MACS`` multiply-adds in the products per image. Measured on a Zen 4 core pair
+    (2 threads, one layer, against the direct kernel): 64@56 1.90x, 128@28 2.43x, 64@28
+    1.69x, 256@14 1.57x, 128@14 1.47x, 32@112 1.49x. Below the work threshold the gain at
+    batch 1 is small (32->64@14 1.09x, 64@14 1.21x, 32@28 1.31x) and with a batch, run image
+    by image, it turns into a loss (batch 8: 0.92x, 1.09x, 0.60x). 512@7 gains alone (1.17x)
+    but not inside ResNet-18, where its transformed weights (16 MiB against 9) are read from
+    memory."""
     n, c, h, w = shape
     k = int(wshape[0])
     if tuple(wshape[2:]) != (3, 3) or list(strides) != [1, 1] or list(dil) != [1, 1] \
@@ -253,15 +255,16 @@ def schedule_winograd(sch, gemm, lanes: int, max_cols: int) -> None:
         _schedule_input(sch, xs, v1, v, anchor)
 
 
-WINO_CHUNK_BYTES = 8 << 20  # V and M of one chunk of tile rows (2 MiB L2s, 32 MiB L3 here)
+WINO_CHUNK_BYTES = 16 << 20  # V and M of one chunk of tile rows (half of this L3)
 
 
 def _chunk_rows(sch, gemm, p1) -> int | None:
     """Tile rows per chunk: the most (a divisor of the rows) whose transformed input and
-    products fit ``WINO_CHUNK_BYTES``; None when the whole map does. 64 channels at
-    224x224 (29 MiB each): 1.17x over the direct kernel unchunked, 1.65x in chunks of
-    8 MiB (2 MiB: 1.54x; each chunk reloads the transformed weights and starts three
-    parallel stages)."""
+    products fit ``WINO_CHUNK_BYTES``; None when the whole map does. One layer, 2 threads,
+    against the direct kernel: 64 channels at 224x224 (29 MiB each of V and M) 1.04x whole,
+    1.55x in chunks of 16 MiB, 1.63x of 8 MiB; but 64 at 112x112 (14 MiB in all) 1.9-2.0x
+    whole and 1.23x in two chunks of 8 MiB (each chunk reloads the transformed weights and
+    starts three parallel stages)."""
     from .cpu_kernels import _extent
 
     a2, kb, _, lanes, c = (_extent(sch, lp) for lp in sch.get_loops(gemm))

@@ -142,7 +142,7 @@ WINO_CASES = [(64, 80, 24, 24, (1, 1, 1, 1), 1, "relu", 4),
               (64, 64, 30, 30, (1, 1, 1, 1), 1, "residual", 4),
               (64, 72, 13, 29, (0, 2, 1, 1), 2, "relu6", 2),
               (64, 81, 17, 19, (1, 1, 1, 1), 2, "silu", 2),
-              (64, 64, 112, 112, (1, 1, 1, 1), 2, "residual", 4)]  # in chunks of tile rows
+              (128, 128, 112, 112, (1, 1, 1, 1), 2, "residual", 4)]  # in chunks of tile rows
 
 
 @pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
@@ -395,20 +395,22 @@ def test_reductions(tmp_path, op, c, h, w, expect):
     assert set(report["kernels"]["counts"]) == {expect}, report["kernels"]
 
 
-@pytest.mark.parametrize("h,batch,rows", [(56, 1, None), (112, 1, 14), (112, 2, 14),
-                                          (224, 1, 8)])
-def test_winograd_chunks(h, batch, rows):
-    """Maps whose transformed tiles exceed WINO_CHUNK_BYTES run in chunks of tile rows: 64
-    channels F(4, 3) take 516 KiB of V and M per tile row at 112x112 (28 rows: chunks of 14)
-    and 1008 KiB at 224x224 (56 rows: chunks of 8); 56x56 (3.6 MiB in all) runs whole."""
+@pytest.mark.parametrize("c,h,batch,rows", [(64, 56, 1, None), (64, 112, 1, None),
+                                            (64, 224, 1, 14), (128, 112, 1, 14),
+                                            (128, 112, 2, 14)])
+def test_winograd_chunks(c, h, batch, rows):
+    """Maps whose transformed tiles exceed WINO_CHUNK_BYTES (16 MiB) run in chunks of tile
+    rows: F(4, 3) with c = k = 64 takes 1008 KiB of V and M per tile row at 224x224 (56
+    rows: chunks of 14), c = k = 128 at 112x112 the same (28 rows); 64 at 112x112 (14 MiB in
+    all) and 56x56 (3.6 MiB) run whole. A batch runs image by image, chunks within each."""
     import tvm
     from tvm import te
 
     from edgec.targets.cpu_winograd import (WINO_GEMM_BLOCK, WINO_OUT1_BLOCK, _chunk_rows,
                                             winograd_te)
 
-    x = te.placeholder((batch, 64, h, h), name="x")
-    u = te.placeholder((36, 4, 64, 16), name="u")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([x, u, winograd_te(x, u, 64, (1,) * 4, 4)]))
+    x = te.placeholder((batch, c, h, h), name="x")
+    u = te.placeholder((36, c // 16, c, 16), name="u")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, u, winograd_te(x, u, c, (1,) * 4, 4)]))
     assert _chunk_rows(sch, sch.get_sblock(WINO_GEMM_BLOCK), sch.get_sblock(WINO_OUT1_BLOCK)) \
         == rows
