@@ -299,12 +299,9 @@ def _schedule_input(sch, xs, v1, v, anchor=None):
     sch.unroll(vr1)
     sch.vectorize(vtx)
 
-    # column phases: parallel over (n, c)
-    if anchor is not None:
-        sch.compute_at(xs, anchor, preserve_unit_loops=True)
-    *_, n, c, q, y, j = sch.get_loops(xs)
-    sch.parallel(sch.fuse(n, c))
-    sch.vectorize(j)
+    # column phases: per channel too, just before its V1 (they stay in L1/L2)
+    sch.compute_at(xs, c, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(xs)[-1])
 
 
 
