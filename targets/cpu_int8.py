@@ -609,6 +609,8 @@ def rewrite_pass(target, record: dict | None = None, kernels: dict | None = None
                 return self._pool(call)
             if not (isinstance(call, relax.Call) and call.op in (conv_op, matmul_op)):
                 return call
+            if all(self._dq(a) is None for a in call.args[:2]):
+                return call  # a float layer, not a QDQ one left in float
             try:
                 return self._rewrite(call) if call.op == conv_op else self._matmul(call)
             except _Skip as e:
