@@ -776,7 +776,7 @@ def schedule_func(func, lanes: int, isa=None):
         kind = "conv2d-int8-" + isa.name
     elif wino:
         m = _extent(sch, sch.get_loops(_find_blocks(sch, WINO_OUT1_BLOCK)[0])[3])
-        schedule_winograd(sch, wino[0], lanes, max_cols(lanes))
+        schedule_winograd(sch, wino[0], max_cols(lanes))
         kind = f"conv2d-winograd-f{m}"
     elif fpx:
         schedule_px(sch, fpx[0], lanes, inner=sch.vectorize)

@@ -11,7 +11,7 @@ independent matrix products ``M[e] = U[e] . V[e]`` followed by the output transf
 ``Y[k, p] = A^T M[:, k, p] A``. F(4x4, 3x3) does 36 multiply-adds per 16 outputs and input
 channel where the direct convolution does 144 (4x fewer); F(2x2, 3x3) 16 per 4 (2.25x).
 
-The kernel, in four stages of one function (each parallel)::
+The kernel, in stages of one function::
 
     Xs[n, c, q, y, j] = Xpad[n, c, y, j * m + q]       column phases: every tile row reads
                                                          contiguous tiles (q = column % m)
@@ -25,6 +25,11 @@ coefficients as constants: the transform loops are unrolled, so the zero and uni
 of ``A`` and ``B`` vanish when TIR simplifies. The product ``M`` is the packed direct
 convolution's register tile (``cols`` tiles x one or two vectors of output channels, one
 weight-vector load per ``cols`` FMAs) with a ``C``-long reduction per product.
+
+``Xs`` and ``V`` are computed per input channel (channels in parallel), ``M`` per (e,
+block of output channels), ``P`` and the epilogue per (block of output channels, tile row);
+with a batch, or a map whose ``V`` and ``M`` exceed ``WINO_CHUNK_BYTES``, all of it runs
+image by image / chunk of tile rows by chunk (:func:`schedule_winograd`).
 
 The cost is in memory, not in multiplies: ``U`` is ``a^2 / 9`` times the weights (4x for
 F(4, 3)) and ``V``/``M`` are ``a^2 / m^2`` times the activations, so :func:`winograd_tile`
@@ -228,11 +233,12 @@ def winograd_output_te(mm, oc: int, geom):
                       name="edgec_wino_unpack")
 
 
-def schedule_winograd(sch, gemm, lanes: int, max_cols: int) -> None:
-    """Input transform per (channel, tile row), the products per (e, channel block) with
-    the packed-convolution register tile, output transform and fused epilogue per
-    (channel block, tile row); every stage parallel, transforms unrolled and vectorized
-    along tiles (input) or output-channel lanes (output)."""
+def schedule_winograd(sch, gemm, max_cols: int) -> None:
+    """Column phases and input transform per input channel, the products per (e, channel
+    block) with the packed-convolution register tile (``max_cols`` tiles), output
+    transform and fused epilogue per (channel block, tile row); every stage parallel,
+    transforms unrolled and vectorized along tiles (input) or output-channel lanes
+    (output). Any of the blocks may be absent (the stages can be scheduled alone)."""
     from .cpu_kernels import _all_blocks
 
     def block(name):
@@ -252,7 +258,7 @@ def schedule_winograd(sch, gemm, lanes: int, max_cols: int) -> None:
     if xs is not None:
         if anchor is not None:
             sch.compute_at(v, anchor, preserve_unit_loops=True)
-        _schedule_input(sch, xs, v1, v, anchor)
+        _schedule_input(sch, xs, v1, v)
 
 
 WINO_CHUNK_BYTES = 16 << 20  # V and M of one chunk of tile rows (half of this L3)
@@ -276,7 +282,8 @@ def _chunk_rows(sch, gemm, p1) -> int | None:
                                                                  or r == 1))
 
 
-def _schedule_input(sch, xs, v1, v, anchor=None):
+def _schedule_input(sch, xs, v1, v):
+    """column phases, V1 and V per input channel (parallel)"""
     from .cpu_kernels import _extent
 
     a_ = _extent(sch, sch.get_loops(v1)[3])
@@ -304,7 +311,6 @@ def _schedule_input(sch, xs, v1, v, anchor=None):
     sch.vectorize(sch.get_loops(xs)[-1])
 
 
-
 def _schedule_gemm(sch, gemm, max_cols):
     """products: parallel over (e, channel block), register tile cols x lanes"""
     from .cpu_kernels import _extent
@@ -321,7 +327,6 @@ def _schedule_gemm(sch, gemm, max_cols):
     sch.unroll(pi)
     sch.vectorize(l)
     sch.decompose_reduction(gemm, rc)
-
 
 
 def _schedule_output(sch, p1, pk, chunk=None):
