@@ -70,10 +70,6 @@ class _Runner:
         return arrays
 
 
-def kind_of(manifest: dict) -> str:
-    return manifest.get("device", "cpu")
-
-
 def default_threads() -> int:
     """Physical cores available to this process (psutil), else the CPUs it may run on."""
     try:
@@ -98,9 +94,10 @@ class Session(_Runner):
         self.input_specs = self.manifest["inputs"]
         self.output_specs = self.manifest["outputs"]
         os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+        kind = self.manifest["device"]
         if num_threads:
             os.environ["TVM_NUM_THREADS"] = str(num_threads)
-        elif kind_of(self.manifest) == "cpu":
+        elif kind == "cpu":
             # TVM's own default on x86 is half the logical CPUs (it assumes hyper-threads):
             # one thread on a 2-vCPU machine, where MobileNetV2 int8 then ran 2.2 ms instead
             # of 1.0 ms. Use every core this process may run on, as onnxruntime does.
@@ -109,7 +106,6 @@ class Session(_Runner):
         from tvm import relax
 
         self._tvm = tvm
-        kind = self.manifest["device"]
         self.device = tvm.cuda(device_id) if kind == "cuda" else tvm.cpu(device_id)
         if not self.device.exist:
             raise EdgecError(f"artifact {self.path} was compiled for target "

@@ -645,11 +645,11 @@ def rewrite_pass(target, record: dict | None = None, kernels: dict | None = None
             sx, zx = _scalar(dqx.args[1]), _scalar(dqx.args[2])
             if xdt not in ("uint8", "int8") or sx is None or zx is None:
                 raise _Skip(f"{what}activation not 8-bit with one scale")
-            shape = xq.ty.shape
-            if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+            shape = _static(xq)
+            if shape is None:
                 raise _Skip(f"{what}dynamic shape")
-            if len(shape.values) != rank:
-                raise _Skip(f"{what}input rank {len(shape.values)}, not {rank}")
+            if len(shape) != rank:
+                raise _Skip(f"{what}input rank {len(shape)}, not {rank}")
             return xq, xdt, sx, zx
 
         def _matmul(self, call):
@@ -881,21 +881,46 @@ def requant_pass(kernels: dict, record: dict | None = None):
             val = self.var2val.get(v)
             return val if isinstance(val, relax.Call) else None
 
-        def _fold(self, q):
-            s, z = _const(q.args[1]), _const(q.args[2])
+        @staticmethod
+        def _quantize(q):
+            """``(1/s, z, dtype)`` of a quantize with one positive scale, else None."""
+            s, z = _scalar(q.args[1]), _scalar(q.args[2])
             dtype = str(q.attrs.out_dtype)
-            if s is None or z is None or s.size != 1 or z.size != 1 or dtype not in qrange \
-                    or float(s.reshape(-1)[0]) <= 0:
+            if s is None or z is None or dtype not in qrange or float(s) <= 0:
                 return None
-            inv, zp = 1.0 / float(s.reshape(-1)[0]), float(z.reshape(-1)[0])
-            clamps, bias = [], None
-            val = self._single(q.args[0])
-            while val is not None:  # outermost first
+            return 1.0 / float(s), float(z), dtype
+
+        def _clamps(self, v):
+            """The chain of scalar max/min (outermost first) read by ``v`` alone, and the
+            call below it (or None)."""
+            clamps, val = [], self._single(v)
+            while val is not None:
                 c = clamp_of(val)
                 if c is None:
                     break
                 clamps.append(c[:2])
                 val = self._single(c[2])
+            return clamps, val
+
+        @staticmethod
+        def _range(clamps, inv, zp, dtype):
+            """The clamps as bounds on the quantized value: ``(lo', hi')``."""
+            lo, hi = -np.inf, np.inf
+            for kind, c in reversed(clamps):  # innermost first: max/min of a clamp
+                lo, hi = ((max(lo, c), max(hi, c)) if kind == "max" else
+                          (min(lo, c), min(hi, c)))
+            qmin, qmax = qrange[dtype]
+            lo2 = max(lo * inv + zp, qmin) if np.isfinite(lo) else qmin
+            hi2 = min(hi * inv + zp, qmax) if np.isfinite(hi) else qmax
+            return float(lo2), float(hi2)
+
+        def _fold(self, q):
+            qp = self._quantize(q)
+            if qp is None:
+                return None
+            inv, zp, dtype = qp
+            bias = None
+            clamps, val = self._clamps(q.args[0])
             if val is not None and val.op == add_op:
                 b = _const(val.args[1])
                 if b is None:
@@ -917,15 +942,9 @@ def requant_pass(kernels: dict, record: dict | None = None):
                         bs[axis] not in (1, nch) or not np.all(np.isfinite(bias)):
                     return None
                 bvec = np.broadcast_to(bias.astype(np.float64).reshape(-1), (nch,))
-            lo, hi = -np.inf, np.inf
-            for kind, c in reversed(clamps):  # innermost first: max/min of a clamp
-                lo, hi = ((max(lo, c), max(hi, c)) if kind == "max" else
-                          (min(lo, c), min(hi, c)))
-            qmin, qmax = qrange[dtype]
-            lo2 = max(lo * inv + zp, qmin) if np.isfinite(lo) else qmin
-            hi2 = min(hi * inv + zp, qmax) if np.isfinite(hi) else qmax
             x_new = self.visit_expr(val.args[1].fields[0])
-            return remake(self.builder_, x_new, inv, bvec, zp, (float(lo2), float(hi2), dtype))
+            return remake(self.builder_, x_new, inv, bvec, zp,
+                          (*self._range(clamps, inv, zp, dtype), dtype))
 
     dq_op = tvm.ir.Op.get("relax.dequantize")
 
@@ -938,19 +957,11 @@ def requant_pass(kernels: dict, record: dict | None = None):
         QLinearAdd computes (both roundings kept), without the float round trip."""
 
         def _fold(self, q):
-            s_, z_ = _const(q.args[1]), _const(q.args[2])
-            dtype = str(q.attrs.out_dtype)
-            if s_ is None or z_ is None or s_.size != 1 or z_.size != 1 or \
-                    dtype not in qrange or float(s_.reshape(-1)[0]) <= 0:
+            qp = self._quantize(q)
+            if qp is None:
                 return None
-            inv, zp = 1.0 / float(s_.reshape(-1)[0]), float(z_.reshape(-1)[0])
-            clamps, val = [], self._single(q.args[0])
-            while val is not None:
-                c = clamp_of(val)
-                if c is None:
-                    break
-                clamps.append(c[:2])
-                val = self._single(c[2])
+            inv, zp, dtype = qp
+            clamps, val = self._clamps(q.args[0])
             if val is None or val.op != add_op:
                 return None
             for kside, rside in ((0, 1), (1, 0)):
@@ -964,22 +975,15 @@ def requant_pass(kernels: dict, record: dict | None = None):
                 if k is None or k.op != call_tir_op or \
                         (RESIDUAL, k.args[0].name_hint) not in kernels:
                     continue
-                sk, zk, sr, zr = (_const(a) for a in (*dk.args[1:3], *dr.args[1:3]))
+                sk, zk, sr, zr = (_scalar(a) for a in (*dk.args[1:3], *dr.args[1:3]))
                 r = dr.args[0]
-                if any(v is None or v.size != 1 for v in (sk, zk, sr, zr)) or \
+                if any(v is None for v in (sk, zk, sr, zr)) or \
                         str(r.ty.dtype) not in qrange or _static(r) is None or \
                         _static(r) != _static(k):
                     continue
-                sk, zk, sr, zr = (float(v.reshape(-1)[0]) for v in (sk, zk, sr, zr))
-                lo, hi = -np.inf, np.inf
-                for kind, c in reversed(clamps):
-                    lo, hi = ((max(lo, c), max(hi, c)) if kind == "max" else
-                              (min(lo, c), min(hi, c)))
-                qmin, qmax = qrange[dtype]
-                lo2 = max(lo * inv + zp, qmin) if np.isfinite(lo) else qmin
-                hi2 = min(hi * inv + zp, qmax) if np.isfinite(hi) else qmax
+                sk, zk, sr, zr = (float(v) for v in (sk, zk, sr, zr))
                 a, b = sk * inv, sr * inv
-                res = (a, b, zp - zk * a - zr * b, float(lo2), float(hi2), dtype)
+                res = (a, b, zp - zk * a - zr * b, *self._range(clamps, inv, zp, dtype), dtype)
                 emit, _ = kernels[RESIDUAL, k.args[0].name_hint]
                 return emit(self.builder_, self.visit_expr(k.args[1].fields[0]),
                             self.visit_expr(r), res)

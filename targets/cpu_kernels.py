@@ -462,11 +462,7 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
     ``ob2 * cols`` FMAs. Narrow rows (7x7 maps) take two or three channel blocks, else a
     7-column tile would load nearly once per FMA."""
     n, o, y, x, b, ric, rkh, rkw = sch.get_loops(block)
-    cols = _pick_tile(_extent(sch, x), max_cols)
-    oe = _extent(sch, o)
-    ob2 = next((k for k in (3, 2) if k * cols <= max_cols and oe % k == 0), 1)
-    oo, oi = sch.split(o, [None, ob2])
-    xo, xi = sch.split(x, [None, cols])
+    oo, oi, xo, xi = register_tile(sch, o, x, max_cols)
     sch.reorder(n, oo, y, xo, ric, rkh, rkw, oi, xi, b)
     epilogue = _fuse_epilogue(sch, block, xo)
     sch.parallel(sch.fuse(n, oo, y))
@@ -476,6 +472,18 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
     sch.decompose_reduction(block, ric)
     _vectorize_innermost(sch, epilogue)  # along the tile's columns: contiguous NCHW stores
     _parallel_pad(sch)
+
+
+def register_tile(sch, o, x, max_cols: int):
+    """Split the channel-block loop ``o`` and the column loop ``x`` into a register tile:
+    ``cols`` columns (a divisor of ``x`` up to ``max_cols``) x ``ob2`` channel blocks (2 or 3
+    when the columns leave room for them). Returns ``(oo, oi, xo, xi)``."""
+    cols = _pick_tile(_extent(sch, x), max_cols)
+    oe = _extent(sch, o)
+    ob2 = next((k for k in (3, 2) if k * cols <= max_cols and oe % k == 0), 1)
+    oo, oi = sch.split(o, [None, ob2])
+    xo, xi = sch.split(x, [None, cols])
+    return oo, oi, xo, xi
 
 
 def _buffer_bytes(sch, block) -> int:

@@ -312,15 +312,11 @@ def _schedule_input(sch, xs, v1, v):
 
 
 def _schedule_gemm(sch, gemm, max_cols):
-    """products: parallel over (e, channel block), register tile cols x lanes"""
-    from .cpu_kernels import _extent
+    """products: parallel over (e, channel block), the direct kernel's register tile"""
+    from .cpu_kernels import register_tile
 
     *_, e, o, p, l, rc = sch.get_loops(gemm)
-    cols = _pick_cols(_extent(sch, p), max_cols)
-    ob = _extent(sch, o)
-    ob2 = next((k for k in (3, 2) if k * cols <= max_cols and ob % k == 0), 1)
-    oo, oi = sch.split(o, [None, ob2])
-    po, pi = sch.split(p, [None, cols])
+    oo, oi, po, pi = register_tile(sch, o, p, max_cols)
     sch.reorder(e, oo, po, rc, oi, pi, l)
     sch.parallel(sch.fuse(e, oo))
     sch.unroll(oi)
@@ -362,9 +358,3 @@ def _schedule_output(sch, p1, pk, chunk=None):
     _vectorize_innermost(sch, epilogue)
     return anchor
 
-
-def _pick_cols(p: int, max_cols: int) -> int:
-    for t in range(max_cols, 0, -1):
-        if p % t == 0:
-            return t
-    return 1

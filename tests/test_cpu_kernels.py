@@ -90,8 +90,9 @@ def test_packed_conv(tmp_path_factory, c, k, ksz, stride, dil, pads, h, w, batch
     m = make_model(nodes, [("x", [batch, c, h, w])], [(last, [batch, k, oh, ow])], inits,
                    opset=14)
     report = _compile_and_compare(m, tmp_path_factory.mktemp("pc"))
-    px = conv_px_tile(host_lanes(), (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads)
-    wino = winograd_tile(host_lanes(), (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads,
+    lanes = host_lanes()
+    px = conv_px_tile(lanes, (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads)
+    wino = winograd_tile(lanes, (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads,
                          (dil,) * 2, 1)
     kind = "conv2d-packed" if px is None else "conv2d-px"
     kind = kind if wino is None else f"conv2d-winograd-f{wino}"
