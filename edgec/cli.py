@@ -44,7 +44,9 @@ def cmd_compile(a) -> int:
     from edgec.importer import parse_input_shapes
     from edgec.runtime import load_npz
 
-    out = Path(a.output) if a.output else default_out_dir(a.model, a.target)
+    if a.output is not None and not a.output.strip():
+        raise EdgecError("-o: empty output path")
+    out = Path(a.output) if a.output is not None else default_out_dir(a.model, a.target)
     target_options = _target_options(a)
     opts = CompileOptions(
         target=a.target,
@@ -91,15 +93,21 @@ def cmd_run(a) -> int:
 
     from edgec.runtime import Session, load_npz, run_batched
 
+    out = Path(a.output)
+    if not a.output.strip() or out.is_dir():
+        raise EdgecError(f"-o must name an .npz file, not a folder: '{a.output}'")
     sess = Session(a.artifact, num_threads=a.threads)
     data = load_npz(a.data)
     data.pop("labels", None)
+    if not data:
+        raise EdgecError(f"{a.data} holds no input arrays")
     outs = run_batched(sess, data, sess.batch)
-    out = Path(a.output)
     tmp = out.with_name(f".{out.name}.tmp.npz")
     try:
         np.savez(tmp, **dict(zip(sess.output_names, outs)))
         os.replace(tmp, out)
+    except OSError as e:
+        raise EdgecError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

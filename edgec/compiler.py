@@ -99,6 +99,19 @@ def _kernel_summary(record: dict) -> dict:
             "int8": record.get("int8")}
 
 
+def target_info(opts: CompileOptions):
+    """What the passes may know of the target (the CPU backend's integer ISA, for one)."""
+    from edgec.passes import TargetInfo
+
+    spec = get_target(opts.target)
+    isa = None
+    if spec.device == "cpu":
+        from edgec.targets.backend import int8_isa
+
+        isa = int8_isa(spec, opts.target_options)
+    return TargetInfo(spec.name, spec.host_arch, spec.device, isa)
+
+
 @dataclass
 class Prepared:
     notes: object
@@ -121,7 +134,8 @@ def prepare(model_path: str | Path, opts: CompileOptions, pass_names: list[str] 
     calib = validate_calib(model, opts.calib) if opts.calib is not None else None
     before = model_stats(model)
     t0 = time.perf_counter()
-    result = Pipeline(pass_names, sets, verify=opts.verify, calib=calib).run(model)
+    result = Pipeline(pass_names, sets, verify=opts.verify, calib=calib,
+                      target=target_info(opts)).run(model)
     timings["passes_s"] = time.perf_counter() - t0
     return Prepared(notes, result, before, timings)
 
@@ -158,15 +172,21 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
     staged in a temporary folder and renamed into place only when complete.
     """
     from edgec.runtime.artifact import (FORMAT, LIBRARY, MANIFEST, ONNX, REPORT,
-                                        check_output_dir, sha256_file, staging, write_json)
+                                        check_output_dir, file_hashes, resolve_output,
+                                        sha256_file, staging, write_json)
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     spec = get_target(opts.target)
     model_path = Path(model_path)
-    out_dir = Path(out_dir)
-    if out_dir.resolve() == model_path.resolve():
+    out_dir = resolve_output(out_dir)
+    real_model = model_path.resolve()
+    if out_dir == real_model:
         raise EdgecError("output folder is the model file itself")
+    if out_dir in real_model.parents:
+        # the swap would replace (and delete) the input model with the folder it lives in
+        raise EdgecError(f"the model {model_path} lies inside the output folder {out_dir}, "
+                         "which the compile replaces: copy the model out or choose another -o")
     check_output_dir(out_dir)  # fail before the work, not after it
 
     pass_names = resolve_passes(opts.preset, opts.passes)
@@ -236,6 +256,20 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
             manifest["library"] = LIBRARY
             report["kernels"] = _kernel_summary(built.get("kernels", {}))
         timings["total_s"] = time.perf_counter() - t_start
-        write_json(tmp / MANIFEST, manifest)
         write_json(tmp / REPORT, report)
+        manifest["files"] = file_hashes(tmp)  # verified when the artifact is loaded
+        write_json(tmp / MANIFEST, manifest)
+        if opts.build and spec.runs_on_host():
+            _load_once(tmp)
     return report
+
+
+def _load_once(folder: Path) -> None:
+    """Load the library as ``Session`` will: a compile never reports success for an artifact
+    that does not load."""
+    from edgec.runtime import Session
+
+    try:
+        Session(folder)
+    except EdgecError as e:
+        raise EdgecError(f"the built artifact does not load: {e}") from None

@@ -1,0 +1,228 @@
+"""The artifact folder: what -o may replace, the input model never replaced, and the staged
+swap under crashes (kill -9, a failure between renames) and concurrent compiles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+
+from conftest import conv_bn_model
+from edgec.errors import EdgecError
+from edgec.runtime import artifact
+from edgec.runtime.artifact import FORMAT, is_artifact, remove_stale, staging
+
+
+def edgec(*args):
+    return subprocess.run([sys.executable, "-m", "edgec.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def fake_artifact(folder: Path, tag: str) -> None:
+    (folder / "manifest.json").write_text(json.dumps({"format": FORMAT, "tag": tag}))
+    (folder / "model.onnx").write_text(tag * 1000)
+
+
+def tag_of(out: Path) -> str:
+    return json.loads((out / "manifest.json").read_text())["tag"]
+
+
+def leftovers(parent: Path, out: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+# ------------------------------------------------------------------ what -o may replace (1, 2)
+def test_manifest_alone_does_not_make_an_artifact(tmp_path):
+    site = tmp_path / "site"
+    (site / "src").mkdir(parents=True)
+    (site / "manifest.json").write_text('{"name": "app"}')
+    (site / "index.html").write_text("x")
+    assert not is_artifact(site)
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx")
+    res = edgec("compile", tmp_path / "m.onnx", "-o", site, "--no-build")
+    assert res.returncode == 2 and "not an edgec artifact" in res.stderr, res.stderr
+    assert (site / "index.html").read_text() == "x" and (site / "src").is_dir()
+
+
+def test_artifact_with_foreign_files_is_not_replaced(tmp_path):
+    art = tmp_path / "art"
+    art.mkdir()
+    fake_artifact(art, "a")
+    assert is_artifact(art)
+    (art / "notes.txt").write_text("mine")  # a real marker, but not only our files
+    assert not is_artifact(art)
+    (art / "notes.txt").unlink()
+    (art / "plots").mkdir()
+    (art / "plots" / "lowrank.png").write_bytes(b"png")
+    assert is_artifact(art)
+    with pytest.raises(EdgecError, match="not an edgec artifact"):
+        with staging(tmp_path / "art2"):
+            (tmp_path / "art2").mkdir()
+            (tmp_path / "art2" / "x").write_text("appeared meanwhile")
+
+
+def test_input_model_inside_output_is_refused(tmp_path):
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx")
+    assert edgec("compile", tmp_path / "m.onnx", "-o", tmp_path / "art",
+                 "--no-build").returncode == 0
+    src = tmp_path / "art" / "model.onnx"
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    res = edgec("compile", src, "-o", tmp_path / "art", "--no-build")
+    assert res.returncode == 2 and "inside the output folder" in res.stderr, res.stderr
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+    # through a symlink to the artifact as well
+    (tmp_path / "link").symlink_to(tmp_path / "art")
+    res = edgec("compile", tmp_path / "link" / "model.onnx", "-o", tmp_path / "link",
+                "--no-build")
+    assert res.returncode == 2 and "inside the output folder" in res.stderr, res.stderr
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+
+
+def test_symlinked_output_keeps_the_link(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    fake_artifact(real, "old")
+    (tmp_path / "link").symlink_to(real)
+    with staging(tmp_path / "link") as tmp:
+        fake_artifact(tmp, "new")
+    assert (tmp_path / "link").is_symlink() and tag_of(tmp_path / "link") == "new"
+    assert leftovers(tmp_path, real) == [] and oct(real.stat().st_mode & 0o777) != "0o700"
+
+
+def test_empty_output_path_refused(tmp_path):
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx")
+    res = edgec("compile", tmp_path / "m.onnx", "-o", "", "--no-build")
+    assert res.returncode == 2 and "empty output path" in res.stderr
+    assert not (tmp_path / "m.edgec").exists()
+
+
+def test_unwritable_output_is_a_user_error_before_the_work(tmp_path):
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx")
+    res = edgec("compile", tmp_path / "m.onnx", "-o", "/proc/edgec-out", "--no-build")
+    assert res.returncode == 2 and "cannot write" in res.stderr, res.stderr
+    (tmp_path / "file").write_text("x")
+    res = edgec("compile", tmp_path / "m.onnx", "-o", tmp_path / "file" / "sub", "--no-build")
+    assert res.returncode == 2, res.stderr
+
+
+# ------------------------------------------------------------------ the swap (3)
+_HOLDER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from edgec.runtime import artifact
+    out, tag, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    if mode == "crash-between":
+        artifact._renameat2_exchange = lambda a, b: False
+        def hook(stage):
+            if stage == "between-renames":
+                import os; os._exit(9)
+        artifact._HOOK = hook
+    if mode == "barrier":
+        def hook(stage):
+            if stage == "staged":
+                Path(str(out) + "." + tag + ".ready").touch()
+                while len(list(out.parent.glob(out.name + ".*.ready"))) < 2:
+                    time.sleep(0.01)
+        artifact._HOOK = hook
+    with artifact.staging(out) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"format": artifact.FORMAT, "tag": tag}))
+        (tmp / "model.onnx").write_text(tag * 100000)
+        if mode == "hold":
+            print("ready", flush=True)
+            time.sleep(120)
+""")
+
+
+def _holder(out: Path, tag: str, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _HOLDER, str(out), tag, mode],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_compile_leftover_removed_by_the_next(tmp_path):
+    out = tmp_path / "out"
+    p = _holder(out, "dead", "hold")
+    assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert len(leftovers(tmp_path, out)) == 1 and not out.exists()
+    with staging(out) as tmp:
+        fake_artifact(tmp, "new")
+    assert tag_of(out) == "new" and leftovers(tmp_path, out) == []
+
+
+def test_live_compile_staging_is_left_alone(tmp_path):
+    out = tmp_path / "out"
+    p = _holder(out, "live", "hold")
+    try:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        theirs = leftovers(tmp_path, out)
+        with staging(out) as tmp:
+            fake_artifact(tmp, "mine")
+        assert tag_of(out) == "mine" and leftovers(tmp_path, out) == theirs
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_failure_between_renames_keeps_the_old_artifact(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    fake_artifact(out, "old")
+    monkeypatch.setattr(artifact, "_renameat2_exchange", lambda a, b: False)
+
+    def hook(stage):
+        if stage == "between-renames":
+            raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(artifact, "_HOOK", hook)
+    with pytest.raises(EdgecError):
+        with staging(out) as tmp:
+            fake_artifact(tmp, "new")
+    assert tag_of(out) == "old" and leftovers(tmp_path, out) == []
+
+
+def test_crash_between_renames_is_repaired(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    fake_artifact(out, "old")
+    p = _holder(out, "new", "crash-between")
+    assert p.wait(timeout=120) == 9, p.stderr.read()
+    assert not out.exists()  # the old one is hidden in .out.old-*, the new one in .out.tmp-*
+    remove_stale(out)
+    assert tag_of(out) == "old" and leftovers(tmp_path, out) == []
+
+
+def test_exchange_keeps_the_old_artifact_until_the_swap(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    fake_artifact(out, "old")
+    seen = []
+    monkeypatch.setattr(artifact, "_HOOK", lambda stage: seen.append((stage, tag_of(out))))
+    with staging(out) as tmp:
+        fake_artifact(tmp, "new")
+    assert seen == [("staged", "old"), ("locked", "old"), ("swapped", "new")]
+    assert leftovers(tmp_path, out) == []
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_concurrent_compiles_both_succeed(tmp_path, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        fake_artifact(out, "old")
+    procs = [_holder(out, tag, "barrier") for tag in ("a", "b")]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    assert tag_of(out) in ("a", "b")
+    assert (out / "model.onnx").read_text() == tag_of(out) * 100000
+    assert is_artifact(out)
+    assert [n for n in leftovers(tmp_path, out) if not n.endswith(".ready")] == []
