@@ -18,7 +18,7 @@ import numpy as np
 
 from edgec.errors import EdgecError
 
-from .artifact import LIBRARY, ONNX, read_manifest
+from .artifact import LIBRARY, ONNX, read_manifest, verify_file
 
 
 class _Runner:
@@ -53,7 +53,8 @@ class _Runner:
             a = np.asarray(feeds[spec["name"]])
             want = np.dtype(spec["dtype"])
             if a.dtype != want:
-                if np.can_cast(a.dtype, want, "same_kind"):
+                # float64 -> float32 is fine; ints or bools silently turned into floats are not
+                if a.dtype.kind == want.kind and np.can_cast(a.dtype, want, "same_kind"):
                     a = a.astype(want)
                 else:
                     raise EdgecError(f"input '{spec['name']}' has dtype {a.dtype}, the model "
@@ -68,6 +69,34 @@ class _Runner:
                                  f"model takes {list(shape)}")
             arrays.append(np.ascontiguousarray(a))
         return arrays
+
+    def _check_output_names(self, output_names) -> list[str]:
+        if output_names is None:
+            return self.output_names
+        if isinstance(output_names, str) or not all(isinstance(n, str) for n in output_names):
+            raise EdgecError("output_names must be a list of output names or None")
+        unknown = [n for n in output_names if n not in self.output_names]
+        if unknown:
+            raise EdgecError(f"unknown output(s) {', '.join(unknown)} (model outputs: "
+                             f"{', '.join(self.output_names)})")
+        return list(output_names)
+
+
+def max_threads() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(num_threads: int | None) -> int | None:
+    """``None`` stays the default; more threads than CPUs are capped (they only contend)."""
+    if num_threads is None:
+        return None
+    if not isinstance(num_threads, int) or num_threads < 1:
+        raise EdgecError(f"the number of threads must be a positive integer, not {num_threads}")
+    return min(num_threads, max_threads())
 
 
 def default_threads() -> int:
@@ -91,6 +120,7 @@ class Session(_Runner):
                  num_threads: int | None = None):
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path)
+        num_threads = check_threads(num_threads)
         self.input_specs = self.manifest["inputs"]
         self.output_specs = self.manifest["outputs"]
         os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
@@ -120,6 +150,8 @@ class Session(_Runner):
         lib_path = self.path / LIBRARY
         if not lib_path.is_file():
             raise EdgecError(f"artifact {self.path} has no {LIBRARY}")
+        # Loading runs the library's native code: load only what the compile wrote.
+        verify_file(self.path, self.manifest, LIBRARY)
         try:
             lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:  # noqa: BLE001
@@ -138,6 +170,7 @@ class Session(_Runner):
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]
             ) -> list[np.ndarray]:
+        output_names = self._check_output_names(output_names)
         arrays = self._check_feeds(feeds, exact_shape=True)
         args = [self._tvm.runtime.tensor(a, self.device) for a in arrays]
         res = self._main(*args)
@@ -146,7 +179,7 @@ class Session(_Runner):
             raise EdgecError(f"compiled model returned {len(outs)} outputs, manifest lists "
                              f"{len(self.output_specs)}")
         by_name = {spec["name"]: o.numpy() for spec, o in zip(self.output_specs, outs)}
-        return [by_name[n] for n in (output_names or self.output_names)]
+        return [by_name[n] for n in output_names]
 
     def timer(self, feeds: dict[str, np.ndarray], number: int = 1):
         """A callable returning one latency in seconds per call, measured by the TVM runtime
@@ -176,6 +209,7 @@ class OrtSession(_Runner):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        num_threads = check_threads(num_threads)
         if num_threads:
             opts.intra_op_num_threads = int(num_threads)
             opts.inter_op_num_threads = 1
@@ -192,6 +226,7 @@ class OrtSession(_Runner):
         self.output_specs = [_ort_spec(o) for o in self._sess.get_outputs()]
 
     def run(self, output_names, feeds):
+        output_names = self._check_output_names(output_names)
         arrays = self._check_feeds(feeds, exact_shape=False)
         return self._sess.run(output_names, dict(zip(self.input_names, arrays)))
 
@@ -213,6 +248,8 @@ def run_batched(runner: _Runner, feeds: dict[str, np.ndarray], batch: int | None
     time: chunks of ``batch``, the last one padded by repeating its final row."""
     names = output_names or runner.output_names
     n = _leading(feeds)
+    if n == 0:
+        raise EdgecError("the input data holds 0 rows")
     if batch is None or batch <= 0 or n == batch:
         return runner.run(names, feeds)
     chunks: list[list[np.ndarray]] = []

@@ -226,3 +226,93 @@ def test_concurrent_compiles_both_succeed(tmp_path, existing):
     assert (out / "model.onnx").read_text() == tag_of(out) * 100000
     assert is_artifact(out)
     assert [n for n in leftovers(tmp_path, out) if not n.endswith(".ready")] == []
+
+
+# ------------------------------------------------------------------ loading an artifact (12, 14)
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from conftest import compile_to
+
+    out = tmp_path_factory.mktemp("built") / "art"
+    compile_to(conv_bn_model(), out)
+    return out
+
+
+def _copy(built: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(built, dst)
+    return dst
+
+
+def test_manifest_records_file_hashes_and_modes(built):
+    import stat
+
+    m = json.loads((built / "manifest.json").read_text())
+    assert set(m["files"]) == {"model.so", "model.onnx", "report.json"}
+    assert m["files"]["model.so"] == hashlib.sha256((built / "model.so").read_bytes()).hexdigest()
+    mode = stat.S_IMODE(built.stat().st_mode)
+    assert mode & 0o055 == 0o055 & ~_umask(), oct(mode)  # not mkdtemp's 0700
+
+
+def _umask() -> int:
+    u = os.umask(0)
+    os.umask(u)
+    return u
+
+
+def test_modified_library_is_not_loaded(built, tmp_path):
+    from edgec.runtime import Session
+
+    art = _copy(built, tmp_path)
+    with open(art / "model.so", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EdgecError, match="does not match the sha256"):
+        Session(art)
+    m = json.loads((art / "manifest.json").read_text())
+    del m["files"]
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EdgecError, match="no sha256"):
+        Session(art)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(outputs="logits"),
+    lambda m: m.update(inputs=[{"name": "x"}]),
+    lambda m: m["inputs"][0].update(dtype="float99"),
+    lambda m: m["inputs"][0].update(shape=[1, -3]),
+    lambda m: m.pop("device"),
+    lambda m: m.update(files=["model.so"]),
+])
+def test_tampered_manifest_is_a_user_error(built, tmp_path, edit):
+    from edgec.runtime import Session
+
+    art = _copy(built, tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    edit(m)
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EdgecError, match="corrupt"):
+        Session(art)
+
+
+def test_session_refuses_unknown_outputs_and_wrong_dtypes(built):
+    import numpy as np
+
+    from edgec.runtime import Session, check_threads, max_threads, run_batched
+
+    sess = Session(built, num_threads=64)
+    x = np.zeros((1, 3, 12, 12), np.float32)
+    with pytest.raises(EdgecError, match="unknown output"):
+        sess.run(["nope"], {"x": x})
+    with pytest.raises(EdgecError, match="output_names"):
+        sess.run("logits", {"x": x})
+    for bad in (np.int64, np.bool_):
+        with pytest.raises(EdgecError, match="dtype"):
+            sess.run(None, {"x": x.astype(bad)})
+    assert sess.run(["logits"], {"x": x.astype(np.float64)})[0].shape == (1, 10)
+    with pytest.raises(EdgecError, match="0 rows"):
+        run_batched(sess, {"x": x[:0]}, sess.batch)
+    assert check_threads(64) == max_threads() <= os.cpu_count()
+    with pytest.raises(EdgecError):
+        check_threads(0)
