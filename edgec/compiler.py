@@ -99,6 +99,19 @@ def _kernel_summary(record: dict) -> dict:
             "int8": record.get("int8")}
 
 
+def target_info(opts: CompileOptions):
+    """What the passes may know of the target (the CPU backend's integer ISA, for one)."""
+    from edgec.passes import TargetInfo
+
+    spec = get_target(opts.target)
+    isa = None
+    if spec.device == "cpu":
+        from edgec.targets.backend import int8_isa
+
+        isa = int8_isa(spec, opts.target_options)
+    return TargetInfo(spec.name, spec.host_arch, spec.device, isa)
+
+
 @dataclass
 class Prepared:
     notes: object
@@ -121,7 +134,8 @@ def prepare(model_path: str | Path, opts: CompileOptions, pass_names: list[str] 
     calib = validate_calib(model, opts.calib) if opts.calib is not None else None
     before = model_stats(model)
     t0 = time.perf_counter()
-    result = Pipeline(pass_names, sets, verify=opts.verify, calib=calib).run(model)
+    result = Pipeline(pass_names, sets, verify=opts.verify, calib=calib,
+                      target=target_info(opts)).run(model)
     timings["passes_s"] = time.perf_counter() - t0
     return Prepared(notes, result, before, timings)
 

@@ -76,11 +76,11 @@ class Pipeline:
 
     def __init__(self, passes: list[str], sets: dict[str, dict[str, str]] | None = None,
                  verify: bool = False, calib: dict[str, np.ndarray] | None = None,
-                 verify_rows: int = 8, seed: int = 0):
+                 verify_rows: int = 8, seed: int = 0, target=None):
         sets = sets or {}
         self.steps = [(name, make_config(name, sets.get(name))) for name in passes]
         self.verify = verify
-        self.ctx = PassContext(calib=calib, seed=seed)
+        self.ctx = PassContext(calib=calib, seed=seed, target=target)
         self.verify_rows = verify_rows
 
     def _verify_feeds(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:

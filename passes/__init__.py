@@ -41,13 +41,32 @@ class Tolerance:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class TargetInfo:
+    """What a pass may know of the compile target (``PassContext.target``; None when a pass
+    runs outside ``edgec compile``)."""
+
+    name: str                      # the edgec target name
+    arch: str                      # ISA of the CPU that runs the model's host code
+    device: str = "cpu"            # "cpu" | "cuda"
+    int8_isa: str | None = None    # the CPU backend's integer dot product (cpu_int8.ISAS)
+
+    @property
+    def int8_pairs_saturate(self) -> bool:
+        """Whether 8-bit u8 x s8 products are summed in saturating 16-bit pairs on this CPU
+        (``vpmaddubsw``: x86 without VNNI), as onnxruntime's fused int8 kernels do there."""
+        return self.device == "cpu" and self.arch == "x86_64" and \
+            self.int8_isa not in ("avx512vnni", "avxvnni")
+
+
 @dataclass
 class PassContext:
     """What a pass may use besides the model: calibration feeds (name -> array, batched on
-    axis 0) and a seed for anything random."""
+    axis 0), a seed for anything random, and the compile target (None outside a compile)."""
 
     calib: dict[str, np.ndarray] | None = None
     seed: int = 0
+    target: TargetInfo | None = None
 
 
 @dataclass

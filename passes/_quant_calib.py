@@ -20,14 +20,20 @@ def _bshape(s: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return s.reshape(shape) if s.size > 1 else s.reshape(())
 
 
+def weight_qmax(bits: int) -> int:
+    """The symmetric integer range ``[-qmax, qmax]`` of ``bits``-bit weights (127, 63)."""
+    return 2 ** (bits - 1) - 1
+
+
 def weight_scales(w: np.ndarray, axis: int, method: str = "minmax",
-                  per_channel: bool = True, grid: int = 100) -> np.ndarray:
-    """Symmetric int8 scales ``s[k] = c_k / 127``, one per slice along ``axis`` (or one).
+                  per_channel: bool = True, grid: int = 100, qmax: int = 127) -> np.ndarray:
+    """Symmetric scales ``s[k] = c_k / qmax``, one per slice along ``axis`` (or one);
+    ``qmax`` = 127 for 8-bit weights, 63 for 7-bit ones.
 
     ``minmax``: ``c_k = max |W_k|``. ``mse``: ``c_k = f * max |W_k|`` with f on a grid in
-    [0.3, 1] minimising ``sum (W_k - s_k * clamp(round(W_k / s_k), -127, 127))^2`` -- clips a
-    channel's outliers exactly where that lowers its error. An all-zero slice gets scale 1/127
-    (its weights quantize to 0 exactly either way)."""
+    [0.3, 1] minimising ``sum (W_k - s_k * clamp(round(W_k / s_k), -qmax, qmax))^2`` -- clips
+    a channel's outliers exactly where that lowers its error. An all-zero slice gets scale
+    1/qmax (its weights quantize to 0 exactly either way)."""
     w = np.asarray(w, dtype=np.float64)
     wc = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1) if per_channel else w.reshape(1, -1)
     amax = np.abs(wc).max(axis=1)
@@ -36,19 +42,20 @@ def weight_scales(w: np.ndarray, axis: int, method: str = "minmax",
         best_err = np.full(len(amax), np.inf)
         for f in np.linspace(1.0, 0.3, grid):
             c = np.maximum(amax * f, 1e-30)[:, None]
-            s = c / 127.0
-            err = ((np.clip(np.round(wc / s), -127, 127) * s - wc) ** 2).sum(axis=1)
+            s = c / qmax
+            err = ((np.clip(np.round(wc / s), -qmax, qmax) * s - wc) ** 2).sum(axis=1)
             better = err < best_err * (1 - 1e-12)  # ties: the wider clip
             best[better], best_err[better] = (amax * f)[better], err[better]
         amax = best
     elif method != "minmax":
         raise ValueError(f"unknown weight method {method}")
-    return np.where(amax > 0, amax, 1.0) / 127.0
+    return np.where(amax > 0, amax, 1.0) / qmax
 
 
-def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:
+def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int, qmax: int = 127
+                    ) -> np.ndarray:
     s = _bshape(np.asarray(scales, np.float64), w.ndim, axis)
-    return np.clip(np.round(np.asarray(w, np.float64) / s), -127, 127).astype(np.int8)
+    return np.clip(np.round(np.asarray(w, np.float64) / s), -qmax, qmax).astype(np.int8)
 
 
 def dequantize_weight(q: np.ndarray, scales: np.ndarray, axis: int) -> np.ndarray:

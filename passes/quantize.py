@@ -7,9 +7,16 @@ Conv or Gemm/MatMul with weight W and bias b reading activation x:
     y = W x + b  ->  y = DQ(W_q; s_w[k]) DQ(Q(x; s_x, z_x)) + DQ(b_q; s_x * s_w[k])
 
 * weights: stored int8, symmetric, one scale per output channel k (Conv: axis 0; Gemm:
-  axis 0 with transB=1, axis 1 without; MatMul: axis 1): ``s_w[k] = c_k / 127`` with the clip
+  axis 0 with transB=1, axis 1 without; MatMul: axis 1): ``s_w[k] = c_k / qmax`` with the clip
   ``c_k = max|W_k|`` (``weight_method=minmax``) or the ``c_k`` minimising the channel's
   ``||W_k - W~_k||^2`` (``mse``: clips a channel's outliers where that lowers its error);
+  ``qmax = 127`` for 8-bit weights, ``63`` for 7-bit ones (``weight_bits=7``): on x86 CPUs
+  without VNNI, 8-bit u8 x s8 products are summed in saturating 16-bit pairs (``vpmaddubsw``,
+  what onnxruntime's QLinearConv/MatMulInteger run there), which is exact only while
+  ``255 * (|w1| + |w2|) <= 32767``; 7-bit weights keep every pair sum in range, so the same
+  model gives the exact answer in onnxruntime on any CPU, and edgec's kernels take their
+  8-bit-operand form there. ``weight_bits=auto`` (the default) is 7 for a compile target
+  whose CPU sums pairs that way and 8 otherwise (VNNI x86, Arm, GPUs, or no target);
 * activations: one ``(s, z)`` per tensor, uint8 (default) or int8, asymmetric, from the
   *observed* calibration distribution (streamed in batches; a min/max pass, then a histogram
   pass): ``minmax``, ``percentile`` (clip at the p-th percentile), ``entropy`` (the range
@@ -36,6 +43,7 @@ float)``, and computes in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass
@@ -50,7 +58,7 @@ from edgec.graph import all_names, attr, consumers, initializers, set_provenance
 
 from . import PassContext, PassReport, Tolerance, copy_model, register_pass
 from ._quant_calib import (INT32_MAX, Observer, activation_range, dequantize_weight,
-                           quantize_weight, scale_zero_point, weight_scales)
+                           quantize_weight, scale_zero_point, weight_qmax, weight_scales)
 
 PASS = "quantize"
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
@@ -66,6 +74,7 @@ class QuantizeConfig:
     method: Literal["minmax", "percentile", "entropy", "mse"] = "minmax"  # activations
     percentile: float = 99.99        # for method=percentile
     weight_method: Literal["minmax", "mse"] = "minmax"
+    weight_bits: Literal["auto", 8, 7] = "auto"  # 7: u8 x s7 pair sums never saturate
     activation_type: Literal["uint8", "int8"] = "uint8"
     per_channel: bool = True
     ops: tuple[str, ...] = COMPUTE_OPS + DATA_OPS
@@ -373,7 +382,8 @@ def _rewrite(m0, targets: dict[str, Target], qnodes: set[str], params: dict, con
             continue
         tg = targets[name]
         w = numpy_helper.to_array(inits[tg.w]).astype(np.float64)
-        sw = weight_scales(w, tg.axis, config.weight_method, config.per_channel)
+        qmax = weight_qmax(config.weight_bits)
+        sw = weight_scales(w, tg.axis, config.weight_method, config.per_channel, qmax=qmax)
         sx = params[tg.x][0]
         b = None
         if tg.bias not in (None, "float"):
@@ -385,7 +395,7 @@ def _rewrite(m0, targets: dict[str, Target], qnodes: set[str], params: dict, con
             if grown.any():
                 sw = np.maximum(sw_full, need) if len(sw) > 1 else \
                     np.array([max(sw[0], need.max())])
-        wq = quantize_weight(w, sw, tg.axis)
+        wq = quantize_weight(w, sw, tg.axis, qmax)
         wdeq = dequantize_weight(wq, sw, tg.axis)
         wqn = unique_name(names, f"{tg.w}_int8")
         wsn = unique_name(names, f"{tg.w}_scale")
@@ -408,7 +418,7 @@ def _rewrite(m0, targets: dict[str, Target], qnodes: set[str], params: dict, con
                "weight_scale_min": float(sw.min()), "weight_scale_max": float(sw.max()),
                "weight_clipped_channels": int(np.sum(
                    np.abs(np.moveaxis(w, tg.axis, 0).reshape(w.shape[tg.axis], -1)).max(1)
-                   > 127 * np.broadcast_to(sw, (w.shape[tg.axis],)) * (1 + 1e-6))),
+                   > qmax * np.broadcast_to(sw, (w.shape[tg.axis],)) * (1 + 1e-6))),
                "weight_rel_error": float(np.linalg.norm(wdeq - w)
                                          / max(np.linalg.norm(w), 1e-30))}
         if b is not None:
@@ -486,6 +496,7 @@ def quantize(model: onnx.ModelProto, config: QuantizeConfig, ctx: PassContext):
     if ctx.calib is None:
         raise EdgecError("quantize.mode=int8 needs calibration data: give --calib FILE.npz")
     report = PassReport(PASS)
+    config, bits_why = _weight_bits(config, ctx)
     m = copy_model(model)
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node):
         for n in m.graph.node:
@@ -507,7 +518,8 @@ def quantize(model: onnx.ModelProto, config: QuantizeConfig, ctx: PassContext):
     out, table, plan = _rewrite(m, targets, qnodes, params, config, means)
     for row in table:
         if row["node"] in targets:
-            report.rewrite(row["node"], f"int8 {row['op']}: int8 weights per channel "
+            report.rewrite(row["node"], f"int8 {row['op']}: {config.weight_bits}-bit weights "
+                           f"per channel "
                            f"(axis {row['weight_axis']}), input s={row['input_scale']:.4g} "
                            f"z={row['input_zero_point']}",
                            weight_rel_error=round(row["weight_rel_error"], 6))
@@ -515,6 +527,7 @@ def quantize(model: onnx.ModelProto, config: QuantizeConfig, ctx: PassContext):
             report.rewrite(row["node"], f"{row['op']} kept in int8 (Q/DQ on its tensors)")
     report.details = {"mode": "int8", "method": config.method,
                       "weight_method": config.weight_method,
+                      "weight_bits": config.weight_bits, "weight_bits_reason": bits_why,
                       "activation_type": config.activation_type,
                       "per_channel": config.per_channel,
                       "calib_rows": int(min(next(iter(calib.values())).shape[0],
@@ -525,6 +538,21 @@ def quantize(model: onnx.ModelProto, config: QuantizeConfig, ctx: PassContext):
         report.details["sensitivity"] = _sensitivity(m, targets, data, params, config, calib,
                                                      labels, means)
     return out, report
+
+
+def _weight_bits(config: QuantizeConfig, ctx: PassContext) -> tuple[QuantizeConfig, str]:
+    """``weight_bits=auto`` resolved for the compile target, and why."""
+    if config.weight_bits != "auto":
+        return config, "set by the user"
+    t = ctx.target
+    if t is not None and t.int8_pairs_saturate:
+        bits, why = 7, (f"target {t.name} ({t.int8_isa}): x86 without VNNI sums u8 x s8 "
+                        "products in saturating 16-bit pairs; 7-bit weights keep them exact")
+    elif t is not None:
+        bits, why = 8, f"target {t.name} ({t.int8_isa or t.device}): 8-bit products are exact"
+    else:
+        bits, why = 8, "no compile target given"
+    return dataclasses.replace(config, weight_bits=bits), why
 
 
 def _run(model, feeds, batch) -> np.ndarray:

@@ -167,6 +167,15 @@ def make_target(spec: TargetSpec, options: dict | None = None) -> "tvm.target.Ta
         raise EdgecError(f"bad target options for '{spec.name}': {e}") from None
 
 
+def int8_isa(spec: TargetSpec, options: dict | None = None) -> str | None:
+    """The integer dot-product ISA the CPU backend uses for ``spec`` (None for GPUs)."""
+    if spec.device != "cpu":
+        return None
+    from .cpu_int8 import select_isa
+
+    return select_isa(make_target(spec, options)).name
+
+
 def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
           options: dict | None = None, use_tuning_db: bool = True) -> dict:
     """Compile ``model`` for ``spec`` into the shared library ``lib_path``.

@@ -31,12 +31,18 @@ avx512vnni           16    4    u8 x s8           vpdpbusd zmm (no saturation: i
 avxvnni               8    4    u8 x s8           vpdpbusd ymm (VEX)
 avx512bw             16    2    s16 x s16         vpmaddwd zmm (A = X - zx: exact, no
 avx2                  8    2    s16 x s16         vpmaddwd ymm  vpmaddubsw saturation)
+avx512bw-s7          16    4    u8 x s7           vpmaddubsw + vpmaddwd(1) zmm, 7-bit weights
+avx2-s7               8    4    u8 x s7           vpmaddubsw + vpmaddwd(1) ymm, 7-bit weights
 aarch64 +dotprod      4    4    s8 x s8           sdot (A = X - 128, zero point shifted)
 other                 4    2    s16 x s16         plain vector code
 ==================  ====  ====  ================  =========================================
 
-``vpmaddubsw`` (u8 x s8 -> saturating s16 pair sums) is deliberately not used: 255 * 127 * 2
-overflows int16, which changes results unless weights are cut to 7 bits.
+``vpmaddubsw`` (u8 x s8 -> saturating s16 pair sums) is exact only while a pair sum fits
+int16: ``255 * (|w1| + |w2|) <= 32767``, i.e. weights within [-64, 64] (255 * 127 * 2
+overflows). A layer whose int8 weights all lie there (``quantize weight_bits=7``, the default
+for x86 targets without VNNI) takes the ``-s7`` form on AVX2 / AVX-512BW: four products per
+lane and step from 8-bit operands, half the bytes of the s16 form; other layers keep the exact
+s16 form. Which form a kernel was built for travels as the block annotation ``ISA_ATTR``.
 
 Depthwise QDQ convolutions read the 8-bit input directly (dequantized while padding) and
 compute in float; their weights are small.
@@ -56,6 +62,7 @@ log = logging.getLogger("edgec.cpu_int8")
 
 INT8_CONV_BLOCK = "edgec_conv2d_int8"
 INT8_PX_BLOCK = "edgec_conv2d_int8px"
+ISA_ATTR = "edgec_int8_isa"  # block annotation: the DotISA name the kernel was built for
 PX_TILE = "edgec_px_tile"  # (cpu_kernels.PX_TILE: the tile a pixel kernel was computed for)
 
 
@@ -70,10 +77,21 @@ class DotISA:
     a_shift: int | None  # None: int16 forms, A = X - zx; else 8-bit forms, A = X moved into
     #                      A's type (u8: +128 for an int8 input; s8: -128 for a uint8 input)
     llvm: str | None     # the LLVM intrinsic; None: plain vector code, no tensorize
+    widen: str | None = None  # vpmaddwd after vpmaddubsw: s16 pair sums -> s32 (times ones)
 
     @property
     def intrin_name(self) -> str:
-        return f"edgec_dot_{self.name}"
+        return f"edgec_dot_{self.name}".replace("-", "_")
+
+    @property
+    def accumulates(self) -> bool:
+        """Whether the instruction adds into the accumulator itself (vpdpbusd, sdot)."""
+        return self.depth == 4 and self.widen is None
+
+    @property
+    def max_weight(self) -> int:
+        """The largest |weight| the form is exact for (see the module docstring)."""
+        return 64 if self.widen else 127
 
 
 ISAS = {
@@ -83,6 +101,10 @@ ISAS = {
     "avx512bw": DotISA("avx512bw", 16, 2, "int16", "int16", None,
                        "llvm.x86.avx512.pmaddw.d.512"),
     "avx2": DotISA("avx2", 8, 2, "int16", "int16", None, "llvm.x86.avx2.pmadd.wd"),
+    "avx512bw-s7": DotISA("avx512bw-s7", 16, 4, "uint8", "int8", 0,
+                          "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"),
+    "avx2-s7": DotISA("avx2-s7", 8, 4, "uint8", "int8", 0, "llvm.x86.avx2.pmadd.ub.sw",
+                      "llvm.x86.avx2.pmadd.wd"),
     "dotprod": DotISA("dotprod", 4, 4, "int8", "int8", -128,
                       "llvm.aarch64.neon.sdot.v4i32.v16i8"),
     "generic": DotISA("generic", 4, 2, "int16", "int16", None, None),
@@ -103,6 +125,16 @@ def select_isa(target) -> DotISA:
         if has(feature):
             return ISAS[feature]
     return ISAS["generic"]
+
+
+def isa_for_weights(isa: DotISA, wq: np.ndarray) -> DotISA:
+    """The form a layer with int8 weights ``wq`` takes on the target's ``isa``: the 8-bit
+    ``-s7`` form where the weights fit it (:attr:`DotISA.max_weight`), else ``isa``."""
+    narrow = ISAS.get(isa.name + "-s7")
+    if narrow is not None and wq.size and int(np.abs(wq.astype(np.int32)).max()) <= \
+            narrow.max_weight:
+        return narrow
+    return isa
 
 
 _REGISTERED: set[str] = set()
@@ -143,7 +175,23 @@ def register_intrin(isa: DotISA) -> str | None:
                             T.shift_right(A[0], T.Cast("uint32", vk * bits)),
                             T.uint32(mask)))) * T.Cast("int32", B[vi, vk])
 
-    if isa.depth == 4:  # vpdpbusd / sdot: acc += 4-products sums, operands as i8 vectors
+    pair, ones = f"int16x{L * 2}", T.broadcast(T.int16(1), L * 2)
+    widen = isa.widen
+    if isa.widen:  # vpmaddubsw (u8 x s7 -> s16 pair sums, exact) + vpmaddwd by ones
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((1,), u32, offset_factor=1),
+                 B: T.Buffer((L, D), bt, offset_factor=1),
+                 C: T.Buffer((L,), i32, offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:1], B[0:L, 0:D])
+                T.writes(C[0:L])
+                a32 = T.reinterpret(A[0], dtype="int32")
+                C[T.ramp(T.int32(0), 1, L)] = C.vload([0], dtype=acc) + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(widen), T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(llvm_name),
+                        T.reinterpret(T.broadcast(a32, L), dtype=a_wide),
+                        B.vload([0, 0], dtype=b_vec), dtype=pair), ones, dtype=acc)
+    elif isa.depth == 4:  # vpdpbusd / sdot: acc += 4-products sums, operands as i8 vectors
         @T.prim_func(s_tir=True)
         def impl(A: T.Buffer((1,), u32, offset_factor=1),
                  B: T.Buffer((L, D), bt, offset_factor=1),
@@ -195,7 +243,9 @@ def register_px_intrin(isa: DotISA) -> str | None:
     llvm_name = isa.llvm
     mask = (1 << bits) - 1
     u32, i32 = "uint32", "int32"
-    add_c = isa.depth != 4  # vpmaddwd does not accumulate
+    add_c = not isa.accumulates  # vpmaddwd does not accumulate
+    pair, ones = f"int16x{L * 2}", T.broadcast(T.int16(1), L * 2)
+    widen = isa.widen
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((L,), u32, offset_factor=1),
@@ -212,7 +262,22 @@ def register_px_intrin(isa: DotISA) -> str | None:
                             T.shift_right(A[vi], T.Cast("uint32", vk * bits)),
                             T.uint32(mask)))) * T.Cast("int32", B[vk])
 
-    if not add_c:
+    if widen:  # vpmaddubsw + vpmaddwd by ones (see register_intrin)
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((L,), u32, offset_factor=1),
+                 B: T.Buffer((D,), bt, offset_factor=1),
+                 C: T.Buffer((L,), i32, offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:L], A[0:L], B[0:D])
+                T.writes(C[0:L])
+                C[T.ramp(T.int32(0), 1, L)] = C.vload([0], dtype=acc) + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(widen), T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id(llvm_name),
+                        T.reinterpret(A.vload([0], dtype=a_words), dtype=a_wide),
+                        T.reinterpret(T.broadcast(T.reinterpret(B.vload([0], dtype=b_word),
+                                                                dtype="int32"), L),
+                                      dtype=b_vec), dtype=pair), ones, dtype=acc)
+    elif not add_c:
         @T.prim_func(s_tir=True)
         def impl(A: T.Buffer((L,), u32, offset_factor=1),
                  B: T.Buffer((D,), bt, offset_factor=1),
@@ -323,7 +388,7 @@ def int8_conv_te(xq, wp, corr, scale, zx: int, oc: int, strides, pads, dil, isa:
             ((ap[n, rc, y * sh + ry * dh, x * sw + rx * dw] >> (rd * bits).astype("uint32"))
              & mask).astype(isa.a_dtype).astype("int32")
             * wp[o, rc, ry, rx, b, rd].astype("int32"), axis=[rc, ry, rx, rd]),
-        name=INT8_CONV_BLOCK)
+        name=INT8_CONV_BLOCK, attrs={ISA_ATTR: isa.name})
     if view is not None:  # a matmul: batch rows are the columns of a 1 x M image
         return finish_int8((ow, oc), lambda m, o: acc[0, o // L, 0, m, o % L],
                            lambda m, o: o, corr, scale, requant, residual)
@@ -478,7 +543,7 @@ def int8_conv1x1_px_te(xq, wp, corr, scale, zx: int, oc: int, isa: DotISA, tile,
             ((ap[n, rc, y, x] >> (rd * bits).astype("uint32")) & mask
              ).astype(isa.a_dtype).astype("int32")
             * wp[o // R, rc, o % R, rd].astype("int32"), axis=[rc, rd]),
-        name=INT8_PX_BLOCK, attrs={PX_TILE: [vecs, rows]})
+        name=INT8_PX_BLOCK, attrs={PX_TILE: [vecs, rows], ISA_ATTR: isa.name})
     if hv == h:
         acc_at = lambda n, o, y, x: acc[n, o, y, x]  # noqa: E731
     else:
@@ -678,14 +743,23 @@ def rewrite_pass(target, record: dict | None = None, kernels: dict | None = None
                 raise _Skip("matmul: weight scale not per output column")
             sw = np.broadcast_to(sw.reshape(-1).astype(np.float32), (n,))
             wq = np.ascontiguousarray(wq)
-            za = za_of(isa, xdt, int(zx))
+            lisa = self._layer_isa(wq)
+            za = za_of(lisa, xdt, int(zx))
             corr = (za * wq.astype(np.int64).sum(1)).astype(np.int32)
             scale = (np.float32(sx) * sw).astype(np.float32)
             self.stats["matmul"] += 1
-            return self._int8_kernel(int8_matmul_te, xq, pack_weight(wq[:, :, None, None], isa),
+            return self._int8_kernel(int8_matmul_te, lisa, xq,
+                                     pack_weight(wq[:, :, None, None], lisa),
                                      corr, scale, (int(zx), n), "matmul_int8")
 
-        def _int8_kernel(self, te_fn, xq, wpk, corr, scale, tail, name):
+        def _layer_isa(self, wq):
+            """The target's ISA, or its 7-bit-weight form where the weights fit it."""
+            lisa = isa_for_weights(isa, wq)
+            if lisa is not isa:
+                self.stats["weights_7bit"] = self.stats.get("weights_7bit", 0) + 1
+            return lisa
+
+        def _int8_kernel(self, te_fn, isa, xq, wpk, corr, scale, tail, name):
             """Emit an integer kernel (float output) and remember how to emit it with the
             requantizing one: ``(acc - corr) * scale + bias`` times ``inv`` plus ``zp``
             is ``acc * s2 + b2``."""
@@ -738,17 +812,19 @@ def rewrite_pass(target, record: dict | None = None, kernels: dict | None = None
             c = int(shape.values[1])
             bb = self.builder_
             if groups == 1:
-                za = za_of(isa, xdt, int(zx))
+                lisa = self._layer_isa(wq)
+                za = za_of(lisa, xdt, int(zx))
                 corr = (za * wq.reshape(oc, -1).astype(np.int64).sum(1)).astype(np.int32)
                 scale = (np.float32(sx) * sw).astype(np.float32)
                 self.stats["conv2d"] += 1
-                tile = px_tile(isa, _ints(shape.values), wq.shape, strides, pads)
+                tile = px_tile(lisa, _ints(shape.values), wq.shape, strides, pads)
                 if tile is not None:
                     return self._int8_kernel(functools.partial(int8_conv1x1_px_te, tile=tile),
-                                             xq, pack_weight_px(wq, isa, tile[4]),
+                                             lisa, xq, pack_weight_px(wq, lisa, tile[4]),
                                              corr, scale, (int(zx), oc), "conv2d_int8px")
-                return self._int8_kernel(int8_conv_te, xq, pack_weight(wq, isa), corr, scale,
-                                         (int(zx), oc, strides, pads, dil), "conv2d_int8")
+                return self._int8_kernel(int8_conv_te, lisa, xq, pack_weight(wq, lisa), corr,
+                                         scale, (int(zx), oc, strides, pads, dil),
+                                         "conv2d_int8")
             if groups == c == oc and wq.shape[1] == 1:
                 wt = (wq.astype(np.float32) * (np.float32(sx) * sw)[:, None, None, None]
                       ).astype(np.float32)

@@ -768,20 +768,20 @@ def schedule_func(func, lanes: int, isa=None):
         raise ValueError("more than one convolution in a fused function")
     mms = [b for b in _all_blocks(sch) if sch.get(b).name_hint in ("matmul", "T_matmul_NN",
                                                                       "T_matmul")]
-    if pxs:
-        from .cpu_int8 import schedule_int8_px
+    if pxs or ints:
+        from .cpu_int8 import ISA_ATTR, ISAS, schedule_int8_conv, schedule_int8_px
 
+        block = (pxs or ints)[0]
+        built_for = sch.get(block).annotations.get(ISA_ATTR)  # the kernel's own form
+        isa = ISAS[str(built_for)] if built_for is not None else isa
         if isa is None:
             raise ValueError("an int8 convolution needs the target's integer ISA")
-        schedule_int8_px(sch, pxs[0], isa)
-        kind = "conv2d-int8px-" + isa.name
-    elif ints:
-        from .cpu_int8 import schedule_int8_conv
-
-        if isa is None:
-            raise ValueError("an int8 convolution needs the target's integer ISA")
-        schedule_int8_conv(sch, ints[0], isa, max_cols(lanes))
-        kind = "conv2d-int8-" + isa.name
+        if pxs:
+            schedule_int8_px(sch, block, isa)
+            kind = "conv2d-int8px-" + isa.name
+        else:
+            schedule_int8_conv(sch, block, isa, max_cols(lanes))
+            kind = "conv2d-int8-" + isa.name
     elif wino:
         m = _extent(sch, sch.get_loops(_find_blocks(sch, WINO_OUT1_BLOCK)[0])[3])
         schedule_winograd(sch, wino[0], max_cols(lanes))

@@ -1,9 +1,12 @@
-"""Integer kernels for QDQ convolutions (targets/cpu_int8.py) against onnxruntime.
+"""Integer kernels for QDQ convolutions (targets/cpu_int8.py) against exact QDQ arithmetic.
 
 The graphs are QDQ as the quantize pass writes them: uint8/int8 activation, int8 weights
 per output channel, int32 bias, and the output quantized again, so both sides round to the
-same grid; onnxruntime (its fused QLinearConv) and edgec may differ by one output step where
-a value falls on a rounding tie. Every case also checks the compile report: the integer
+same grid. The reference is onnxruntime with graph optimizations off (``OrtSession``'s default
+for QDQ models: every DequantizeLinear alone, the convolution in float) or numpy -- never
+onnxruntime's fused int8 kernels, whose answers depend on the host CPU (16-bit pair sums that
+saturate without VNNI). edgec may differ from it by one output step where a value falls on a
+rounding tie. Every case also checks the compile report: the integer
 kernel was used for the intended ISA and nothing was left with plain loops.
 """
 
@@ -367,3 +370,120 @@ def test_residual_add_fold(tmp_path, ksz, h, w, relu, shared):
     assert kern["int8"]["requant_fused"] == 1
     assert kern["int8"]["residual_fused"] == (0 if shared else 1), kern["int8"]
     assert kern["unscheduled"] == {}
+
+
+# ------------------------------------------------------------------ exact, on every host
+def exact_qdq_matmul(x, m):
+    """numpy's exact QDQ arithmetic of :func:`qdq_matmul`'s Gemm model (integer sums in
+    int64, round half to even): the reference that does not depend on any CPU."""
+    i = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    sx, zx = float(i["sx"]), int(i["zx"])
+    lo, hi = (0, 255) if i["zx"].dtype == np.uint8 else (-128, 127)
+    xq = np.clip(np.round(x.astype(np.float64) / sx) + zx, lo, hi).astype(np.int64)
+    acc = (xq - zx) @ i["wq"].astype(np.int64).T
+    y = acc * (sx * i["sw"].astype(np.float64)) + i["bq"] * i["sb"].astype(np.float64)
+    sy, zy = float(i["sy"]), int(i["zy"])
+    return (np.clip(np.round(y / sy) + zy, 0, 255) - zy) * sy
+
+
+def pair_sums_saturating(xq_u8: np.ndarray, wq: np.ndarray) -> np.ndarray:
+    """What ``vpmaddubsw`` + ``vpmaddwd(1)`` compute for u8 x s8 dot products: adjacent
+    products summed in saturating int16 pairs, then added in int32."""
+    p = xq_u8.astype(np.int64)[None, :] * wq.astype(np.int64)        # [N, K]
+    p = np.pad(p, ((0, 0), (0, p.shape[1] % 2)))
+    pairs = np.clip(p[:, 0::2] + p[:, 1::2], -32768, 32767)
+    return pairs.sum(1)
+
+
+def test_7bit_weights_are_what_keeps_u8_s8_pair_sums_exact():
+    """The arithmetic behind ``quantize weight_bits=7`` and the ``-s7`` kernels: with
+    full-range 8-bit weights and high activations the 16-bit pair sums saturate; with weights
+    in [-64, 64] (:attr:`DotISA.max_weight`) they never do."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(200, 256, 1280).astype(np.uint8)
+    w8 = rng.choice([-127, 127], (64, 1280)).astype(np.int8)
+    exact8 = w8.astype(np.int64) @ x.astype(np.int64)
+    assert np.any(pair_sums_saturating(x, w8) != exact8)
+    w7 = rng.choice([-64, 64], (64, 1280)).astype(np.int8)
+    w7[0, :2] = 64  # the worst pair: 255 * 128 = 32640 <= 32767
+    x[:2] = 255
+    np.testing.assert_array_equal(pair_sums_saturating(x, w7), w7.astype(np.int64) @ x)
+    assert ISAS["avx2-s7"].max_weight == ISAS["avx512bw-s7"].max_weight == 64
+    assert 255 * 2 * ISAS["avx2-s7"].max_weight <= 32767
+
+
+@pytest.mark.parametrize("isa,mcpu,needs", ISA_CPUS, ids=[i[0] for i in ISA_CPUS])
+def test_saturation_case_exact_on_each_isa(tmp_path, isa, mcpu, needs):
+    """Large K, full-range weights, activations near the top of uint8 (where onnxruntime's
+    fused kernels on AVX2 hosts were 39 output steps off): every ISA's compiled kernel gives
+    numpy's exact answer within one output step."""
+    if needs and not host_has(*needs):
+        pytest.skip(f"this CPU lacks {needs}")
+    rng = np.random.default_rng(12)
+    m, step = qdq_matmul(rng, 2, 1280, 96)
+    for t in m.graph.initializer:
+        if t.name == "wq":  # full range, both signs in every pair
+            t.CopyFrom(onnx.numpy_helper.from_array(
+                rng.choice([-127, -120, 120, 127], (96, 1280)).astype(np.int8), "wq"))
+        if t.name == "sw":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.full(96, 2e-5, np.float32), "sw"))
+    out = tmp_path / "sat"
+    kern = compile_to(m, out, target_options={"mcpu": mcpu})["kernels"]
+    assert kern["int8"]["isa"] == isa and "weights_7bit" not in kern["int8"]
+    x = rng.uniform(3.0, 6.35, (2, 1280)).astype(np.float32)  # u8 values 188..255
+    got = Session(out).run(None, {"x": x})[0]
+    ref = exact_qdq_matmul(x, m)
+    assert np.abs(got - ref).max() <= step * 1.001, np.abs(got - ref).max() / step
+    assert np.abs(OrtSession(m).run(None, {"x": x})[0] - ref).max() <= step * 1.001
+
+
+S7_CPUS = [("avx2", "haswell"), ("avx512bw", "skylake-avx512")]
+
+
+@pytest.mark.parametrize("isa,mcpu", S7_CPUS, ids=[i[0] for i in S7_CPUS])
+@pytest.mark.parametrize("case", [(1, 13, 24, 3, 1, 1, (1, 1, 1, 1), 11, 19, "uint8"),
+                                  (2, 8, 33, 3, 2, 1, (0, 1, 2, 0), 12, 15, "int8"),
+                                  (1, 24, 20, 1, 1, 1, (0, 0, 0, 0), 8, 12, "uint8"),
+                                  "matmul"],
+                         ids=["3x3", "strided-asym-int8", "1x1-px", "matmul"])
+def test_7bit_weights_take_the_s7_form(tmp_path, isa, mcpu, case):
+    """Weights within [-64, 64] (what ``quantize weight_bits=7`` writes, extremes included)
+    take the u8 x s7 ``vpmaddubsw`` form on AVX2 / AVX-512BW, exact within one step; one
+    weight of 65 keeps the s16 form; VNNI keeps ``vpdpbusd``."""
+    if isa == "avx512bw" and not host_has("avx512bw"):
+        pytest.skip("this CPU lacks avx512bw")
+    rng = np.random.default_rng(3)
+    if case == "matmul":
+        m, step = qdq_matmul(rng, 5, 70, 33, act="int8")
+    else:
+        batch, c, k, ksz, stride, dil, pads, h, w, act = case
+        m, step = qdq_conv(rng, batch, c, k, ksz, stride, dil, pads, h, w, act=act)
+    wt = next(t for t in m.graph.initializer if t.name == "wq")
+    w7 = np.clip(onnx.numpy_helper.to_array(wt) // 2, -64, 64).astype(np.int8)
+    w7.flat[0], w7.flat[1], w7.flat[-1] = 64, 64, -64
+    wt.CopyFrom(onnx.numpy_helper.from_array(w7, "wq"))
+    kern = compare(m, step, tmp_path / "s7", target_options={"mcpu": mcpu})
+    assert kern["int8"]["isa"] == isa and kern["int8"]["weights_7bit"] == 1
+    px = "px" if case != "matmul" and case[3] == 1 else ""
+    assert kern["counts"].get(f"conv2d-int8{px}-{isa}-s7") == 1, kern["counts"]
+    w7.flat[2] = 65
+    wt.CopyFrom(onnx.numpy_helper.from_array(w7, "wq"))
+    kern = compare(m, step, tmp_path / "s16", target_options={"mcpu": mcpu})
+    assert "weights_7bit" not in kern["int8"]
+    assert kern["counts"].get(f"conv2d-int8{px}-{isa}") == 1, kern["counts"]
+    if host_has("avx512vnni"):
+        w7.flat[2] = 64
+        wt.CopyFrom(onnx.numpy_helper.from_array(w7, "wq"))
+        kern = compare(m, step, tmp_path / "vnni", target_options={"mcpu": "icelake-server"})
+        assert kern["int8"]["isa"] == "avx512vnni" and "weights_7bit" not in kern["int8"]
+
+
+def test_reference_is_exact_qdq_on_every_host():
+    """A QDQ model runs in onnxruntime with graph optimizations off (exact QDQ arithmetic,
+    no fused int8 kernels); a float model keeps them."""
+    from edgec.runtime import has_qdq
+
+    m, _ = qdq_matmul(np.random.default_rng(0), 2, 16, 8)
+    assert has_qdq(m) and not OrtSession(m).optimized and OrtSession(m, optimize=True).optimized
+    f = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [1, 4])], [("y", [1, 4])])
+    assert not has_qdq(f) and OrtSession(f).optimized

@@ -484,13 +484,75 @@ def test_fashion_mnist_int8_accuracy_and_size():
     fm = Pipeline(NORMALIZE, {}).run(model).model
     q, rep = quantize(fm, {"input": xc}, normalize=False, method="percentile")
 
-    def acc(mm):
-        import onnxruntime as ort
+    def acc(mm, optimize=None):  # None: exact QDQ arithmetic on every host
+        from edgec.runtime import OrtSession
 
-        s = ort.InferenceSession(mm.SerializeToString(), providers=["CPUExecutionProvider"])
+        s = OrtSession(mm, optimize=optimize)
         out = np.concatenate([s.run(None, {"input": xt[i:i + 100]})[0]
                               for i in range(0, len(xt), 100)])
         return float(np.mean(out.argmax(1) == yt))
 
     assert acc(fm) - acc(q) <= 0.005
     assert len(q.SerializeToString()) <= 0.3 * len(fm.SerializeToString())
+    # 7-bit weights: same budget, and onnxruntime's optimized (fused int8) run on this host
+    # is the exact arithmetic too -- on AVX2 hosts as on VNNI ones
+    q7, rep = quantize(fm, {"input": xc}, normalize=False, method="percentile", weight_bits=7)
+    assert rep.details["weight_bits"] == 7
+    a7 = acc(q7)
+    assert acc(fm) - a7 <= 0.005 and acc(q7, optimize=True) == a7
+    assert len(q7.SerializeToString()) <= 0.3 * len(fm.SerializeToString())
+
+
+def test_weight_bits_auto_follows_the_target():
+    """``weight_bits=auto``: 7 where the target's CPU sums u8 x s8 products in saturating
+    16-bit pairs (x86 without VNNI), else 8; 7-bit weights lie in [-63, 63]."""
+    from edgec.passes import TargetInfo
+
+    m = conv_bn_model()
+    calib = calib_for(m)
+    fm = Pipeline(NORMALIZE).run(m).model
+    cases = [(None, 8), (TargetInfo("x86", "x86_64", "cpu", "avx2"), 7),
+             (TargetInfo("x86", "x86_64", "cpu", "avx512bw"), 7),
+             (TargetInfo("x86", "x86_64", "cpu", "avx512vnni"), 8),
+             (TargetInfo("rpi5", "aarch64", "cpu", "dotprod"), 8),
+             (TargetInfo("cuda", "x86_64", "cuda", None), 8)]
+    for target, bits in cases:
+        q, rep = run_pass("quantize", fm, make_config("quantize", {"progress": "false"}),
+                          PassContext(calib=calib, target=target))
+        assert rep.details["weight_bits"] == bits, (target, rep.details["weight_bits_reason"])
+        wmax = max(np.abs(v).max() for k, v in inits_of(q).items() if v.dtype == np.int8)
+        assert wmax == (63 if bits == 7 else 127)
+    q, rep = run_pass("quantize", fm, make_config("quantize", {"weight_bits": "8"}),
+                      PassContext(calib=calib, target=cases[1][0]))
+    assert rep.details["weight_bits"] == 8 and rep.details["weight_bits_reason"] == \
+        "set by the user"
+    with pytest.raises(EdgecError, match="weight_bits"):
+        make_config("quantize", {"weight_bits": "4"})
+
+
+def test_compile_for_avx2_quantizes_7bit_and_runs_the_s7_kernels(tmp_path):
+    """``--target x86 --mcpu haswell --passes quantize``: 7-bit weights, the u8 x s7 kernels,
+    and the compiled model within one output step of onnxruntime (exact arithmetic)."""
+    m = branchy_model(np.random.default_rng(8), transB=1)
+    calib = calib_for(m, 32)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    from edgec.compiler import CompileOptions, compile_model
+    from edgec.runtime import Session
+
+    rep = compile_model(src, tmp_path / "art", CompileOptions(
+        target="x86", passes=["quantize"], calib=calib, target_options={"mcpu": "haswell"},
+        sets=["quantize.quantize_outputs=true", "quantize.progress=false"]))
+    q = rep["passes"][-1]["details"]
+    assert q["weight_bits"] == 7, q["weight_bits_reason"]
+    kern = rep["kernels"]
+    assert kern["int8"]["isa"] == "avx2" and kern["int8"]["weights_7bit"] == \
+        kern["int8"]["conv2d"] + kern["int8"]["matmul"] > 0
+    step = q["activations"]["y"]["scale"]
+    qm = onnx.load(tmp_path / "art" / "model.onnx")
+    sess = Session(tmp_path / "art")
+    xs = calib_for(m, 8, seed=9)["x"]
+    for i in range(8):
+        (ref,) = ort_run(qm, {"x": xs[i:i + 1]})
+        (got,) = sess.run(None, {"x": xs[i:i + 1]})
+        assert np.abs(np.asarray(got) - ref).max() <= step * 1.001 + 1e-6
