@@ -1,12 +1,15 @@
 """int8 speed: compiled int8 vs compiled fp32 vs onnxruntime on the same QDQ model.
 
     python benchmarks/int8_bench.py [--models resnet18,mobilenet_v2] [--threads 2]
-                                    [--repeat 30] [--mcpu CPU] [--json FILE]
+                                    [--repeat 30] [--mcpu CPU] [--weight-bits auto,8,7]
+                                    [--json FILE]
 
 For each zoo model (random weights, batch 1, 224x224): the fp32 model and its int8 QDQ form
-(``--passes quantize``, minmax, calibrated on 16 seeded normal images -- speed does not depend
-on the calibration) are compiled for x86 (the host CPU, or ``--mcpu`` to force another ISA:
-``haswell`` gives the AVX2 kernels). ``edgec.bench.bench`` times each artifact against
+(``--passes quantize`` for the target, minmax, calibrated on 16 seeded normal images -- speed
+does not depend on the calibration; ``quantize.weight_bits`` from ``--weight-bits``, one row
+each: ``auto`` is 7 on x86 without VNNI) are compiled for x86 (the host CPU, or ``--mcpu`` to
+force another ISA: ``haswell`` gives the AVX2 kernels; onnxruntime still runs on the host's
+own ISA, e.g. VNNI, so on a VNNI host its QDQ time is not what an AVX2 machine would see). ``edgec.bench.bench`` times each artifact against
 onnxruntime running the same ONNX file, in separate processes, same thread count. Prints:
 
 * onnxruntime fp32, onnxruntime QDQ (its QLinearConv path), edgec fp32, edgec int8 (ms);
@@ -33,17 +36,19 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--mcpu")
+    p.add_argument("--weight-bits", default="auto")
     p.add_argument("--json")
     a = p.parse_args(argv)
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
     import onnx
 
     from edgec.bench import bench
-    from edgec.compiler import CompileOptions, compile_model
+    from edgec.compiler import CompileOptions, compile_model, target_info
     from edgec.models import zoo
     from edgec.pipeline import NORMALIZE, Pipeline
 
     opts = {"mcpu": a.mcpu} if a.mcpu else {}
+    tinfo = target_info(CompileOptions(target="x86", target_options=opts))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -53,33 +58,44 @@ def main(argv=None) -> int:
             inp = m.graph.input[0]
             shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
             calib = np.random.default_rng(0).standard_normal([16] + shape[1:]).astype("float32")
-            q = Pipeline(["quantize"], {"quantize": {"progress": "false"}},
-                         calib={inp.name: calib}).run(m).model
-            fp32, int8 = tmp / f"{name}.onnx", tmp / f"{name}-int8.onnx"
+            fp32 = tmp / f"{name}.onnx"
             onnx.save(m, fp32)
-            onnx.save(q, int8)
-            r = {"model": name}
-            for tag, src in (("fp32", fp32), ("int8", int8)):
-                rep = compile_model(src, tmp / f"art-{name}-{tag}", CompileOptions(
-                    target="x86", target_options=opts, use_tuning_db=False))
-                if tag == "int8":
-                    r["int8_kernels"] = rep["kernels"].get("int8")
-                b = bench(src, tmp / f"art-{name}-{tag}", threads=a.threads, repeat=a.repeat,
-                          peak=False)
-                r[f"ort_{tag}_ms"], r[f"edgec_{tag}_ms"] = b["onnxruntime_ms"], b["edgec_ms"]
-            r["int8_over_fp32"] = r["edgec_fp32_ms"] / r["edgec_int8_ms"]
-            r["ort_qdq_over_edgec_int8"] = r["ort_int8_ms"] / r["edgec_int8_ms"]
-            rows.append(r)
-            k = r["int8_kernels"] or {}
-            print(f"{name}: isa {k.get('isa')}, {k.get('conv2d')} integer convs, "
-                  f"{k.get('matmul', 0)} integer matmuls, {k.get('dwconv2d')} depthwise on 8-bit input, float: {k.get('float')}",
-                  flush=True)
+            fp = None
+            for wb in a.weight_bits.split(","):
+                qr = Pipeline(["quantize"], {"quantize": {"progress": "false",
+                                                          "weight_bits": wb}},
+                              calib={inp.name: calib}, target=tinfo).run(m)
+                int8 = tmp / f"{name}-int8-{wb}.onnx"
+                onnx.save(qr.model, int8)
+                r = {"model": name, "weight_bits": qr.reports[-1].details["weight_bits"]}
+                for tag, src in (("fp32", fp32), ("int8", int8)):
+                    if tag == "fp32" and fp is not None:  # once per model
+                        r["ort_fp32_ms"], r["edgec_fp32_ms"] = fp
+                        continue
+                    art = tmp / f"art-{name}-{tag}-{wb}"
+                    rep = compile_model(src, art, CompileOptions(
+                        target="x86", target_options=opts, use_tuning_db=False))
+                    if tag == "int8":
+                        r["int8_kernels"] = rep["kernels"].get("int8")
+                    b = bench(src, art, threads=a.threads, repeat=a.repeat, peak=False)
+                    r[f"ort_{tag}_ms"], r[f"edgec_{tag}_ms"] = b["onnxruntime_ms"], b["edgec_ms"]
+                fp = (r["ort_fp32_ms"], r["edgec_fp32_ms"])
+                r["int8_over_fp32"] = r["edgec_fp32_ms"] / r["edgec_int8_ms"]
+                r["ort_qdq_over_edgec_int8"] = r["ort_int8_ms"] / r["edgec_int8_ms"]
+                rows.append(r)
+                k = r["int8_kernels"] or {}
+                print(f"{name} ({r['weight_bits']}-bit weights): isa {k.get('isa')}, "
+                      f"{k.get('conv2d')} integer convs ({k.get('weights_7bit', 0)} in the "
+                      f"7-bit form), {k.get('matmul', 0)} integer matmuls, "
+                      f"{k.get('dwconv2d')} depthwise on 8-bit input, float: {k.get('float')}",
+                      flush=True)
     print(f"\n{a.threads} threads, batch 1, x86 mcpu {a.mcpu or 'host'}; medians of {a.repeat}")
-    print("| model | ort fp32 ms | ort QDQ ms | edgec fp32 ms | edgec int8 ms | "
+    print("| model | weight bits | ort fp32 ms | ort QDQ ms | edgec fp32 ms | edgec int8 ms | "
           "int8 speed-up vs edgec fp32 | ort QDQ / edgec int8 |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['ort_fp32_ms']:.2f} | {r['ort_int8_ms']:.2f} | "
+        print(f"| {r['model']} | {r['weight_bits']} | {r['ort_fp32_ms']:.2f} | "
+              f"{r['ort_int8_ms']:.2f} | "
               f"{r['edgec_fp32_ms']:.2f} | {r['edgec_int8_ms']:.2f} | "
               f"{r['int8_over_fp32']:.2f}x | {r['ort_qdq_over_edgec_int8']:.2f} |")
     if a.json:

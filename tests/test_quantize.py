@@ -556,3 +556,42 @@ def test_compile_for_avx2_quantizes_7bit_and_runs_the_s7_kernels(tmp_path):
         (ref,) = ort_run(qm, {"x": xs[i:i + 1]})
         (got,) = sess.run(None, {"x": xs[i:i + 1]})
         assert np.abs(np.asarray(got) - ref).max() <= step * 1.001 + 1e-6
+
+
+def test_check_reports_exact_qdq_and_onnxruntime_host_effect(tmp_path):
+    """``edgec check`` on a QDQ artifact: the rewritten reference is the exact QDQ arithmetic;
+    onnxruntime's optimized run on this host is compared with it, and a difference (as its
+    saturating kernels give on AVX2 hosts, simulated here) is one line with the figures."""
+    from edgec.check import _host_effect, check, format_table, host_line
+
+    m = branchy_model(np.random.default_rng(8), transB=1)
+    calib = calib_for(m, 32)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    from edgec.compiler import CompileOptions, compile_model
+
+    compile_model(src, tmp_path / "art", CompileOptions(
+        target="x86", passes=["quantize"], calib=calib, sets=["quantize.progress=false"]))
+    data = calib_for(m, 16, seed=3)
+    data["labels"] = np.random.default_rng(1).integers(0, 5, 16)
+    res = check(src, tmp_path / "art", data)
+    host = res["onnxruntime_host"]
+    assert host is not None and set(host["outputs"]) == {"y"}
+    assert "rewritten, exact QDQ" in format_table(res)
+    assert ("note: onnxruntime's optimized" in format_table(res)) == host["differs"]
+    # a float artifact has no such comparison
+    compile_model(src, tmp_path / "fp", CompileOptions(target="x86"))
+    assert check(src, tmp_path / "fp", data)["onnxruntime_host"] is None
+
+    rng = np.random.default_rng(0)
+    exact = [rng.standard_normal((100, 10))]
+    labels = exact[0].argmax(1)
+    same = _host_effect(exact, [exact[0] + 1e-7], ["y"], labels)
+    assert not same["differs"]
+    sat = exact[0].copy()
+    sat[:6] = -sat[:6]  # six rows pushed elsewhere, as saturated sums do
+    off = _host_effect(exact, [sat], ["y"], labels)
+    assert off["differs"] and off["accuracy_exact"] == 1.0 and off["accuracy_host"] < 1.0
+    line = host_line(off)
+    assert "\n" not in line and "saturating" in line and "weight_bits=7" in line
+    assert f"{100 * off['accuracy_host']:.2f} %" in line
