@@ -272,4 +272,5 @@ def _load_once(folder: Path) -> None:
     try:
         Session(folder)
     except EdgecError as e:
-        raise EdgecError(f"the built artifact does not load: {e}") from None
+        why = str(e).split(": ", 1)[-1] if str(folder) in str(e) else str(e)
+        raise EdgecError(f"the built library does not load ({why}): nothing written") from None

@@ -51,6 +51,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise EdgecError(f"model file not found: {p}")
     if not p.is_file():
         raise EdgecError(f"model path is not a file: {p}")
+    if p.stat().st_size > PROTOBUF_LIMIT:
+        raise EdgecError(f"{p} is {p.stat().st_size / 2**30:.1f} GiB, over protobuf's 2 GiB "
+                         "limit for one message: save it with its weights as external data "
+                         "(onnx.save_model(m, path, save_as_external_data=True))")
     data = p.read_bytes()
     if not data:
         raise EdgecError(f"not an ONNX model (empty file): {p}")
@@ -66,8 +70,54 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if model.ir_version == 0 or not model.HasField("graph") or (
             len(model.graph.node) == 0 and len(model.graph.output) == 0):
         raise EdgecError(f"not an ONNX model (no graph found): {p}")
-    _load_external_data(model, p.parent.resolve())
+    if model.ir_version > onnx.IR_VERSION:
+        raise EdgecError(f"model ir_version {model.ir_version} is newer than the newest this "
+                         f"onnx ({onnx.__version__}) knows ({onnx.IR_VERSION})")
+    inline = model.ByteSize()
+    _load_external_data(model, p.parent.resolve(), inline)
+    _check_tensors(model)
     return model
+
+
+# Protobuf cannot serialize (or parse) one message over 2 GiB; edgec holds the whole model,
+# its weights inlined, in one ModelProto.
+PROTOBUF_LIMIT = (1 << 31) - 1
+
+
+def _check_tensors(model: onnx.ModelProto) -> None:
+    """Every weight's data must be exactly what its dims and data type say (onnxruntime
+    refuses the rest; TVM fails late on short data and silently takes long data)."""
+    for t in external_data_helper._get_all_tensors(model):
+        _check_tensor(t)
+
+
+_PACKED4 = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+            if hasattr(onnx.TensorProto, n)}
+
+
+def _check_tensor(t: onnx.TensorProto) -> None:
+    name = _short(t.name)
+    if any(d < 0 for d in t.dims):
+        raise EdgecError(f"tensor '{name}' has a negative dim {list(t.dims)}")
+    if t.data_type == onnx.TensorProto.UNDEFINED or \
+            t.data_type not in onnx.TensorProto.DataType.values():
+        raise EdgecError(f"tensor '{name}' has an unknown data type {t.data_type}")
+    n = int(np.prod(t.dims, dtype=object)) if len(t.dims) else 1
+    packed = t.data_type in _PACKED4
+    if t.HasField("raw_data"):
+        if t.data_type == onnx.TensorProto.STRING:
+            raise EdgecError(f"tensor '{name}': string tensors cannot hold raw data")
+        want = (n + 1) // 2 if packed else n * _itemsize(t.data_type)
+        got, unit = len(t.raw_data), "bytes"
+    else:
+        field = onnx.helper.tensor_dtype_to_field(t.data_type)
+        got, unit = len(getattr(t, field)), "values"
+        complex_ = t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128)
+        want = (n + 1) // 2 if packed else n * (2 if complex_ else 1)
+    if got != want:
+        dtype = onnx.TensorProto.DataType.Name(t.data_type)
+        raise EdgecError(f"tensor '{name}' holds {got} {unit} of data, its dims "
+                         f"{list(t.dims)} of {dtype} need {want}")
 
 
 def _looks_truncated(data: bytes) -> bool:
@@ -75,33 +125,90 @@ def _looks_truncated(data: bytes) -> bool:
     return len(data) > 2 and data[0] == 0x08
 
 
-def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
+def _short(s: str, n: int = 80) -> str:
+    s = s.encode("unicode_escape").decode("ascii")
+    return s if len(s) <= n else s[:n] + f"...({len(s)} chars)"
+
+
+def _external_int(tensor: onnx.TensorProto, info: dict, key: str) -> int | None:
+    v = info.get(key)
+    if v is None:
+        return None
+    if not re.fullmatch(r"[0-9]{1,19}", v.strip()):
+        raise EdgecError(f"external data of tensor '{_short(tensor.name)}' has a bad {key} "
+                         f"'{_short(v, 30)}' (must be a non-negative integer)")
+    return int(v)
+
+
+def _load_external_data(model: onnx.ModelProto, base: Path, inline: int = 0) -> None:
+    todo = []
     for tensor in external_data_helper._get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
+        name = _short(tensor.name)
         info = {e.key: e.value for e in tensor.external_data}
         loc = info.get("location", "")
-        if not loc or os.path.isabs(loc):
-            raise EdgecError(f"external data of tensor '{tensor.name}' has an absolute or empty "
-                             f"path '{loc}': refused (must lie inside the model's folder)")
-        target = (base / loc).resolve()
+        if not loc or "\0" in loc or len(loc) > 1024 or os.path.isabs(loc):
+            raise EdgecError(f"external data of tensor '{name}' has an absolute, empty or "
+                             f"invalid path '{_short(loc)}': refused (must lie inside the "
+                             "model's folder)")
+        try:
+            target = (base / loc).resolve()
+        except (OSError, ValueError) as e:
+            raise EdgecError(f"external data of tensor '{name}': bad path '{_short(loc)}' "
+                             f"({e})") from None
         if base != target and base not in target.parents:
-            raise EdgecError(f"external data of tensor '{tensor.name}' points outside the model's "
-                             f"folder ('{loc}'): refused")
-        if not target.is_file():
-            raise EdgecError(f"external data file of tensor '{tensor.name}' not found: {target}")
-        offset = int(info.get("offset", 0))
-        length = info.get("length")
+            raise EdgecError(f"external data of tensor '{name}' points outside the model's "
+                             f"folder ('{_short(loc)}'): refused")
+        try:
+            is_file = target.is_file()
+        except OSError:
+            is_file = False
+        if not is_file:
+            raise EdgecError(f"external data file of tensor '{name}' not found: "
+                             f"{_short(str(target), 200)}")
+        _check_tensor_dims(tensor)
+        offset = _external_int(tensor, info, "offset") or 0
+        length = _external_int(tensor, info, "length")
+        expected = _nbytes(tensor)
+        if length is not None and length != expected:
+            raise EdgecError(f"external data of tensor '{name}' has length {length}, its dims "
+                             f"{list(tensor.dims)} need {expected} bytes")
+        todo.append((tensor, target, offset, length, expected, loc))
+    total = inline + sum(t[4] for t in todo)
+    if total > PROTOBUF_LIMIT:
+        raise EdgecError(f"the model with its weights is {total / 2**30:.1f} GiB, over protobuf's "
+                         "2 GiB limit for one message: edgec holds the whole model in one "
+                         "protobuf and cannot compile it (smaller weights, e.g. exported in "
+                         "fp16, are the way under the limit)")
+    for tensor, target, offset, length, expected, loc in todo:
         with open(target, "rb") as f:
             f.seek(offset)
-            raw = f.read(int(length)) if length is not None else f.read()
-        expected = int(np.prod(tensor.dims)) * _itemsize(tensor.data_type)
-        if expected and len(raw) < expected:
-            raise EdgecError(f"external data of tensor '{tensor.name}' is truncated "
-                             f"({len(raw)} of {expected} bytes in {loc})")
+            raw = f.read(length if length is not None else expected + 1)
+        if len(raw) != expected:
+            what = "truncated" if len(raw) < expected else "longer than its dims"
+            raise EdgecError(f"external data of tensor '{_short(tensor.name)}' is {what} "
+                             f"({len(raw) if len(raw) <= expected else 'more than ' + str(expected)}"
+                             f" bytes from offset {offset} of {_short(loc)}, its dims "
+                             f"{list(tensor.dims)} need {expected})")
         tensor.raw_data = raw
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _check_tensor_dims(t: onnx.TensorProto) -> None:
+    if any(d < 0 for d in t.dims):
+        raise EdgecError(f"tensor '{_short(t.name)}' has a negative dim {list(t.dims)}")
+    if t.data_type == onnx.TensorProto.UNDEFINED or \
+            t.data_type not in onnx.TensorProto.DataType.values() or \
+            t.data_type == onnx.TensorProto.STRING:
+        raise EdgecError(f"tensor '{_short(t.name)}' has an unknown or unsupported data type "
+                         f"{t.data_type} for raw data")
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims, dtype=object)) if len(t.dims) else 1
+    return (n + 1) // 2 if t.data_type in _PACKED4 else n * _itemsize(t.data_type)
 
 
 def _itemsize(data_type: int) -> int:
@@ -111,6 +218,8 @@ def _itemsize(data_type: int) -> int:
         return 0
 
 
+MAX_DIM = (1 << 31) - 1
+MAX_ELEMENTS = 1 << 34
 _SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*(\d+(?:\s*[x,]\s*\d+)*)\s*$")
 
 
@@ -124,6 +233,11 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
         dims = tuple(int(d) for d in re.split(r"\s*[x,]\s*", m.group(2)))
         if any(d <= 0 for d in dims):
             raise EdgecError(f"bad --input-shape '{spec}': dimensions must be positive")
+        if any(d > MAX_DIM for d in dims) or int(np.prod(dims, dtype=object)) > MAX_ELEMENTS:
+            raise EdgecError(f"bad --input-shape '{_short(spec)}': too large (at most {MAX_DIM} "
+                             f"per dim and {MAX_ELEMENTS} elements)")
+        if m.group(1) in out:
+            raise EdgecError(f"--input-shape given twice for '{m.group(1)}'")
         out[m.group(1)] = dims
     return out
 
@@ -154,9 +268,11 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
     if m.ir_version < 4:
         # IR < 4 requires every initializer to be a graph input; we drop those inputs.
         m.ir_version = 4
+    check_model(m)
     _drop_initializer_inputs(m, notes)
     _name_nodes(m)
     _constants_to_initializers(m, notes)
+    _drop_empty_concat_inputs(m, notes)
     if notes.source_opset < 7:
         _prelu_slope_per_channel(m)
     m = _convert_opset(m, notes)
@@ -166,6 +282,31 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
     m = _infer_shapes(m)
     notes.opset = opset_of(m)
     return m, notes
+
+
+def check_model(m: onnx.ModelProto) -> None:
+    """ONNX's full checker (with strict shape inference), as onnxruntime applies it: duplicate
+    output names, dangling inputs, bad opsets or attributes are refused, naming the rule."""
+    if opset_of(m) < 1:
+        raise EdgecError(f"invalid ONNX model: default-domain opset {opset_of(m)}")
+    if any(o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")
+           for o in m.graph.output):
+        # the checker wants a shape field on outputs; exporters (and onnxruntime) do without
+        try:
+            m = onnx.shape_inference.infer_shapes(m)
+        except Exception:  # noqa: BLE001 - the checker below says what is wrong
+            pass
+        for o in m.graph.output:
+            if o.type.HasField("tensor_type"):
+                o.type.tensor_type.shape.SetInParent()
+    try:
+        onnx.checker.check_model(m, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        msg = next((ln for ln in lines if not ln.startswith("==>")), lines[0] if lines else "")
+        raise EdgecError(f"invalid ONNX model: {msg[:300]}") from None
+    except ValueError as e:  # over 2 GiB, or protobuf's own refusals
+        raise EdgecError(f"invalid ONNX model: {str(e).strip().splitlines()[0][:300]}") from None
 
 
 def _drop_initializer_inputs(m: onnx.ModelProto, notes: ImportNotes) -> None:
@@ -211,6 +352,23 @@ def _constants_to_initializers(m: onnx.ModelProto, notes: ImportNotes) -> None:
         del m.graph.node[:]
         m.graph.node.extend(keep)
         notes.add(f"{moved} Constant/ConstantOfShape nodes turned into initializers")
+
+
+def _drop_empty_concat_inputs(m: onnx.ModelProto, notes: ImportNotes) -> None:
+    """Concat inputs that are constants with no elements contribute nothing; TVM cannot bind
+    a zero-size constant into a loadable library, so they are dropped."""
+    inits = {t.name: t for t in m.graph.initializer}
+    dropped = 0
+    for node in m.graph.node:
+        if node.op_type != "Concat":
+            continue
+        keep = [i for i in node.input if not (i in inits and 0 in inits[i].dims)]
+        if keep and len(keep) < len(node.input):
+            dropped += len(node.input) - len(keep)
+            del node.input[:]
+            node.input.extend(keep)
+    if dropped:
+        notes.add(f"{dropped} empty constant Concat input(s) dropped")
 
 
 def _prelu_slope_per_channel(m: onnx.ModelProto) -> None:
@@ -291,6 +449,11 @@ def _fix_input_shapes(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
                 tt.shape.dim.add().dim_value = w
             changed = True
         else:
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in dims) and \
+                    any(d.dim_value == 0 for d in dims):
+                raise EdgecError(f"input '{name}' has a zero-size dim "
+                                 f"[{'x'.join(str(d.dim_value) for d in dims)}]: give its real "
+                                 f"shape with --input-shape {name}=...")
             if not tt.HasField("shape") or any(
                     not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
                 shown = "x".join(str(d.dim_value) if d.HasField("dim_value") and d.dim_value

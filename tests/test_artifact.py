@@ -316,3 +316,32 @@ def test_session_refuses_unknown_outputs_and_wrong_dtypes(built):
     assert check_threads(64) == max_threads() <= os.cpu_count()
     with pytest.raises(EdgecError):
         check_threads(0)
+
+
+# ------------------------------------------------------------------ a library that loads (4)
+def test_zero_size_constant_compiles_into_a_loadable_artifact(tmp_path):
+    import numpy as np
+    from onnx import helper
+
+    from conftest import compile_to, make_model
+    from edgec.runtime import Session
+
+    m = make_model([helper.make_node("Concat", ["x", "z0"], ["y"], axis=1)], [("x", [1, 4])],
+                   [("y", [1, 4])], {"z0": np.zeros((1, 0), np.float32)})
+    compile_to(m, tmp_path / "z")
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    np.testing.assert_array_equal(Session(tmp_path / "z").run(None, {"x": x})[0], x)
+
+
+def test_compile_fails_when_the_library_does_not_load(tmp_path, monkeypatch):
+    from conftest import compile_to
+    from edgec.targets import backend
+
+    def bad_build(model, spec, lib_path, *a, **kw):
+        Path(lib_path).write_bytes(b"\x7fELF not really")
+        return {"timings": {}, "tvm_target": {}, "kernels": {}}
+
+    monkeypatch.setattr(backend, "build", bad_build)
+    with pytest.raises(EdgecError, match="does not load.*nothing written"):
+        compile_to(conv_bn_model(), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and leftovers(tmp_path, tmp_path / "bad") == []

@@ -115,3 +115,124 @@ def test_custom_domain_refused():
     m.opset_import.append(helper.make_opsetid("com.acme", 1))
     with pytest.raises(EdgecError, match="com.acme"):
         normalize(m)
+
+
+# ------------------------------------------------------------------ issue 21: refused inputs
+def _add_w(w=None):
+    return make_model([helper.make_node("Add", ["x", "W"], ["y"])], [("x", [1, 4])],
+                      [("y", [1, 4])], {"W": np.ones((1, 4), np.float32) if w is None else w})
+
+
+def _edit_w(fn):
+    m = _add_w()
+    fn(m)
+    return m
+
+
+@pytest.mark.parametrize("model, needle", [
+    (make_model([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Sigmoid", ["x"], ["y"])],
+                [("x", [1, 4])], [("y", [1, 4])]), "single static assignment"),
+    (_edit_w(lambda m: m.graph.initializer[0].dims.__setitem__(0, -1)), "negative dim"),
+    (_edit_w(lambda m: setattr(m.opset_import[0], "version", 0)), "opset 0"),
+    (_edit_w(lambda m: setattr(m, "ir_version", 999)), "ir_version 999"),
+    (_edit_w(lambda m: setattr(m.graph.initializer[0], "data_type", 9999)), "data type 9999"),
+    (_edit_w(lambda m: setattr(m.graph.initializer[0], "raw_data",
+                               m.graph.initializer[0].raw_data[:-4])), "holds 12 bytes"),
+    (_edit_w(lambda m: setattr(m.graph.initializer[0], "raw_data",
+                               m.graph.initializer[0].raw_data + b"1234")), "holds 20 bytes"),
+    (make_model([helper.make_node("Add", ["x", "W"], ["y"])], [("x", [1, 4])], [("y", [1, 4])]),
+     "invalid ONNX model"),  # W is never defined
+])
+def test_invalid_models_refused(tmp_path, model, needle):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(model.SerializeToString())
+    with pytest.raises(EdgecError, match=needle):
+        normalize(load_model(p))
+
+
+def test_typed_field_sizes_checked(tmp_path):
+    m = _add_w()
+    t = m.graph.initializer[0]
+    t.ClearField("raw_data")
+    t.float_data.extend([1.0] * 5)
+    onnx.save(m, tmp_path / "m.onnx")
+    with pytest.raises(EdgecError, match="holds 5 values"):
+        load_model(tmp_path / "m.onnx")
+
+
+def _external(tmp_path, data=None, **kv):
+    m = _add_w()
+    t = m.graph.initializer[0]
+    raw = t.raw_data
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    (tmp_path / "w.bin").write_bytes(raw if data is None else data)
+    kv.setdefault("location", "w.bin")
+    for k, v in kv.items():
+        e = t.external_data.add()
+        e.key, e.value = k, str(v)
+    p = tmp_path / "m.onnx"
+    p.write_bytes(m.SerializeToString())
+    return p
+
+
+@pytest.mark.parametrize("kv, needle", [
+    (dict(length=32, data=b"\0" * 64), "has length 32"),
+    (dict(length=-1), "bad length '-1'"),
+    (dict(length="64.0"), "bad length '64.0'"),
+    (dict(length=-5), "bad length"),
+    (dict(data=b"\0" * 64), "longer than its dims"),
+    (dict(data=b"\0" * 8), "truncated"),
+    (dict(offset=-8), "bad offset '-8'"),
+    (dict(offset="abc"), "bad offset 'abc'"),
+    (dict(location="a\0b"), "invalid path"),
+    (dict(location="a" * 5000), "5000 chars"),
+])
+def test_external_data_sizes_and_fields_checked(tmp_path, kv, needle):
+    p = _external(tmp_path, **kv)
+    with pytest.raises(EdgecError, match=needle) as e:
+        load_model(p)
+    assert len(str(e.value)) < 400
+
+
+def test_external_data_exact_size_loads(tmp_path):
+    m = load_model(_external(tmp_path))
+    assert numpy_helper.to_array(m.graph.initializer[0]).tolist() == [[1, 1, 1, 1]]
+    m = load_model(_external(tmp_path, data=b"\0" * 8 + np.ones(4, np.float32).tobytes(),
+                             offset=8, length=16))
+    assert numpy_helper.to_array(m.graph.initializer[0]).tolist() == [[1, 1, 1, 1]]
+
+
+def test_over_the_protobuf_limit_refused_up_front(tmp_path, monkeypatch):
+    from edgec import importer
+
+    p = _external(tmp_path)
+    monkeypatch.setattr(importer, "PROTOBUF_LIMIT", p.stat().st_size + 8)
+    with pytest.raises(EdgecError, match="2 GiB limit.*cannot compile"):
+        load_model(p)
+    monkeypatch.setattr(importer, "PROTOBUF_LIMIT", 10)
+    with pytest.raises(EdgecError, match="save_as_external_data"):
+        load_model(p)
+
+
+def test_input_shape_options_checked():
+    with pytest.raises(EdgecError, match="too large"):
+        parse_input_shapes(["x=99999999999999999999x3"])
+    with pytest.raises(EdgecError, match="twice"):
+        parse_input_shapes(["x=1x3", "x=2x3"])
+
+
+def test_static_zero_dim_is_not_called_dynamic():
+    m = conv_bn_model()
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 0
+    with pytest.raises(EdgecError, match="zero-size dim"):
+        normalize(m)
+
+
+def test_empty_constant_concat_input_dropped():
+    m = make_model([helper.make_node("Concat", ["x", "z0"], ["y"], axis=1)], [("x", [1, 4])],
+                   [("y", [1, 4])], {"z0": np.zeros((1, 0), np.float32)})
+    norm, notes = normalize(m)
+    assert list(norm.graph.node[0].input) == ["x"]
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    np.testing.assert_array_equal(ort_run(norm, {"x": x})[0], x)
