@@ -344,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgec: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if a.debug:
+            raise
+        print("edgec: error: out of memory (inputs, data or model too large for this machine)",
+              file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - one line, not a traceback, unless --debug
         if a.debug:
             raise

@@ -192,6 +192,10 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
     pass_names = resolve_passes(opts.preset, opts.passes)
     if opts.build:
         spec.check_toolchain()
+    if opts.target_options.get("mcpu"):
+        from edgec.targets import backend
+
+        backend.make_target(spec, opts.target_options)  # an unknown --mcpu fails here
     prep = prepare(model_path, opts, pass_names)
     timings.update(prep.timings)
     notes, result, before, final = prep.notes, prep.result, prep.before, prep.result.model

@@ -160,11 +160,36 @@ def sequential(target, phases):
 # ---------------------------------------------------------------------------------- build
 def make_target(spec: TargetSpec, options: dict | None = None) -> "tvm.target.Target":
     try:
-        return tvm.target.Target(spec.tvm_target_dict(options))
+        d = spec.tvm_target_dict(options)
     except EdgecError:
         raise
     except Exception as e:  # noqa: BLE001
         raise EdgecError(f"bad target options for '{spec.name}': {e}") from None
+    check_mcpu(spec, d, (options or {}).get("mcpu"))
+    try:
+        return tvm.target.Target(d)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()
+        raise EdgecError(f"bad target options for '{spec.name}': "
+                         f"{msg[-1] if msg else type(e).__name__}"[:300]) from None
+
+
+def check_mcpu(spec: TargetSpec, target: dict, given: str | None) -> None:
+    """LLVM builds for a generic CPU after printing errors when it does not know -mcpu:
+    refuse an unknown one instead."""
+    mcpu, triple = target.get("mcpu"), target.get("mtriple")
+    if not given or not mcpu or target.get("kind") != "llvm":
+        return
+    valid = tvm.get_global_func("target.llvm_is_valid_cpu", allow_missing=True)
+    if valid is None or not triple or valid(mcpu, triple):
+        return
+    known = tvm.get_global_func("target.llvm_get_cpu_archlist", allow_missing=True)
+    names = ""
+    if known is not None:
+        names = list(known(tvm.target.Target({"kind": "llvm", "mtriple": triple})))
+        names = f" (LLVM knows {len(names)}, e.g. {', '.join(names[:8])}, ...)"
+    raise EdgecError(f"unknown --mcpu '{str(mcpu)[:60]}' for target '{spec.name}' "
+                     f"({triple}){names}")
 
 
 def int8_isa(spec: TargetSpec, options: dict | None = None) -> str | None:

@@ -220,3 +220,46 @@ def test_data_and_zoo_commands(tmp_path):
         assert res.returncode == 0, res.stderr
         z = np.load(tmp_path / "v.npz")
         assert z["input"].shape == (10, 1, 28, 28) and z["labels"].shape == (10,)
+
+
+# ------------------------------------------------------------------ issue 21: exit codes
+def test_unknown_mcpu_is_a_user_error(model_dir):
+    res = edgec("compile", model_dir / "m.onnx", "--mcpu", "not-a-cpu", "-o", model_dir / "o")
+    assert_user_error(res, "unknown --mcpu 'not-a-cpu'")
+    res = edgec("compile", model_dir / "m.onnx", "--target", "rpi4", "--mcpu", "skylake",
+                "--no-build", "-o", model_dir / "o")
+    assert_user_error(res, "unknown --mcpu 'skylake'", "rpi4")
+    assert not (model_dir / "o").exists()
+
+
+def test_run_user_errors(model_dir):
+    assert edgec("compile", model_dir / "m.onnx", "-o", model_dir / "art").returncode == 0
+    np.savez(model_dir / "empty.npz", x=np.zeros((0, 3, 12, 12), np.float32))
+    np.savez(model_dir / "ok.npz", x=np.zeros((2, 3, 12, 12), np.float32))
+    np.savez(model_dir / "ints.npz", x=np.zeros((2, 3, 12, 12), np.int64))
+    assert_user_error(edgec("run", model_dir / "art", "--data", model_dir / "empty.npz", "-o",
+                            model_dir / "p.npz"), "0 rows")
+    assert_user_error(edgec("run", model_dir / "art", "--data", model_dir / "ok.npz", "-o",
+                            model_dir), "not a folder")
+    assert_user_error(edgec("run", model_dir / "art", "--data", model_dir / "ints.npz", "-o",
+                            model_dir / "p.npz"), "dtype int64")
+    assert not (model_dir / "p.npz").exists()
+    res = edgec("run", model_dir / "art", "--data", model_dir / "ok.npz", "-o",
+                model_dir / "p.npz", "--threads", "64")
+    assert res.returncode == 0, res.stderr
+
+
+def test_memory_error_is_a_user_error(model_dir, monkeypatch, capsys):
+    from edgec import compiler as compiler_mod
+    from edgec.cli import main
+
+    def huge(*a, **kw):
+        raise MemoryError()
+
+    monkeypatch.setattr(compiler_mod, "compile_model", huge)
+    assert main(["compile", str(model_dir / "m.onnx"), "-o", str(model_dir / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of memory" in err[0]
+    res = edgec("compile", model_dir / "m.onnx", "--input-shape", "x=99999999999999999999x3x12x12",
+                "-o", model_dir / "o")
+    assert_user_error(res, "too large")
