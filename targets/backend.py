@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -68,17 +69,20 @@ def to_relax(model: onnx.ModelProto) -> "tvm.IRModule":
         dtype_dict[vi.name] = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
     import warnings
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict,
-                            keep_params_in_input=False)
-    except tvm.error.OpNotImplemented as e:
-        raise EdgecError(f"TVM ONNX frontend: {str(e).strip().splitlines()[-1]}") from None
-    except Exception as e:  # noqa: BLE001 - the frontend raises many types
-        msg = str(e).strip().splitlines()
-        raise EdgecError("TVM ONNX frontend could not import the model: "
-                         f"{type(e).__name__}: {msg[-1] if msg else ''}"[:400]) from None
+    err = None
+    with NativeOutput() as out:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict,
+                                keep_params_in_input=False)
+        except tvm.error.OpNotImplemented as e:
+            err = f"TVM ONNX frontend: {str(e).strip().splitlines()[-1]}"
+        except Exception as e:  # noqa: BLE001 - the frontend raises many types
+            msg = str(e).strip().splitlines()
+            err = ("TVM ONNX frontend could not import the model: "
+                   f"{type(e).__name__}: {msg[-1] if msg else ''}"[:400])
+    out.raise_for(err)
     _check_static_outputs(model, mod)
     return mod
 
@@ -103,6 +107,67 @@ def _check_static_outputs(model: onnx.ModelProto, mod) -> None:
                 [int(v) for v in values] != want:
             raise EdgecError(f"output '{o.name}' has a data-dependent shape after import "
                              f"({sinfo}), the ONNX model declares {want}: not supported")
+
+
+class NativeOutput:
+    """Around TVM calls that fail noisily: what TVM's C++ and Python print (file descriptors 1
+    and 2: "Error converting operator ...", "BlockBuilder destroyed with remaining blocks")
+    goes to a temporary file, passed on to stderr only when the call succeeds; on an error
+    the one-line EdgecError says what failed. Ctrl-C is remembered, so that an interrupt
+    TVM turns into some other exception still ends as KeyboardInterrupt (exit 130).
+
+    Catch the call's exception inside the block (so that its frames, which hold TVM objects
+    whose destructors print, are released while the output is still captured), then call
+    :meth:`raise_for` with the message after it."""
+
+    def __enter__(self):
+        import signal
+        import tempfile
+        import threading
+
+        self.interrupted = False
+        self._handler = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):
+                self.interrupted = True
+                raise KeyboardInterrupt
+
+            self._handler = signal.signal(signal.SIGINT, on_sigint)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = [os.dup(1), os.dup(2)]
+        os.dup2(self._file.fileno(), 1)
+        os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        import gc
+        import signal
+
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.interrupted = True
+        gc.collect()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved in zip((1, 2), self._saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        if self._handler is not None:
+            signal.signal(signal.SIGINT, self._handler)
+        self._file.seek(0)
+        self.text = self._file.read().decode(errors="replace")
+        self._file.close()
+        if self.interrupted:
+            raise KeyboardInterrupt from None
+        return False
+
+    def raise_for(self, err: str | None) -> None:
+        if err is not None:
+            raise EdgecError(err)
+        if self.text.strip():
+            sys.stderr.write(self.text)
+            sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------------- pipelines
@@ -227,13 +292,16 @@ def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
     # LoopPartition splits pad stages (bounds tests marked likely) into border and an
     # interior that copies without tests and vectorizes.
     config = {"s_tir.LoopPartition": {"partition_const_loop": True}}
-    try:
-        with tvm.transform.PassContext(opt_level=3, config=config):
-            ex = relax.build(mod, target=target, relax_pipeline=pipeline)
-    except Exception as e:  # noqa: BLE001
-        msg = str(e).strip().splitlines()
-        raise EdgecError(f"TVM build for '{spec.name}' failed: {type(e).__name__}: "
-                         f"{msg[-1] if msg else ''}"[:400]) from None
+    err = None
+    with NativeOutput() as out:
+        try:
+            with tvm.transform.PassContext(opt_level=3, config=config):
+                ex = relax.build(mod, target=target, relax_pipeline=pipeline)
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).strip().splitlines()
+            err = (f"TVM build for '{spec.name}' failed: {type(e).__name__}: "
+                   f"{msg[-1] if msg else ''}"[:400])
+    out.raise_for(err)
     timings["build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     kwargs = {"cc": spec.cross_compiler} if spec.cross_compiler else {}

@@ -263,3 +263,39 @@ def test_memory_error_is_a_user_error(model_dir, monkeypatch, capsys):
     res = edgec("compile", model_dir / "m.onnx", "--input-shape", "x=99999999999999999999x3x12x12",
                 "-o", model_dir / "o")
     assert_user_error(res, "too large")
+
+
+def test_native_output_captured_on_errors_and_interrupts(capfd):
+    import os
+    import signal
+
+    from tvm import relax
+
+    from edgec.errors import EdgecError
+    from edgec.targets.backend import NativeOutput
+
+    def leaky():  # a BlockBuilder left with an open block warns from C++ when destroyed
+        bb = relax.BlockBuilder()
+        bb._begin_dataflow_block()
+        os.write(2, b"Error converting operator Mul\n")
+        raise ValueError("frontend failed")
+
+    with pytest.raises(EdgecError, match="frontend failed"):
+        with NativeOutput() as out:
+            try:
+                leaky()
+            except ValueError as e:
+                err = str(e)
+        out.raise_for(err)
+    assert capfd.readouterr().err == ""
+    # Ctrl-C that TVM turns into another exception still ends as KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        with NativeOutput() as out:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+            except KeyboardInterrupt:
+                raise RuntimeError("TVM: interrupted in a callback") from None
+    with NativeOutput() as out:
+        os.write(2, b"a warning\n")
+    out.raise_for(None)
+    assert capfd.readouterr().err == "a warning\n"
