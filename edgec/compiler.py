@@ -66,10 +66,15 @@ def validate_calib(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> dict
         if np.issubdtype(want, np.floating) and not np.issubdtype(a.dtype, np.floating):
             raise EdgecError(f"calibration array '{name}' has dtype {a.dtype}, the model "
                              f"takes {np.dtype(want)}")
+        if a.shape[0] == 0:
+            raise EdgecError(f"calibration array '{name}' has 0 rows")
+        with np.errstate(over="ignore", invalid="ignore"):
+            a = a.astype(want, copy=False)  # finiteness after the cast: 1e300 overflows
         if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-            raise EdgecError(f"calibration array '{name}' contains NaN or infinity")
+            raise EdgecError(f"calibration array '{name}' contains NaN or infinity (or values "
+                             f"beyond {np.dtype(want)})")
         rows.add(a.shape[0])
-        data[name] = a.astype(want, copy=False)
+        data[name] = a
     if len(rows) > 1:
         raise EdgecError(f"calibration arrays disagree on the number of rows: {sorted(rows)}")
     return data

@@ -197,6 +197,8 @@ def _candidate(node, inits, shapes, config) -> tuple[Layer | None, str | None]:
         if len(node.input) < 2 or node.input[1] not in inits:
             return None, "weight is not a constant"
         W = numpy_helper.to_array(inits[node.input[1]])
+        if not np.all(np.isfinite(W)):
+            return None, "weight holds NaN or infinity"
         if attr(node, "group", 1) != 1:
             return None, f"grouped/depthwise conv (group={attr(node, 'group', 1)}) is not " \
                          "factorized"
@@ -221,6 +223,8 @@ def _candidate(node, inits, shapes, config) -> tuple[Layer | None, str | None]:
         if node.input[0] in inits:
             return None, "first operand is a constant too"
         B = numpy_helper.to_array(inits[node.input[1]])
+        if np.issubdtype(B.dtype, np.floating) and not np.all(np.isfinite(B)):
+            return None, "weight holds NaN or infinity"
         if B.ndim != 2:
             return None, f"weight has rank {B.ndim}: only 2-D weights are factorized"
         xs, ys = shapes.get(node.input[0]), shapes.get(node.output[0])

@@ -110,9 +110,12 @@ def test_bad_calib(model_dir):
     np.savez(model_dir / "wrongshape.npz", x=np.zeros((4, 3, 10, 12), np.float32))
     np.savez(model_dir / "nan.npz", x=np.full((4, 3, 12, 12), np.nan, np.float32))
     np.savez(model_dir / "ints.npz", x=np.zeros((4, 3, 12, 12), np.int64))
+    np.savez(model_dir / "huge.npz", x=np.full((4, 3, 12, 12), 1e300, np.float64))
+    np.savez(model_dir / "norows.npz", x=np.zeros((0, 3, 12, 12), np.float32))
     before = set(p.name for p in model_dir.iterdir())
     for f, needle in [("wrongname.npz", "lacks input(s) x"), ("wrongshape.npz", "shape"),
-                      ("nan.npz", "NaN"), ("ints.npz", "dtype"), ("missing.npz", "not found")]:
+                      ("nan.npz", "NaN"), ("ints.npz", "dtype"), ("missing.npz", "not found"),
+                      ("huge.npz", "beyond float32"), ("norows.npz", "0 rows")]:
         res = edgec("compile", model_dir / "m.onnx", "--calib", model_dir / f, "-o",
                     model_dir / "o")
         assert_user_error(res, needle)

@@ -382,3 +382,16 @@ def test_gemm_bias_of_shape_1xn_is_refitted():
     ref, got = ort_run(m, {"a": a})[0], ort_run(out, {"a": a})[0]
     assert got.shape == (4, 16)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < row["output_error"] * 1.5
+
+
+def test_non_finite_weights_are_skipped_with_a_reason():
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    m = conv_model(rng, c=16, k=16)
+    W = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    W[0, 0, 0, 0] = np.nan
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(W, "W"))
+    out, rep = lowrank(m, rank_ratio=0.5, force=True)
+    assert not rep.modified
+    assert rep.skipped[0]["reason"] == "weight holds NaN or infinity"
