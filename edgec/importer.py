@@ -430,7 +430,7 @@ def _fix_input_shapes(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
         if name not in inputs:
             raise EdgecError(f"--input-shape names '{name}', which is not a model input "
                              f"(inputs: {', '.join(inputs) or 'none'})")
-    changed = False
+    changed = differs = False
     for name, vi in inputs.items():
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
@@ -441,6 +441,9 @@ def _fix_input_shapes(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
             if tt.HasField("shape") and len(dims) != len(want):
                 raise EdgecError(f"--input-shape {name}: rank {len(want)} given, the model's "
                                  f"input has rank {len(dims)}")
+            if not tt.HasField("shape") or [d.dim_value if d.HasField("dim_value") else None
+                                            for d in dims] != list(want):
+                differs = True
             for d, w in zip(dims, want):
                 if d.HasField("dim_value") and d.dim_value not in (0, w):
                     notes.add(f"input '{name}': static dim {d.dim_value} overridden to {w}")
@@ -462,7 +465,9 @@ def _fix_input_shapes(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
                                  f"--input-shape, e.g. --input-shape {name}=" +
                                  "x".join(str(d.dim_value) if d.HasField("dim_value") and
                                           d.dim_value else "1" for d in dims))
-    if changed:
+    if changed and not differs:
+        pass  # only restated the shapes the model has: nothing is stale
+    elif changed:
         # Shapes inferred for the old input shape are stale now.
         del m.graph.value_info[:]
         for o in m.graph.output:
@@ -473,14 +478,96 @@ def _fix_input_shapes(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
 
 
 def _infer_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        out = onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False,
-                                                data_prop=True)
-    except Exception as e:  # noqa: BLE001
-        raise EdgecError(f"shape inference failed: {str(e).splitlines()[0][:200]}") from None
+    # A rank-0 output shape may be one this function made up for the checker earlier (below):
+    # never keep it over what inference finds now (e.g. after constant folding).
+    m = _clear_scalar_outputs(m)
+    out = _infer_once(m)
+    fixed: dict[str, list[int]] = {}
+    for _ in range(sum(n.op_type in _POOLS for n in m.graph.node)):
+        new = {k: v for k, v in _ceil_pool_shapes(out).items() if fixed.get(k) != v}
+        if not new:
+            break
+        # onnx's inference of ceil_mode pools can declare one column more than onnxruntime
+        # (and TVM) compute: take onnxruntime's rule and infer the rest from it
+        fixed.update(new)
+        elem = {v.name: v.type.tensor_type.elem_type for v in
+                list(out.graph.value_info) + list(out.graph.output)}
+        m2 = onnx.ModelProto()
+        m2.CopyFrom(m)
+        del m2.graph.value_info[:]
+        outputs = {o.name: o for o in m2.graph.output}
+        for name, shape in fixed.items():
+            vi = outputs.get(name)
+            if vi is None:
+                vi = m2.graph.value_info.add()
+                vi.name = name
+                vi.type.tensor_type.elem_type = elem.get(name) or onnx.TensorProto.FLOAT
+            vi.type.tensor_type.ClearField("shape")
+            for d in shape:
+                vi.type.tensor_type.shape.dim.add().dim_value = d
+        for o in m2.graph.output:
+            if o.name not in fixed and o.type.HasField("tensor_type"):
+                o.type.tensor_type.ClearField("shape")
+        out = _infer_once(m2)
     for o in out.graph.output:  # the checker wants a (possibly unknown) shape on outputs
         if o.type.HasField("tensor_type"):
             o.type.tensor_type.shape.SetInParent()
+    return out
+
+
+def _infer_once(m: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False,
+                                                 data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        raise EdgecError(f"shape inference failed: {str(e).splitlines()[0][:200]}") from None
+
+
+def _clear_scalar_outputs(m: onnx.ModelProto) -> onnx.ModelProto:
+    if not any(o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape") and
+               not o.type.tensor_type.shape.dim for o in m.graph.output):
+        return m
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(m)
+    for o in m2.graph.output:
+        if o.type.HasField("tensor_type") and not o.type.tensor_type.shape.dim:
+            o.type.tensor_type.ClearField("shape")
+    return m2
+
+
+_POOLS = ("MaxPool", "AveragePool", "LpPool")
+
+
+def _ceil_pool_shapes(m: onnx.ModelProto) -> dict[str, list[int]]:
+    """Output shapes of ceil_mode pools by onnxruntime's rule (a last window that would start
+    in the end padding is dropped) where onnx's inference says otherwise."""
+    from .graph import attr, value_shapes
+
+    shapes = value_shapes(m)
+    out = {}
+    for node in m.graph.node:
+        if node.op_type not in _POOLS or not attr(node, "ceil_mode", 0) or \
+                attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            continue
+        x, y = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if not x or any(not isinstance(d, int) or d <= 0 for d in x):
+            continue
+        k = list(attr(node, "kernel_shape", []))
+        nsp = len(k)
+        if nsp != len(x) - 2:
+            continue
+        st = list(attr(node, "strides", [1] * nsp))
+        dil = list(attr(node, "dilations", [1] * nsp))
+        pads = list(attr(node, "pads", [0] * 2 * nsp))
+        want = list(x[:2])
+        for i in range(nsp):
+            n, pb, pe = x[2 + i], pads[i], pads[nsp + i]
+            o = -(-(n + pb + pe - dil[i] * (k[i] - 1) - 1) // st[i]) + 1
+            if (o - 1) * st[i] >= n + pb:
+                o -= 1
+            want.append(o)
+        if y is None or list(y) != want:
+            out[node.output[0]] = want
     return out
 
 

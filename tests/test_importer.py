@@ -236,3 +236,48 @@ def test_empty_constant_concat_input_dropped():
     assert list(norm.graph.node[0].input) == ["x"]
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
     np.testing.assert_array_equal(ort_run(norm, {"x": x})[0], x)
+
+
+# ------------------------------------------------------------------ issue 21: shapes (13, 16)
+@pytest.mark.parametrize("pads, hw, tail", [([1, 1, 1, 1], 5, True), ([0, 0, 0, 0], 7, False),
+                                             ([1, 0, 1, 0], 6, True)])
+def test_ceil_mode_pool_shape_as_onnxruntime(tmp_path, pads, hw, tail):
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2],
+                              pads=pads, ceil_mode=1),
+             helper.make_node("Relu", ["p"], ["y"])]
+    m = make_model(nodes, [("x", [1, 2, hw, hw])], [("y", None)])
+    m.graph.output[0].type.tensor_type.ClearField("shape")
+    x = np.random.default_rng(0).standard_normal((1, 2, hw, hw)).astype(np.float32)
+    want = list(ort_run(m, {"x": x})[0].shape)
+    norm, _ = normalize(m)
+    assert [d.dim_value for d in norm.graph.output[0].type.tensor_type.shape.dim] == want
+
+
+def test_ceil_mode_pool_compiles_and_matches(tmp_path):
+    from conftest import compile_to
+    from edgec.runtime import Session
+
+    m = make_model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2],
+                                     strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)],
+                   [("x", [1, 1, 5, 5])], [("y", [1, 1, 4, 4])])  # onnx's (wrong) shape
+    compile_to(m, tmp_path / "mp")
+    x = np.random.default_rng(0).standard_normal((1, 1, 5, 5)).astype(np.float32)
+    got = Session(tmp_path / "mp").run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, ort_run(m, {"x": x})[0])
+
+
+def test_no_invented_output_shape_survives_folding(tmp_path):
+    """opset 11 -> 13 wraps Softmax in Shape/Flatten/Reshape: the first inference cannot see
+    through it, and the made-up rank-0 shape must not survive the re-inference after folding."""
+    from conftest import compile_to
+
+    m = make_model([helper.make_node("Relu", ["x"], ["r"]),
+                    helper.make_node("Softmax", ["r"], ["y"], axis=1)],
+                   [("x", ["N", 2, 3])], [("y", ["N", 2, 3])], opset=11)
+    rep = compile_to(m, tmp_path / "sm", input_shapes={"x": (1, 2, 3)})
+    assert rep["target"] == "x86"
+    # restating a model's own static shape changes nothing
+    m = conv_bn_model()
+    a, _ = normalize(m)
+    b, notes = normalize(m, {"x": (1, 3, 12, 12)})
+    assert a.graph.output[0] == b.graph.output[0]
