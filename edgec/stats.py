@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .graph import attr, value_shapes
 
@@ -73,6 +74,22 @@ def model_stats(model: onnx.ModelProto) -> ModelStats:
             nbytes += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         except Exception:  # noqa: BLE001
             pass
+    # ConstantOfShape of a constant shape over the importer's 16 M-element limit stays a node,
+    # but the library holds its result as a constant (VGG/AlexNet exports of big Gemm weights)
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input and node.input[0] in inits:
+            shape = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64).reshape(-1)
+            if (shape < 0).any():
+                continue
+            n = int(np.prod(shape, dtype=object))
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            dtype = value.data_type if value is not None else onnx.TensorProto.FLOAT
+            params += n
+            try:
+                nbytes += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).itemsize
+            except Exception:  # noqa: BLE001
+                pass
     shapes = value_shapes(model)
     by_op: dict[str, int] = {}
     for node in model.graph.node:

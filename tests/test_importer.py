@@ -281,3 +281,19 @@ def test_no_invented_output_shape_survives_folding(tmp_path):
     a, _ = normalize(m)
     b, notes = normalize(m, {"x": (1, 3, 12, 12)})
     assert a.graph.output[0] == b.graph.output[0]
+
+
+def test_stats_count_large_constant_of_shape_weights():
+    """ConstantOfShape above the importer's 16 M-element limit stays a node; its elements are
+    weights all the same (report.json undercounted VGG-19 by 100 M parameters)."""
+    from edgec.stats import model_stats
+
+    n = 4097  # 4097^2 > 16 M
+    nodes = [helper.make_node("ConstantOfShape", ["shp"], ["W"],
+                              value=numpy_helper.from_array(np.array([0.5], np.float32))),
+             helper.make_node("MatMul", ["x", "W"], ["y"])]
+    m = make_model(nodes, [("x", [1, n])], [("y", [1, n])], {"shp": np.array([n, n], np.int64)})
+    norm, _ = normalize(m)
+    assert [x.op_type for x in norm.graph.node] == ["ConstantOfShape", "MatMul"]
+    st = model_stats(norm)
+    assert st.params >= n * n and st.bytes >= 4 * n * n
