@@ -22,13 +22,14 @@ from edgec.errors import EdgecError
 from edgec.importer import load_model
 from edgec.runtime import OrtSession, Session, load_npz, run_batched
 from edgec.runtime.artifact import ONNX, read_manifest
-from edgec.runtime.compare import accuracy, output_stats, top1_agreement
+from edgec.runtime.compare import accuracy, output_stats, top1, top1_agreement
 
 
 def check(model_path: str | Path, artifact: str | Path, data: dict[str, np.ndarray] | str,
           max_drop: float | None = None, min_cosine: float = 0.99, atol: float | None = None,
           rtol: float = 0.0, min_top1: float | None = None, limit: int | None = None,
-          threads: int | None = None) -> dict:
+          threads: int | None = None, output: str | None = None) -> dict:
+    """``output``: the output scored for top-1 and accuracy (default: the first)."""
     manifest = read_manifest(artifact)
     if isinstance(data, (str, Path)):
         data = load_npz(data)
@@ -40,6 +41,11 @@ def check(model_path: str | Path, artifact: str | Path, data: dict[str, np.ndarr
         feeds = {k: v[:limit] for k, v in feeds.items()}
         labels = labels[:limit] if labels is not None else None
     names = [o["name"] for o in manifest["outputs"]]
+    if output is not None and output not in names:
+        raise EdgecError(f"--output '{output}' is not an output of the artifact "
+                         f"({', '.join(names)})")
+    scored = output if output is not None else names[0]
+    si = names.index(scored)
 
     source = load_model(model_path)
     ref_sess = OrtSession(source, num_threads=threads)
@@ -72,14 +78,14 @@ def check(model_path: str | Path, artifact: str | Path, data: dict[str, np.ndarr
         result["outputs"][name] = output_stats(r, g)
         result["rewritten"][name] = output_stats(r, w)
         result["compiled_vs_rewritten"][name] = output_stats(w, g)
-    result["top1_agreement"] = top1_agreement(ref[0], got[0])
+    result["scored_output"] = scored
+    result["top1_agreement"] = top1_agreement(ref[si], got[si])
     result["onnxruntime_host"] = None if host is None else _host_effect(rw, host, names, labels)
     acc = None
     if labels is not None:
-        acc = {"reference": accuracy(ref[0], labels), "rewritten": accuracy(rw[0], labels),
-               "compiled": accuracy(got[0], labels)}
-        if acc["reference"] is None:
-            raise EdgecError("labels given, but the first output is not [N, classes] logits")
+        _check_class_scores(scored, ref[si], labels, len(names) > 1 and output is None)
+        acc = {"reference": accuracy(ref[si], labels), "rewritten": accuracy(rw[si], labels),
+               "compiled": accuracy(got[si], labels)}
         result["accuracy"] = acc
         result["accuracy_drop"] = 100.0 * (acc["reference"] - acc["compiled"])
     else:
@@ -107,6 +113,25 @@ def check(model_path: str | Path, artifact: str | Path, data: dict[str, np.ndarr
     result["failures"] = failures
     result["ok"] = not failures
     return result
+
+
+def _check_class_scores(name: str, scores: np.ndarray, labels: np.ndarray,
+                        guessed: bool) -> None:
+    """Accuracy only on an [N, classes] output whose class count covers every label."""
+    hint = " (name the class-score output with --output)" if guessed else ""
+    shape = list(np.shape(scores))
+    if top1(scores) is None:
+        raise EdgecError(f"labels given, but output '{name}' {shape} is not [N, classes] "
+                         f"scores{hint}")
+    labels = np.asarray(labels).reshape(-1)
+    classes = shape[1]
+    if labels.dtype.kind not in "iub" and not (
+            labels.dtype.kind == "f" and np.all(np.isfinite(labels))
+            and np.all(labels == np.round(labels))):
+        raise EdgecError(f"labels must be integer class indices (got {labels.dtype})")
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise EdgecError(f"labels range over [{labels.min():g}, {labels.max():g}], output "
+                         f"'{name}' scores {classes} classes{hint}")
 
 
 def _host_effect(exact, host, names, labels) -> dict:
@@ -156,11 +181,14 @@ def format_table(result: dict) -> str:
                 label = "rewritten, exact QDQ"
             lines.append(f"{name[:20]:<20} {label:<22} {st['max_abs']:>10.3g} "
                          f"{st.get('p99_abs', float('nan')):>10.3g} {st['cosine']:>10.6f}")
+    scored = f" of output '{result['scored_output']}'" if "scored_output" in result and \
+        len(result["outputs"]) > 1 else ""
     if result["top1_agreement"] is not None:
-        lines.append(f"top-1 agreement (compiled vs original): {result['top1_agreement']:.4f}")
+        lines.append(f"top-1 agreement{scored} (compiled vs original): "
+                     f"{result['top1_agreement']:.4f}")
     if result["accuracy"]:
         a = result["accuracy"]
-        lines.append(f"accuracy: original {100 * a['reference']:.2f} %, rewritten "
+        lines.append(f"accuracy{scored}: original {100 * a['reference']:.2f} %, rewritten "
                      f"{100 * a['rewritten']:.2f} %, compiled {100 * a['compiled']:.2f} % "
                      f"(drop {result['accuracy_drop']:.2f} points)")
     host = result.get("onnxruntime_host")

@@ -120,7 +120,7 @@ def cmd_check(a) -> int:
 
     res = check(a.model, a.artifact, a.data, max_drop=a.max_drop, min_cosine=a.min_cosine,
                 atol=a.atol, rtol=a.rtol, min_top1=a.min_top1, limit=a.limit,
-                threads=a.threads)
+                threads=a.threads, output=a.output)
     print(format_table(res))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--rtol", type=float, default=0.0)
     k.add_argument("--min-top1", type=float, help="min top-1 agreement with the original")
     k.add_argument("--limit", type=int, help="use the first N samples")
+    k.add_argument("--output", metavar="NAME",
+                   help="the class-score output for top-1 and accuracy (default: the first)")
     k.add_argument("--threads", type=int)
     k.add_argument("--json", metavar="FILE", help="write the results as JSON")
     k.set_defaults(fn=cmd_check)

@@ -302,3 +302,29 @@ def test_native_output_captured_on_errors_and_interrupts(capfd):
         os.write(2, b"a warning\n")
     out.raise_for(None)
     assert capfd.readouterr().err == "a warning\n"
+
+
+def test_check_scores_the_named_output(tmp_path):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gemm", ["x", "Wb"], ["boxes"]),
+             helper.make_node("Gemm", ["x", "Wp"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["probs"], axis=1)]
+    m = make_model(nodes, [("x", [2, 8])], [("boxes", [2, 4]), ("probs", [2, 3])],
+                   {"Wb": rng.standard_normal((8, 4)).astype(np.float32),
+                    "Wp": rng.standard_normal((8, 3)).astype(np.float32)})
+    onnx.save(m, tmp_path / "det.onnx")
+    assert edgec("compile", tmp_path / "det.onnx", "-o", tmp_path / "art").returncode == 0
+    np.savez(tmp_path / "val.npz", x=rng.standard_normal((6, 8)).astype(np.float32),
+             labels=rng.integers(0, 3, 6))
+    args = ("check", tmp_path / "det.onnx", tmp_path / "art", "--data", tmp_path / "val.npz")
+    res = edgec(*args, "--output", "probs", "--max-drop", "0", "--json", tmp_path / "c.json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "accuracy of output 'probs'" in res.stdout
+    chk = json.loads((tmp_path / "c.json").read_text())
+    assert chk["scored_output"] == "probs" and chk["accuracy_drop"] == 0.0
+    # labels 0..2 against 4 box coordinates scored as classes would give a number: refused
+    np.savez(tmp_path / "val5.npz", x=rng.standard_normal((6, 8)).astype(np.float32),
+             labels=np.array([0, 1, 2, 3, 4, 4]))
+    assert_user_error(edgec(*args[:3], "--data", tmp_path / "val5.npz"), "output 'boxes'",
+                      "--output")
+    assert_user_error(edgec(*args, "--output", "nope"), "'nope' is not an output")
