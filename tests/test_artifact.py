@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -345,3 +346,21 @@ def test_compile_fails_when_the_library_does_not_load(tmp_path, monkeypatch):
     with pytest.raises(EdgecError, match="does not load.*nothing written"):
         compile_to(conv_bn_model(), tmp_path / "bad")
     assert not (tmp_path / "bad").exists() and leftovers(tmp_path, tmp_path / "bad") == []
+
+
+def test_two_cli_compiles_to_one_folder(tmp_path):
+    """The reproduction: two compiles finishing together (the loser exited 3 and leaked its
+    staging folder). Both succeed now and leave one complete artifact."""
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx")
+    out = tmp_path / "art"
+    cmd = [sys.executable, "-m", "edgec.cli", "compile", str(tmp_path / "m.onnx"), "-o", str(out)]
+    for _ in range(2):
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        for p in procs:
+            _, err = p.communicate(timeout=600)
+            assert p.returncode == 0, err
+        assert is_artifact(out) and leftovers(tmp_path, out) == []
+    from edgec.runtime import Session
+
+    assert Session(out).run(None, {"x": np.zeros((1, 3, 12, 12), np.float32)})[0].shape == (1, 10)
