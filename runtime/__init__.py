@@ -202,10 +202,37 @@ def _flatten(res) -> list:
     return out
 
 
-class OrtSession(_Runner):
-    """Run an ONNX model in onnxruntime, with the same interface as :class:`Session`."""
+# Ops whose onnxruntime kernels compute in integers: with graph optimizations on,
+# onnxruntime fuses DQ -> Conv/MatMul -> Q into QLinearConv / MatMulInteger, whose u8 x s8
+# products go through ``vpmaddubsw`` on x86 CPUs without VNNI (AVX2, AVX-512BW): 16-bit pair
+# sums that saturate (255 * 127 * 2 > 32767), so the same QDQ model gives different answers
+# on different hosts. With optimizations off, every DequantizeLinear runs alone and the
+# convolution in float: exact QDQ arithmetic (up to float rounding at ties) on any host.
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
+                     "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"})
 
-    def __init__(self, model, num_threads: int | None = None, optimize: bool = True):
+
+def has_qdq(model) -> bool:
+    """Whether an ONNX model (proto or path) holds quantized-arithmetic ops."""
+    import onnx
+
+    if not hasattr(model, "graph"):
+        model = onnx.load(str(model), load_external_data=False)
+    graphs = [model.graph] + [f for f in model.functions]
+    return any(n.op_type in QDQ_OPS and n.domain in ("", "ai.onnx", "com.microsoft")
+               for g in graphs for n in g.node)
+
+
+class OrtSession(_Runner):
+    """Run an ONNX model in onnxruntime, with the same interface as :class:`Session`.
+
+    ``optimize``: onnxruntime's graph optimizations. ``None`` (the default, for references):
+    on, except for a model with quantize/dequantize ops, which runs with them off so that the
+    result is the exact QDQ arithmetic on every host (see :data:`QDQ_OPS`); ``True`` is what
+    a deployment of the model in onnxruntime runs on this host (for timing it, or for showing
+    how far that is from exact)."""
+
+    def __init__(self, model, num_threads: int | None = None, optimize: bool | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -213,6 +240,12 @@ class OrtSession(_Runner):
         if num_threads:
             opts.intra_op_num_threads = int(num_threads)
             opts.inter_op_num_threads = 1
+        if optimize is None:
+            try:
+                optimize = not has_qdq(model)
+            except Exception:  # noqa: BLE001 - onnxruntime says what is wrong with the file
+                optimize = True
+        self.optimized = bool(optimize)
         if not optimize:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.log_severity_level = 3
@@ -285,4 +318,4 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise EdgecError(f"cannot read {p} as .npz: {str(e).splitlines()[0]}") from None
 
 
-__all__ = ["Session", "OrtSession", "run_batched", "load_npz", "LIBRARY", "ONNX"]
+__all__ = ["Session", "OrtSession", "run_batched", "load_npz", "has_qdq", "LIBRARY", "ONNX"]
