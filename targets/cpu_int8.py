@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import relax, tvm
+from .cpu_int8_winograd import int8_winograd_te, transform_weight_int8, wino8_applies
 
 log = logging.getLogger("edgec.cpu_int8")
 
@@ -811,6 +812,17 @@ def rewrite_pass(target, record: dict | None = None, kernels: dict | None = None
             strides, dil, pads = _ints(a.strides), _ints(a.dilation), _ints(a.padding)
             c = int(shape.values[1])
             bb = self.builder_
+            if groups == 1 and wino8_applies(
+                    isa, _ints(shape.values), wq.shape, strides, pads, dil,
+                    weights_7bit=isa_for_weights(isa, wq) is not isa):
+                # integer Winograd F(2, 3) (x86 without VNNI): exact, 1/4 in the scale
+                self.stats["conv2d"] += 1
+                self.stats["winograd"] = self.stats.get("winograd", 0) + 1
+                scale = (np.float32(sx) * sw * np.float32(0.25)).astype(np.float32)
+                return self._int8_kernel(int8_winograd_te, isa, xq,
+                                         transform_weight_int8(wq, isa.lanes),
+                                         np.zeros(oc, np.int32), scale, (int(zx), oc, pads),
+                                         "conv2d_int8wino")
             if groups == 1:
                 lisa = self._layer_isa(wq)
                 za = za_of(lisa, xdt, int(zx))

@@ -29,6 +29,7 @@ import logging
 import numpy as np
 
 from .backend import relax, tvm
+from .cpu_int8_winograd import WINO8_GEMM_BLOCK
 from .cpu_winograd import (WINO_GEMM_BLOCK, WINO_OUT1_BLOCK, schedule_winograd,
                            transform_weight, winograd_te, winograd_tile)
 
@@ -764,19 +765,25 @@ def schedule_func(func, lanes: int, isa=None):
     pxs = [b for b in _find_blocks(sch, INT8_PX_BLOCK) if sch.get(b).name_hint == INT8_PX_BLOCK]
     fpx = [b for b in _find_blocks(sch, CONV_PX_BLOCK) if sch.get(b).name_hint == CONV_PX_BLOCK]
     wino = _find_blocks(sch, WINO_GEMM_BLOCK)
-    if len(convs) + len(dws) + len(ints) + len(pxs) + len(fpx) + len(wino) > 1:
+    wino8 = _find_blocks(sch, WINO8_GEMM_BLOCK)
+    if len(convs) + len(dws) + len(ints) + len(pxs) + len(fpx) + len(wino) + len(wino8) > 1:
         raise ValueError("more than one convolution in a fused function")
     mms = [b for b in _all_blocks(sch) if sch.get(b).name_hint in ("matmul", "T_matmul_NN",
                                                                       "T_matmul")]
-    if pxs or ints:
+    if pxs or ints or wino8:
         from .cpu_int8 import ISA_ATTR, ISAS, schedule_int8_conv, schedule_int8_px
 
-        block = (pxs or ints)[0]
+        block = (pxs or ints or wino8)[0]
         built_for = sch.get(block).annotations.get(ISA_ATTR)  # the kernel's own form
         isa = ISAS[str(built_for)] if built_for is not None else isa
         if isa is None:
             raise ValueError("an int8 convolution needs the target's integer ISA")
-        if pxs:
+        if wino8:
+            from .cpu_int8_winograd import schedule_int8_winograd
+
+            schedule_int8_winograd(sch, block, isa, max_cols(lanes))
+            kind = "conv2d-int8wino-" + isa.name
+        elif pxs:
             schedule_int8_px(sch, block, isa)
             kind = "conv2d-int8px-" + isa.name
         else:

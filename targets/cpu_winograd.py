@@ -123,12 +123,13 @@ def winograd_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int) ->
     return None
 
 
-def _coef(mat: np.ndarray, i, j):
+def _coef(mat: np.ndarray, i, j, dtype: str = "float32"):
     """``mat[i, j]`` for loop variables (or ints) ``i``, ``j`` as a chain of selects over
     the nonzero entries: constant once the loops are unrolled, zero terms then vanish."""
     from tvm import tirx
 
-    out = tirx.const(0.0, "float32")
+    cast = float if dtype.startswith("float") else int
+    out = tirx.const(cast(0), dtype)
     for (a, b), v in np.ndenumerate(mat):
         if v == 0:
             continue
@@ -143,7 +144,7 @@ def _coef(mat: np.ndarray, i, j):
                 continue
         else:
             cond.append(j == b)
-        val = tirx.const(float(v), "float32")
+        val = tirx.const(cast(v), dtype)
         if not cond:
             return val
         out = tirx.Select(tirx.all(*cond), val, out)

@@ -487,3 +487,84 @@ def test_reference_is_exact_qdq_on_every_host():
     assert has_qdq(m) and not OrtSession(m).optimized and OrtSession(m, optimize=True).optimized
     f = make_model([helper.make_node("Relu", ["x"], ["y"])], [("x", [1, 4])], [("y", [1, 4])])
     assert not has_qdq(f) and OrtSession(f).optimized
+
+
+# ------------------------------------------------------------- integer Winograd F(2, 3)
+WINO_CPUS = [("avx2", "haswell"), ("avx512bw", "skylake-avx512")]
+
+
+@pytest.mark.parametrize("isa,mcpu", WINO_CPUS, ids=[i[0] for i in WINO_CPUS])
+@pytest.mark.parametrize("case", [(1, 64, 64, 28, 28, (1, 1, 1, 1), "uint8", True),
+                                  (2, 61, 56, 19, 30, (0, 1, 2, 0), "int8", False)],
+                         ids=["64@28", "odd-asym-batch2"])
+def test_int8_winograd_exact(tmp_path, isa, mcpu, case):
+    """3x3 QDQ convolutions on x86 without VNNI take the integer Winograd F(2, 3) kernel
+    (exact integer arithmetic: within one output step of exact QDQ, as the direct kernel),
+    odd channel counts, asymmetric padding, int8 input and a batch included."""
+    if isa == "avx512bw" and not host_has("avx512bw"):
+        pytest.skip("this CPU lacks avx512bw")
+    batch, c, k, h, w, pads, act, relu = case
+    m, step = qdq_conv(np.random.default_rng(c + k), batch, c, k, 3, 1, 1, pads, h, w, act=act,
+                       relu=relu)
+    kern = compare(m, step, tmp_path, target_options={"mcpu": mcpu})
+    assert kern["int8"]["winograd"] == 1 and kern["int8"]["requant_fused"] == 1, kern["int8"]
+    assert kern["counts"].get(f"conv2d-int8wino-{isa}") == 1 and kern["unscheduled"] == {}
+
+
+def test_int8_winograd_transform_is_exact():
+    """U = (2G) g (2G)^T and V = B^T d B are integers, and A^T (U . V) A is 4x the direct
+    3x3 correlation of every 2x2 output tile, to the integer."""
+    from edgec.targets.cpu_int8_winograd import transform_weight_int8
+    from edgec.targets.cpu_winograd import matrices
+
+    rng = np.random.default_rng(0)
+    g = rng.integers(-127, 128, (3, 3, 3, 3)).astype(np.int8)      # k=3, c=3
+    d = rng.integers(-255, 256, (3, 4, 4)).astype(np.int64)        # c, 4x4 input tile
+    u = transform_weight_int8(g, 8)                                  # [16, 1, 2, 8, 2]
+    assert u.dtype == np.int16 and u.shape == (16, 1, 2, 8, 2)
+    bt, _, at = (np.rint(x).astype(np.int64) for x in matrices(2))
+    v = np.einsum("ei,cij,fj->efc", bt, d, bt).reshape(16, 3)
+    uu = u.transpose(0, 1, 3, 2, 4).reshape(16, 8, 4)[:, :3, :3].astype(np.int64)  # [e,k,c]
+    mm = np.einsum("ekc,ec->ek", uu, v).reshape(4, 4, 3)
+    y4 = np.einsum("ie,efk,jf->kij", at, mm, at)
+    direct = np.array([[[np.sum(d[:, i:i + 3, j:j + 3] * g[k]) for j in range(2)]
+                        for i in range(2)] for k in range(3)])
+    np.testing.assert_array_equal(y4, 4 * direct)
+
+
+def test_int8_winograd_where_it_applies():
+    from edgec.targets.cpu_int8_winograd import wino8_applies
+
+    avx2 = ISAS["avx2"]
+
+    def ok(c, k, hw, isa=avx2, s7=False, stride=1):
+        return wino8_applies(isa, (1, c, hw, hw), (k, c, 3, 3), (stride,) * 2, (1,) * 4,
+                             (1, 1), weights_7bit=s7)
+
+    assert ok(64, 64, 56) and ok(128, 128, 28) and ok(256, 256, 14)
+    assert ok(128, 128, 28, s7=True) and not ok(64, 64, 56, s7=True)  # s7 wins on big maps
+    assert not ok(512, 512, 7) and not ok(8, 64, 56) and not ok(64, 64, 56, stride=2)
+    assert not ok(64, 64, 56, isa=ISAS["avx512vnni"]) and not ok(64, 64, 56, isa=ISAS["dotprod"])
+    assert ok(64, 64, 56, isa=ISAS["avx512bw"])
+
+
+def test_int8_winograd_residual_fold_and_chunks(tmp_path):
+    """The residual Add folds into the Winograd kernel's epilogue as into the direct one's; a
+    map whose transformed tiles exceed the chunk budget (64 channels at 112x112) runs in
+    chunks of tile rows; both within one step of exact QDQ."""
+    rng = np.random.default_rng(5)
+    c = 64
+    m, _ = qdq_conv(rng, 1, c, c, 3, 1, 1, (1,) * 4, 28, 28, relu=False)
+    g = m.graph
+    for name, val in (("sa", np.array(0.09, np.float32)), ("za", np.array(100, np.uint8))):
+        g.initializer.append(onnx.numpy_helper.from_array(val, name))
+    g.node.remove(next(n for n in g.node if n.output[0] == "out"))
+    g.node.extend([helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["yd"]),
+                   helper.make_node("Add", ["yd", "xd"], ["s"]),
+                   helper.make_node("QuantizeLinear", ["s", "sa", "za"], ["aq"]),
+                   helper.make_node("DequantizeLinear", ["aq", "sa", "za"], ["out"])])
+    kern = compare(m, 0.09, tmp_path / "res", target_options={"mcpu": "haswell"})
+    assert kern["int8"]["winograd"] == 1 and kern["int8"]["residual_fused"] == 1
+    m, step = qdq_conv(np.random.default_rng(6), 1, c, c, 3, 1, 1, (1,) * 4, 112, 112)
+    kern = compare(m, step, tmp_path / "big", target_options={"mcpu": "haswell"})
+    assert kern["int8"]["winograd"] == 1 and kern["unscheduled"] == {}
