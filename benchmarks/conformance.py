@@ -8,7 +8,7 @@ stored inputs' shapes), runs the artifact with :class:`edgec.runtime.Session` on
 data set and compares with the stored outputs. Each case gets one status:
 
 * ``passed``  -- compiled, ran, every output matches;
-* ``refused`` -- ``compile_model`` raised :class:`edgec.errors.EdgecError` (the clean, named
+* ``refused`` -- ``compile_model`` raised :class:`edgec.core.errors.EdgecError` (the clean, named
   refusal of an unsupported model; its one-line message is the detail);
 * ``wrong``   -- compiled and ran, but an output differs (shape, dtype or values);
 * ``crashed`` -- any other exception (compile or run), an EdgecError raised *after* a
@@ -163,8 +163,8 @@ def run_case(case: str | os.PathLike, workdir: str | os.PathLike | None = None) 
 
     Never raises (except KeyboardInterrupt): every failure is classified.
     """
-    from edgec.compiler import CompileOptions, compile_model
-    from edgec.errors import EdgecError
+    from edgec.driver.compiler import CompileOptions, compile_model
+    from edgec.core.errors import EdgecError
 
     case = Path(case)
     res = {"case": case.name, "suite": case.parent.name, "status": None, "detail": "",

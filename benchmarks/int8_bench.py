@@ -9,7 +9,7 @@ For each zoo model (random weights, batch 1, 224x224): the fp32 model and its in
 does not depend on the calibration; ``quantize.weight_bits`` from ``--weight-bits``, one row
 each: ``auto`` is 7 on x86 without VNNI) are compiled for x86 (the host CPU, or ``--mcpu`` to
 force another ISA: ``haswell`` gives the AVX2 kernels; onnxruntime still runs on the host's
-own ISA, e.g. VNNI, so on a VNNI host its QDQ time is not what an AVX2 machine would see). ``edgec.bench.bench`` times each artifact against
+own ISA, e.g. VNNI, so on a VNNI host its QDQ time is not what an AVX2 machine would see). ``edgec.driver.bench.bench`` times each artifact against
 onnxruntime running the same ONNX file, in separate processes, same thread count. Prints:
 
 * onnxruntime fp32, onnxruntime QDQ (its QLinearConv path), edgec fp32, edgec int8 (ms);
@@ -42,10 +42,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
     import onnx
 
-    from edgec.bench import bench
-    from edgec.compiler import CompileOptions, compile_model, target_info
+    from edgec.driver.bench import bench
+    from edgec.driver.compiler import CompileOptions, compile_model, target_info
     from edgec.models import zoo
-    from edgec.pipeline import NORMALIZE, Pipeline
+    from edgec.driver.pipeline import NORMALIZE, Pipeline
 
     opts = {"mcpu": a.mcpu} if a.mcpu else {}
     tinfo = target_info(CompileOptions(target="x86", target_options=opts))

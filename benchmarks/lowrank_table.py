@@ -40,9 +40,9 @@ def accuracy(model, x, y, batch=500) -> float:
 
 
 def fashion_table(n_calib: int) -> tuple[list[dict], dict]:
-    from edgec.importer import load_model, normalize
+    from edgec.core.importer import load_model, normalize
     from edgec.models import fashion_mnist
-    from edgec.pipeline import NORMALIZE, Pipeline
+    from edgec.driver.pipeline import NORMALIZE, Pipeline
 
     xt, yt = fashion_mnist.load("test")
     xc, _ = fashion_mnist.load("train", n_calib)
@@ -50,7 +50,7 @@ def fashion_table(n_calib: int) -> tuple[list[dict], dict]:
                          {"input": (500, 1, 28, 28)})
     model = Pipeline(NORMALIZE).run(model).model
     base_acc = accuracy(model, xt, yt)
-    from edgec.stats import model_stats
+    from edgec.core.stats import model_stats
 
     base = model_stats(model)
     extra: dict = {"base_accuracy": base_acc}
@@ -91,8 +91,8 @@ def _row(r: dict, base: dict) -> str:
 
 
 def headline_check(n_calib: int, tmp: Path) -> dict:
-    from edgec.check import check
-    from edgec.compiler import CompileOptions, compile_model
+    from edgec.driver.check import check
+    from edgec.driver.compiler import CompileOptions, compile_model
     from edgec.models import fashion_mnist
 
     xc, _ = fashion_mnist.load("train", n_calib)
@@ -109,8 +109,8 @@ def headline_check(n_calib: int, tmp: Path) -> dict:
 
 
 def resnet_latency(threads: int, repeat: int, tmp: Path, budget: str) -> dict:
-    from edgec.bench import bench
-    from edgec.compiler import CompileOptions, compile_model
+    from edgec.driver.bench import bench
+    from edgec.driver.compiler import CompileOptions, compile_model
     from edgec.models import zoo
 
     src = tmp / "resnet18.onnx"

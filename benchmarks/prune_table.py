@@ -46,10 +46,10 @@ def _row(r: dict, base: dict) -> str:
 
 
 def fashion_table(n_calib: int) -> dict:
-    from edgec.importer import load_model, normalize
+    from edgec.core.importer import load_model, normalize
     from edgec.models import fashion_mnist
-    from edgec.pipeline import NORMALIZE, Pipeline
-    from edgec.stats import model_stats
+    from edgec.driver.pipeline import NORMALIZE, Pipeline
+    from edgec.core.stats import model_stats
 
     xt, yt = fashion_mnist.load("test")
     xc, _ = fashion_mnist.load("train", n_calib)
@@ -84,8 +84,8 @@ def fashion_table(n_calib: int) -> dict:
 
 
 def fashion_compiled(n_calib: int, tmp: Path) -> dict:
-    from edgec.check import check
-    from edgec.compiler import CompileOptions, compile_model
+    from edgec.driver.check import check
+    from edgec.driver.compiler import CompileOptions, compile_model
     from edgec.models import fashion_mnist
 
     xc, _ = fashion_mnist.load("train", n_calib)
@@ -116,8 +116,8 @@ def fashion_compiled(n_calib: int, tmp: Path) -> dict:
 def zoo_latency(names: list[str], ratio: str, threads: int, repeat: int, tmp: Path) -> dict:
     import numpy as np
 
-    from edgec.bench import bench
-    from edgec.compiler import CompileOptions, compile_model
+    from edgec.driver.bench import bench
+    from edgec.driver.compiler import CompileOptions, compile_model
     from edgec.models import zoo
 
     out = {}

@@ -51,11 +51,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
     import onnx
 
-    from edgec.bench import bench
-    from edgec.compiler import CompileOptions, compile_model
-    from edgec.importer import load_model, normalize
+    from edgec.driver.bench import bench
+    from edgec.driver.compiler import CompileOptions, compile_model
+    from edgec.core.importer import load_model, normalize
     from edgec.models import fashion_mnist
-    from edgec.pipeline import NORMALIZE, Pipeline
+    from edgec.driver.pipeline import NORMALIZE, Pipeline
     from edgec.runtime import Session
 
     xt, yt = fashion_mnist.load("test")

@@ -5,9 +5,9 @@
 
 For each model: compile with the default kernels only (no tuning database), then -- with
 ``--tune-minutes`` -- tune for that budget into a private cache and compile again. Each
-artifact is timed by ``edgec.bench.bench`` (same inputs, same thread count as onnxruntime,
+artifact is timed by ``edgec.driver.bench.bench`` (same inputs, same thread count as onnxruntime,
 medians). Prints onnxruntime ms, edgec ms, the ratio onnxruntime/edgec (> 1: edgec faster),
-GFLOP/s and % of the sgemm peak measured in the same run (edgec.bench.sgemm_peak_gflops).
+GFLOP/s and % of the sgemm peak measured in the same run (edgec.driver.bench.sgemm_peak_gflops).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     a = p.parse_args(argv)
 
-    from edgec.bench import bench, sgemm_peak_gflops
-    from edgec.compiler import CompileOptions, compile_model
+    from edgec.driver.bench import bench, sgemm_peak_gflops
+    from edgec.driver.compiler import CompileOptions, compile_model
     from edgec.models import zoo
 
     peak = sgemm_peak_gflops(a.threads)

@@ -7,7 +7,7 @@ A pass is a pure function ``(model, config, ctx) -> (model, PassReport)``:
 * ``ctx`` carries optional calibration data for data-aware passes;
 * the report lists every node rewritten and every candidate skipped *with the reason*, and
   params / MACs / bytes before and after (filled in by :func:`run_pass`);
-* new nodes carry provenance in ``metadata_props`` (:func:`edgec.graph.set_provenance`).
+* new nodes carry provenance in ``metadata_props`` (:func:`edgec.core.graph.set_provenance`).
 
 Passes register with :func:`register_pass` and declare a verification tolerance: exact
 rewrites promise float round-off, lossy ones a looser bound. ``--verify`` holds them to it.
@@ -25,8 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from edgec.errors import EdgecError, PassError
-from edgec.stats import model_stats
+from edgec.core.errors import EdgecError, PassError
+from edgec.core.stats import model_stats
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def run_pass(name: str, model: onnx.ModelProto, config=None, ctx: PassContext | 
     if model.SerializeToString(deterministic=True) != snapshot:
         raise PassError(name, "mutated its input model (passes must be pure)")
     if report.modified:
-        from edgec.importer import infer_shapes
+        from edgec.core.importer import infer_shapes
 
         out = infer_shapes(out)
     try:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgec.graph import all_names, set_provenance, unique_name
+from edgec.core.graph import all_names, set_provenance, unique_name
 
 from . import PassReport, copy_model
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from edgec.graph import attr, value_shapes
+from edgec.core.graph import attr, value_shapes
 
 from . import PassContext, PassReport, copy_model, register_pass
 

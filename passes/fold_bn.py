@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgec.graph import attr, consumers, initializers, set_provenance, unique_name, all_names
+from edgec.core.graph import attr, consumers, initializers, set_provenance, unique_name, all_names
 
 from . import PassContext, PassReport, Tolerance, copy_model, register_pass
 

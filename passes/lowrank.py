@@ -38,8 +38,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgec.graph import all_names, attr, initializers, provenance, set_provenance
-from edgec.graph import unique_name, value_shapes
+from edgec.core.graph import all_names, attr, initializers, provenance, set_provenance
+from edgec.core.graph import unique_name, value_shapes
 
 from . import PassContext, PassReport, Tolerance, copy_model, register_pass
 

@@ -37,8 +37,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgec.errors import EdgecError
-from edgec.graph import all_names, attr, initializers, set_provenance, unique_name, value_shapes
+from edgec.core.errors import EdgecError
+from edgec.core.graph import (all_names, attr, initializers, set_provenance, unique_name,
+                              value_shapes)
 
 from . import PassContext, PassReport, Tolerance, copy_model, register_pass
 
@@ -506,7 +507,7 @@ def _reader_rows(node, kernel, x: np.ndarray, shapes_out, n_rows: int, rng) -> n
 def _reconstruct(original, m, refit, out_kept, ctx, config, report) -> onnx.ModelProto:
     """Refit each reader's weights (and bias) by ridge least squares, in graph order, from the
     pruned model's activations to the unpruned model's outputs."""
-    from edgec.importer import infer_shapes
+    from edgec.core.importer import infer_shapes
 
     from ._calib import calib_rows, fixed_batch, stream_activations
 

@@ -53,8 +53,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgec.errors import EdgecError
-from edgec.graph import all_names, attr, consumers, initializers, set_provenance, unique_name
+from edgec.core.errors import EdgecError
+from edgec.core.graph import all_names, attr, consumers, initializers, set_provenance, unique_name
 
 from . import PassContext, PassReport, Tolerance, copy_model, register_pass
 from ._quant_calib import (INT32_MAX, Observer, activation_range, dequantize_weight,
@@ -115,7 +115,7 @@ class Target:
 
 
 def _float_types(m) -> dict[str, int]:
-    from edgec.importer import infer_shapes
+    from edgec.core.importer import infer_shapes
 
     try:
         mm = infer_shapes(m)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 from .artifact import LIBRARY, ONNX, read_manifest, verify_file
 

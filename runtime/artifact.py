@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"

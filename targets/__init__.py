@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from edgec.errors import EdgecError, UnsupportedOpError
+from edgec.core.errors import EdgecError, UnsupportedOpError
 
 # tvm_ffi otherwise JIT-builds a torch DLPack bridge into ~/.cache on first import.
 os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")

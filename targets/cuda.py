@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 from . import TargetSpec, register_target
 from .arm import CROSS, CROSS_PKG, aarch64

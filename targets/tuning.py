@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 from . import TargetSpec
 from .backend import make_target, sequential, to_relax, tvm

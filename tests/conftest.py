@@ -72,7 +72,7 @@ def tiny_model_path(tmp_path) -> Path:
 
 
 def compile_to(model, out: Path, target="x86", **kw):
-    from edgec.compiler import CompileOptions, compile_model
+    from edgec.driver.compiler import CompileOptions, compile_model
 
     path = model
     if isinstance(model, onnx.ModelProto):

@@ -18,13 +18,13 @@ import onnx
 import pytest
 
 from conftest import conv_bn_model
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 from edgec.runtime import artifact
 from edgec.runtime.artifact import FORMAT, is_artifact, remove_stale, staging
 
 
 def edgec(*args):
-    return subprocess.run([sys.executable, "-m", "edgec.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "edgec.driver.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -353,7 +353,7 @@ def test_two_cli_compiles_to_one_folder(tmp_path):
     staging folder). Both succeed now and leave one complete artifact."""
     onnx.save(conv_bn_model(), tmp_path / "m.onnx")
     out = tmp_path / "art"
-    cmd = [sys.executable, "-m", "edgec.cli", "compile", str(tmp_path / "m.onnx"), "-o", str(out)]
+    cmd = [sys.executable, "-m", "edgec.driver.cli", "compile", str(tmp_path / "m.onnx"), "-o", str(out)]
     for _ in range(2):
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]

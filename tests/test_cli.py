@@ -18,7 +18,7 @@ from conftest import conv_bn_model, make_model
 
 
 def edgec(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "edgec.cli", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "edgec.driver.cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -253,8 +253,8 @@ def test_run_user_errors(model_dir):
 
 
 def test_memory_error_is_a_user_error(model_dir, monkeypatch, capsys):
-    from edgec import compiler as compiler_mod
-    from edgec.cli import main
+    from edgec.driver import compiler as compiler_mod
+    from edgec.driver.cli import main
 
     def huge(*a, **kw):
         raise MemoryError()
@@ -274,7 +274,7 @@ def test_native_output_captured_on_errors_and_interrupts(capfd):
 
     from tvm import relax
 
-    from edgec.errors import EdgecError
+    from edgec.core.errors import EdgecError
     from edgec.targets.backend import NativeOutput
 
     def leaky():  # a BlockBuilder left with an open block warns from C++ when destroyed

@@ -8,8 +8,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import conv_bn_model, make_model, ort_run
-from edgec.errors import EdgecError
-from edgec.importer import load_model, normalize, parse_input_shapes
+from edgec.core.errors import EdgecError
+from edgec.core.importer import load_model, normalize, parse_input_shapes
 
 
 def test_constant_and_constant_of_shape_become_initializers():
@@ -204,7 +204,7 @@ def test_external_data_exact_size_loads(tmp_path):
 
 
 def test_over_the_protobuf_limit_refused_up_front(tmp_path, monkeypatch):
-    from edgec import importer
+    from edgec.core import importer
 
     p = _external(tmp_path)
     monkeypatch.setattr(importer, "PROTOBUF_LIMIT", p.stat().st_size + 8)
@@ -286,7 +286,7 @@ def test_no_invented_output_shape_survives_folding(tmp_path):
 def test_stats_count_large_constant_of_shape_weights():
     """ConstantOfShape above the importer's 16 M-element limit stays a node; its elements are
     weights all the same (report.json undercounted VGG-19 by 100 M parameters)."""
-    from edgec.stats import model_stats
+    from edgec.core.stats import model_stats
 
     n = 4097  # 4097^2 > 16 M
     nodes = [helper.make_node("ConstantOfShape", ["shp"], ["W"],

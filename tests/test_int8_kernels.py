@@ -214,7 +214,7 @@ def test_quantize_pass_model_through_int8_kernels(tmp_path):
     """The quantize pass's own output (tiny ResNet: residual Add, depthwise and grouped
     convs) runs on the integer kernels and matches onnxruntime on the same QDQ model."""
     from edgec.models import zoo
-    from edgec.pipeline import NORMALIZE, Pipeline
+    from edgec.driver.pipeline import NORMALIZE, Pipeline
 
     m = Pipeline(NORMALIZE).run(zoo.build("tiny_resnet", batch=1)).model
     x = np.random.default_rng(0).standard_normal((16, 8, 17, 17)).astype(np.float32)
@@ -244,7 +244,7 @@ def test_maxpool_on_8bit_tensor(tmp_path):
                               pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["p", "W2"], ["y"], pads=[1, 1, 1, 1])]
     m = make_model(nodes, [("x", [1, 3, 20, 20])], [("y", [1, 8, 10, 10])], inits, opset=13)
-    from edgec.pipeline import Pipeline
+    from edgec.driver.pipeline import Pipeline
 
     calib = {"x": rng.standard_normal((16, 3, 20, 20)).astype(np.float32)}
     q = Pipeline(["quantize"], {"quantize": {"progress": "false"}}, calib=calib).run(m).model

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from conftest import compile_to, make_model, ort_run
-from edgec.errors import EdgecError
-from edgec.graph import provenance
-from edgec.importer import infer_shapes
+from edgec.core.errors import EdgecError
+from edgec.core.graph import provenance
+from edgec.core.importer import infer_shapes
 from edgec.passes import PassContext, make_config, run_pass
 
 
@@ -307,9 +307,9 @@ def test_compiled_factorized_model_matches_onnxruntime(tmp_path):
 def test_trained_fashion_model_data_aware_beats_data_free():
     """The issue's claim on real data: at the same MAC budget, fitting the factors to real
     activations keeps far more accuracy than the plain weight SVD."""
-    from edgec.importer import load_model, normalize
+    from edgec.core.importer import load_model, normalize
     from edgec.models import fashion_mnist
-    from edgec.pipeline import NORMALIZE, Pipeline
+    from edgec.driver.pipeline import NORMALIZE, Pipeline
     from edgec.runtime import OrtSession
 
     if not fashion_mnist.available():
@@ -347,7 +347,7 @@ def test_cli_lowrank_with_calib_and_bad_option(tmp_path):
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 16, 12, 12)).astype(np.float32))
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "edgec.cli", *map(str, args)],
+        return subprocess.run([sys.executable, "-m", "edgec.driver.cli", *map(str, args)],
                               capture_output=True, text=True, timeout=300)
 
     res = cli("compile", tmp_path / "m.onnx", "--passes", "lowrank", "--set",

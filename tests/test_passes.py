@@ -10,12 +10,12 @@ from hypothesis import given, settings, strategies as st
 from onnx import helper
 
 from conftest import conv_bn_model, make_model, ort_run
-from edgec.errors import EdgecError, PassDriftError, PassError
-from edgec.graph import provenance
-from edgec.importer import normalize
+from edgec.core.errors import EdgecError, PassDriftError, PassError
+from edgec.core.graph import provenance
+from edgec.core.importer import normalize
 from edgec.passes import (PassReport, Tolerance, copy_model, make_config, register_pass,
                           run_pass)
-from edgec.pipeline import Pipeline, parse_sets, resolve_passes
+from edgec.driver.pipeline import Pipeline, parse_sets, resolve_passes
 
 
 def _bn_inits(rng, k, prefix=""):

@@ -9,8 +9,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import compile_to, make_model, ort_run
-from edgec.errors import EdgecError
-from edgec.importer import infer_shapes
+from edgec.core.errors import EdgecError
+from edgec.core.importer import infer_shapes
 from edgec.passes import PassContext, make_config, run_pass
 
 
@@ -89,7 +89,7 @@ def test_dead_channels_prune_exactly_through_every_mapping():
     assert w[node["D"].input[1]].shape[1] == 21  # concat offsets: 14 + 7
     np.testing.assert_allclose(ort_run(out, {"x": x})[0], ort_run(m, {"x": x})[0],
                                atol=1e-5, rtol=0)
-    from edgec.graph import provenance
+    from edgec.core.graph import provenance
 
     keys = [p.key for p in node["B"].metadata_props]
     assert provenance(node["B"])["edgec.pass"] == "prune" and len(keys) == len(set(keys))
@@ -261,9 +261,9 @@ def test_tiny_resnet_prunes_lowranks_quantizes_and_compiles(tmp_path):
 def test_trained_fashion_model_prunes_40pct_with_reconstruction():
     from pathlib import Path
 
-    from edgec.importer import load_model, normalize
+    from edgec.core.importer import load_model, normalize
     from edgec.models import fashion_mnist
-    from edgec.pipeline import NORMALIZE, Pipeline
+    from edgec.driver.pipeline import NORMALIZE, Pipeline
     from edgec.runtime import OrtSession
 
     if not fashion_mnist.available():

@@ -14,13 +14,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import compile_to, conv_bn_model, make_model, ort_run
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 from edgec.passes import PassContext, make_config, run_pass
 from edgec.passes._quant_calib import (BINS, Observer, activation_range, fake_quant,
                                        kl_divergence, quantize_weight, range_entropy,
                                        range_mse, range_percentile, scale_zero_point,
                                        weight_scales)
-from edgec.pipeline import NORMALIZE, Pipeline
+from edgec.driver.pipeline import NORMALIZE, Pipeline
 
 
 def quantize(model, calib=None, normalize=True, **sets):
@@ -448,7 +448,7 @@ def test_fp16_relu6_clip(tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 def edgec(*args):
-    return subprocess.run([sys.executable, "-m", "edgec.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "edgec.driver.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -474,7 +474,7 @@ def test_cli_bad_calib_and_missing_calib(tmp_path):
 def test_fashion_mnist_int8_accuracy_and_size():
     from pathlib import Path
 
-    from edgec.importer import load_model, normalize
+    from edgec.core.importer import load_model, normalize
     from edgec.models.fashion_mnist import load
 
     src = Path(__file__).resolve().parents[1] / "models" / "fashion_mnist_cnn.onnx"
@@ -537,7 +537,7 @@ def test_compile_for_avx2_quantizes_7bit_and_runs_the_s7_kernels(tmp_path):
     calib = calib_for(m, 32)
     src = tmp_path / "m.onnx"
     onnx.save(m, src)
-    from edgec.compiler import CompileOptions, compile_model
+    from edgec.driver.compiler import CompileOptions, compile_model
     from edgec.runtime import Session
 
     rep = compile_model(src, tmp_path / "art", CompileOptions(
@@ -562,13 +562,13 @@ def test_check_reports_exact_qdq_and_onnxruntime_host_effect(tmp_path):
     """``edgec check`` on a QDQ artifact: the rewritten reference is the exact QDQ arithmetic;
     onnxruntime's optimized run on this host is compared with it, and a difference (as its
     saturating kernels give on AVX2 hosts, simulated here) is one line with the figures."""
-    from edgec.check import _host_effect, check, format_table, host_line
+    from edgec.driver.check import _host_effect, check, format_table, host_line
 
     m = branchy_model(np.random.default_rng(8), transB=1)
     calib = calib_for(m, 32)
     src = tmp_path / "m.onnx"
     onnx.save(m, src)
-    from edgec.compiler import CompileOptions, compile_model
+    from edgec.driver.compiler import CompileOptions, compile_model
 
     compile_model(src, tmp_path / "art", CompileOptions(
         target="x86", passes=["quantize"], calib=calib, sets=["quantize.progress=false"]))

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import compile_to, conv_bn_model
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 from edgec.targets import get_target, list_targets
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import compile_to, conv_bn_model
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 from edgec.targets import get_target
 
 
@@ -23,7 +23,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_tuning_refuses_targets_it_cannot_run(cache):
-    from edgec.importer import normalize
+    from edgec.core.importer import normalize
     from edgec.targets.tuning import tune
 
     m, _ = normalize(conv_bn_model())
@@ -55,7 +55,7 @@ def test_db_dir_depends_on_target(cache):
 
 @pytest.mark.slow
 def test_tune_reuse_export_import_and_forced_tuned(cache, tmp_path, monkeypatch):
-    from edgec.importer import normalize
+    from edgec.core.importer import normalize
     from edgec.runtime import OrtSession, Session
     from edgec.targets.tuning import CHOICES, db_dir, export_db, import_db, tune
 
@@ -107,7 +107,7 @@ def test_cli_compile_with_tuning_budget(cache, tmp_path):
     import onnx
 
     onnx.save(conv_bn_model(), tmp_path / "m.onnx")
-    res = subprocess.run([sys.executable, "-m", "edgec.cli", "compile", str(tmp_path / "m.onnx"),
+    res = subprocess.run([sys.executable, "-m", "edgec.driver.cli", "compile", str(tmp_path / "m.onnx"),
                           "-o", str(tmp_path / "out"), "--tune-trials", "4"],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr

@@ -51,7 +51,7 @@ def test_torchvision_zoo(name, batch, tmp_path):
 @pytest.mark.skipif(not fashion_mnist.available(), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_demo_check(tmp_path):
     """The README's demo: compile the trained model, check it on 1000 real test images."""
-    from edgec.check import check
+    from edgec.driver.check import check
 
     src = zoo._fashion_path()
     compile_to(src, tmp_path / "fm", input_shapes={"input": (8, 1, 28, 28)})

@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 
 from edgec import __version__
-from edgec.errors import EdgecError
-from edgec.importer import graph_inputs, load_model, normalize
-from edgec.pipeline import Pipeline, parse_sets, resolve_passes
-from edgec.stats import model_stats
+from edgec.core.errors import EdgecError
+from edgec.core.importer import graph_inputs, load_model, normalize
+from edgec.driver.pipeline import Pipeline, parse_sets, resolve_passes
+from edgec.core.stats import model_stats
 from edgec.targets import get_target
 
 DEFAULT_OUT_SUFFIX = ".edgec"

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from edgec import __version__
-from edgec.errors import EdgecError
+from edgec.core.errors import EdgecError
 
 
 def _human(n: float) -> str:
@@ -40,8 +40,8 @@ def _target_options(a) -> dict:
 
 
 def cmd_compile(a) -> int:
-    from edgec.compiler import CompileOptions, compile_model, default_out_dir
-    from edgec.importer import parse_input_shapes
+    from edgec.driver.compiler import CompileOptions, compile_model, default_out_dir
+    from edgec.core.importer import parse_input_shapes
     from edgec.runtime import load_npz
 
     if a.output is not None and not a.output.strip():
@@ -116,7 +116,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_check(a) -> int:
-    from edgec.check import check, format_table
+    from edgec.driver.check import check, format_table
 
     res = check(a.model, a.artifact, a.data, max_drop=a.max_drop, min_cosine=a.min_cosine,
                 atol=a.atol, rtol=a.rtol, min_top1=a.min_top1, limit=a.limit,
@@ -128,7 +128,7 @@ def cmd_check(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from edgec.bench import bench, format_bench
+    from edgec.driver.bench import bench, format_bench
 
     res = bench(a.model, a.artifact, threads=a.threads, repeat=a.repeat)
     print(format_bench(res))
@@ -138,8 +138,8 @@ def cmd_bench(a) -> int:
 
 
 def cmd_tune(a) -> int:
-    from edgec.compiler import CompileOptions, prepare
-    from edgec.importer import parse_input_shapes
+    from edgec.driver.compiler import CompileOptions, prepare
+    from edgec.core.importer import parse_input_shapes
     from edgec.runtime import load_npz
     from edgec.targets import get_target
 
@@ -206,7 +206,7 @@ def cmd_passes(a) -> int:
     import dataclasses
 
     from edgec.passes import list_passes
-    from edgec.pipeline import PRESETS
+    from edgec.driver.pipeline import PRESETS
 
     for info in list_passes():
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(info.config_cls))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.errors import EdgecError
-from edgec.importer import load_model
+from edgec.core.errors import EdgecError
+from edgec.core.importer import load_model
 from edgec.runtime import OrtSession, Session, load_npz, run_batched
 from edgec.runtime.artifact import ONNX, read_manifest
 from edgec.runtime.compare import accuracy, output_stats, top1, top1_agreement

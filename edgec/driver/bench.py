@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.importer import load_model, normalize, random_feeds
+from edgec.core.importer import load_model, normalize, random_feeds
 from edgec.runtime import OrtSession, Session
 from edgec.runtime.artifact import REPORT, read_manifest
-from edgec.stats import model_stats
+from edgec.core.stats import model_stats
 
 
 def sgemm_peak_gflops(threads: int, n: int = 2048, repeat: int = 3) -> float:
@@ -87,7 +87,7 @@ def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: i
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads))
-    res = subprocess.run([sys.executable, "-m", "edgec.bench", kind, str(path),
+    res = subprocess.run([sys.executable, "-m", "edgec.driver.bench", kind, str(path),
                           str(feeds_path), str(threads), str(repeat), str(warmup)],
                          capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode != 0:
@@ -165,7 +165,7 @@ def format_bench(r: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # timing worker: python -m edgec.bench KIND PATH FEEDS THREADS N WARMUP
+if __name__ == "__main__":  # timing worker: python -m edgec.driver.bench KIND PATH FEEDS THREADS N WARMUP
     import sys
 
     kind, path, feeds_path, threads_, n, warm = sys.argv[1:7]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from edgec.errors import EdgecError, PassDriftError
-from edgec.importer import _name_nodes, random_feeds
+from edgec.core.errors import EdgecError, PassDriftError
+from edgec.core.importer import _name_nodes, random_feeds
 from edgec.passes import PassContext, PassReport, get_pass, make_config, run_pass
 
 # Normalization passes run first in every preset: they make the graph what later passes and
