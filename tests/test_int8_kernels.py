@@ -1,4 +1,4 @@
-"""Integer kernels for QDQ convolutions (targets/cpu_int8.py) against exact QDQ arithmetic.
+"""Integer kernels for QDQ convolutions (targets/cpu/kernels) against exact QDQ arithmetic.
 
 The graphs are QDQ as the quantize pass writes them: uint8/int8 activation, int8 weights
 per output channel, int32 bias, and the output quantized again, so both sides round to the
@@ -20,7 +20,8 @@ from onnx import helper
 
 from conftest import compile_to, make_model
 from edgec.runtime import OrtSession, Session
-from edgec.targets.cpu_int8 import ISAS, px_applies
+from edgec.targets.cpu.isa import ISAS
+from edgec.targets.cpu.kernels.int8_pixel import px_applies
 
 SETTINGS = settings(max_examples=20, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -191,7 +192,8 @@ def test_int8_kernels_build_for_aarch64(tmp_path, target, isa):
 def test_pack_weight_layout_and_isa_choice():
     from edgec.targets import get_target
     from edgec.targets.backend import make_target
-    from edgec.targets.cpu_int8 import ISAS, pack_weight, select_isa
+    from edgec.targets.cpu.isa import ISAS, select_isa
+    from edgec.targets.cpu.kernels.int8_conv import pack_weight
 
     w = np.random.default_rng(0).integers(-127, 128, (20, 6, 3, 2)).astype(np.int8)
     isa = ISAS["avx512vnni"]
@@ -425,8 +427,10 @@ def test_saturation_case_exact_on_each_isa(tmp_path, isa, mcpu, needs):
         if t.name == "wq":  # full range, both signs in every pair
             t.CopyFrom(onnx.numpy_helper.from_array(
                 rng.choice([-127, -120, 120, 127], (96, 1280)).astype(np.int8), "wq"))
-        if t.name == "sw":
+        if t.name == "sw":  # (and the bias scale with it: s_x * s_w, as QDQ requires)
             t.CopyFrom(onnx.numpy_helper.from_array(np.full(96, 2e-5, np.float32), "sw"))
+        if t.name == "sb":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.full(96, 1e-6, np.float32), "sb"))
     out = tmp_path / "sat"
     kern = compile_to(m, out, target_options={"mcpu": mcpu})["kernels"]
     assert kern["int8"]["isa"] == isa and "weights_7bit" not in kern["int8"]
@@ -514,8 +518,8 @@ def test_int8_winograd_exact(tmp_path, isa, mcpu, case):
 def test_int8_winograd_transform_is_exact():
     """U = (2G) g (2G)^T and V = B^T d B are integers, and A^T (U . V) A is 4x the direct
     3x3 correlation of every 2x2 output tile, to the integer."""
-    from edgec.targets.cpu_int8_winograd import transform_weight_int8
-    from edgec.targets.cpu_winograd import matrices
+    from edgec.targets.cpu.kernels.int8_winograd import transform_weight_int8
+    from edgec.targets.cpu.kernels.winograd import matrices
 
     rng = np.random.default_rng(0)
     g = rng.integers(-127, 128, (3, 3, 3, 3)).astype(np.int8)      # k=3, c=3
@@ -533,7 +537,7 @@ def test_int8_winograd_transform_is_exact():
 
 
 def test_int8_winograd_where_it_applies():
-    from edgec.targets.cpu_int8_winograd import wino8_applies
+    from edgec.targets.cpu.kernels.int8_winograd import wino8_applies
 
     avx2 = ISAS["avx2"]
 
@@ -568,3 +572,53 @@ def test_int8_winograd_residual_fold_and_chunks(tmp_path):
     m, step = qdq_conv(np.random.default_rng(6), 1, c, c, 3, 1, 1, (1,) * 4, 112, 112)
     kern = compare(m, step, tmp_path / "big", target_options={"mcpu": "haswell"})
     assert kern["int8"]["winograd"] == 1 and kern["unscheduled"] == {}
+
+
+_ORT_SCRIPT = """
+import sys, numpy as np, onnxruntime as ort
+o = ort.SessionOptions(); o.log_severity_level = 3
+x = np.load(sys.argv[1])["x"]
+for path in sys.argv[2:]:
+    s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+    np.save(path + ".out.npy", s.run(None, {"x": x})[0])
+"""
+
+
+@pytest.mark.slow
+def test_onnxruntime_on_an_avx2_cpu_is_exact_with_7bit_weights_only(tmp_path):
+    """onnxruntime's optimized run on an AVX2 CPU without VNNI (emulated: qemu user mode with
+    a Haswell CPUID, so its kernels take the vpmaddubsw path) of the saturating QDQ MatMul:
+    8-bit weights are off by many output steps, the same layer with 7-bit weights is exact."""
+    import shutil
+    import subprocess
+    import sys
+
+    qemu = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-x86_64 is not installed (apt-get install qemu-user-static)")
+    rng = np.random.default_rng(12)
+    m8, step = qdq_matmul(rng, 1, 1280, 1000)
+    wt = next(t for t in m8.graph.initializer if t.name == "wq")
+    w8 = rng.choice([-127, -120, 120, 127], (1000, 1280)).astype(np.int8)
+    wt.CopyFrom(onnx.numpy_helper.from_array(w8, "wq"))
+    m7 = onnx.ModelProto()
+    m7.CopyFrom(m8)
+    wt = next(t for t in m7.graph.initializer if t.name == "wq")
+    wt.CopyFrom(onnx.numpy_helper.from_array((w8 // 2).astype(np.int8), "wq"))
+    for t in list(m8.graph.initializer) + list(m7.graph.initializer):
+        if t.name == "sw":  # (and the bias scale with it: s_x * s_w, as QDQ requires)
+            t.CopyFrom(onnx.numpy_helper.from_array(np.full(1000, 1e-4, np.float32), "sw"))
+        if t.name == "sb":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.full(1000, 5e-6, np.float32), "sb"))
+    x = rng.uniform(3.0, 6.35, (1, 1280)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    paths = [str(tmp_path / "m8.onnx"), str(tmp_path / "m7.onnx")]
+    onnx.save(m8, paths[0])
+    onnx.save(m7, paths[1])
+    (tmp_path / "run.py").write_text(_ORT_SCRIPT)
+    subprocess.run([qemu, "-cpu", "Haswell-v4", sys.executable, str(tmp_path / "run.py"),
+                    str(tmp_path / "x.npz"), *paths], check=True, capture_output=True,
+                   timeout=1200)
+    off8 = np.abs(np.load(paths[0] + ".out.npy") - exact_qdq_matmul(x, m8)).max() / step
+    off7 = np.abs(np.load(paths[1] + ".out.npy") - exact_qdq_matmul(x, m7)).max() / step
+    assert off8 > 3 and off7 <= 1.001, (off8, off7)
