@@ -66,3 +66,52 @@ def record(name: str, title: str, body: str, command: str, path: Path = RESULTS)
     path.parent.mkdir(exist_ok=True)
     path.write_text(text)
     print(f"(recorded in {path.relative_to(ROOT)}, section '{name}')")
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, s):
+        for st in self.streams:
+            st.write(s)
+        return len(s)
+
+    def flush(self):
+        for st in self.streams:
+            st.flush()
+
+
+def main_recorded(name: str, title: str, main, argv=None) -> int:
+    """Run a benchmark's ``main(argv)`` with its stdout also captured, and record what it
+    printed as section ``name`` of docs/results.md (``--no-record``: print only). Sections
+    may depend on the arguments: ``name`` and ``title`` may be callables of the argv list."""
+    import io
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    keep = "--no-record" not in argv
+    argv = [a for a in argv if a != "--no-record"]
+    buf = io.StringIO()
+    out, sys.stdout = sys.stdout, _Tee(sys.stdout, buf)
+    try:
+        rc = main(argv)
+    finally:
+        sys.stdout = out
+    if rc == 0 and keep:
+        name = name(argv) if callable(name) else name
+        title = title(argv) if callable(title) else title
+        script = Path(sys.argv[0]).name
+        record(name, title, buf.getvalue(),
+               " ".join(["python", f"benchmarks/{script}", *argv]))
+    return rc
+
+
+def arg_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag V`` or ``--flag=V``), else None."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None

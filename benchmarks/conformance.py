@@ -371,4 +371,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _results import main_recorded
+
+    sys.exit(main_recorded("conformance", "ONNX backend conformance", main))

@@ -9,7 +9,8 @@ For each zoo model (random weights, batch 1, 224x224): the fp32 model and its in
 does not depend on the calibration; ``quantize.weight_bits`` from ``--weight-bits``, one row
 each: ``auto`` is 7 on x86 without VNNI) are compiled for x86 (the host CPU, or ``--mcpu`` to
 force another ISA: ``haswell`` gives the AVX2 kernels; onnxruntime still runs on the host's
-own ISA, e.g. VNNI, so on a VNNI host its QDQ time is not what an AVX2 machine would see). ``edgec.driver.bench.bench`` times each artifact against
+own ISA, e.g. VNNI, so on a VNNI host its QDQ time is not what an AVX2 machine would see).
+``edgec.driver.bench.bench`` times each artifact against
 onnxruntime running the same ONNX file, in separate processes, same thread count. Prints:
 
 * onnxruntime fp32, onnxruntime QDQ (its QLinearConv path), edgec fp32, edgec int8 (ms);
@@ -104,4 +105,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _results import arg_value, main_recorded
+
+    sys.exit(main_recorded(
+        lambda a: "int8_bench-" + (arg_value(a, "--mcpu") or "host"),
+        lambda a: "int8: compiled int8 vs fp32 vs onnxruntime's QDQ run, x86 mcpu "
+                  + (arg_value(a, "--mcpu") or "host"), main))

@@ -168,4 +168,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _results import main_recorded
+
+    sys.exit(main_recorded("lowrank_table", "lowrank on the trained Fashion-MNIST CNN", main))

@@ -176,4 +176,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _results import main_recorded
+
+    sys.exit(main_recorded("prune_table", "prune on the trained Fashion-MNIST CNN", main))

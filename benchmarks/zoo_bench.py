@@ -86,4 +86,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _results import arg_value, main_recorded
+
+    sys.exit(main_recorded(
+        lambda a: "zoo_bench" + ("-tuned" if arg_value(a, "--tune-minutes") else ""),
+        lambda a: "Zoo: onnxruntime vs edgec, fp32" + (", tuned" if arg_value(
+            a, "--tune-minutes") else ", untuned"), main))
