@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.core.errors import EdgecError
+from edgec.core.errors import EdgecError, one_line
 
 from .artifact import LIBRARY, ONNX, read_manifest, verify_file
 
@@ -64,7 +64,8 @@ class _Runner:
                 raise EdgecError(f"input '{spec['name']}' has shape {list(a.shape)}, the "
                                  f"compiled model takes {list(shape)}")
             if not exact_shape and (a.ndim != len(shape) or any(
-                    isinstance(s, int) and s > 0 and s != d for s, d in zip(shape[1:], a.shape[1:]))):
+                    isinstance(s, int) and s > 0 and s != d
+                    for s, d in zip(shape[1:], a.shape[1:]))):
                 raise EdgecError(f"input '{spec['name']}' has shape {list(a.shape)}, the "
                                  f"model takes {list(shape)}")
             arrays.append(np.ascontiguousarray(a))
@@ -155,7 +156,7 @@ class Session(_Runner):
         try:
             lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:  # noqa: BLE001
-            raise EdgecError(f"cannot load {lib_path}: {str(e).splitlines()[-1]}") from None
+            raise EdgecError(f"cannot load {lib_path}: {one_line(e, None, last=True)}") from None
         self._vm = relax.VirtualMachine(lib, self.device)
         self._main = self._vm["main"]
         if num_threads:
@@ -254,7 +255,7 @@ class OrtSession(_Runner):
             self._sess = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001
             raise EdgecError(f"onnxruntime cannot load the model: "
-                             f"{str(e).strip().splitlines()[0][:300]}") from None
+                             f"{one_line(e)}") from None
         self.input_specs = [_ort_spec(i) for i in self._sess.get_inputs()]
         self.output_specs = [_ort_spec(o) for o in self._sess.get_outputs()]
 
@@ -315,7 +316,7 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as e:  # noqa: BLE001
-        raise EdgecError(f"cannot read {p} as .npz: {str(e).splitlines()[0]}") from None
+        raise EdgecError(f"cannot read {p} as .npz: {one_line(e, None)}") from None
 
 
 __all__ = ["Session", "OrtSession", "run_batched", "load_npz", "has_qdq", "LIBRARY", "ONNX"]

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from edgec.core.errors import EdgecError
+from edgec.core.errors import EdgecError, one_line
 
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
@@ -314,7 +314,7 @@ def read_manifest(out: str | os.PathLike) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise EdgecError(f"corrupt {path}: {str(e)[:200]}") from None
+        raise EdgecError(f"corrupt {path}: {one_line(e, 200)}") from None
     if not isinstance(manifest, dict):
         raise _bad(path, "not a JSON object")
     if manifest.get("format") != FORMAT:

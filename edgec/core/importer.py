@@ -19,7 +19,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
-from .errors import EdgecError
+from .errors import EdgecError, one_line
 from .graph import opset_of
 
 # The opset every pass sees. Models below it are converted up (ops like Clip, Squeeze,
@@ -188,7 +188,7 @@ def _load_external_data(model: onnx.ModelProto, base: Path, inline: int = 0) -> 
         if len(raw) != expected:
             what = "truncated" if len(raw) < expected else "longer than its dims"
             raise EdgecError(f"external data of tensor '{_short(tensor.name)}' is {what} "
-                             f"({len(raw) if len(raw) <= expected else 'more than ' + str(expected)}"
+                             f"({len(raw) if len(raw) <= expected else f'more than {expected}'}"
                              f" bytes from offset {offset} of {_short(loc)}, its dims "
                              f"{list(tensor.dims)} need {expected})")
         tensor.raw_data = raw
@@ -270,7 +270,7 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
         m.ir_version = 4
     check_model(m)
     _drop_initializer_inputs(m, notes)
-    _name_nodes(m)
+    name_nodes(m)
     _constants_to_initializers(m, notes)
     _drop_empty_concat_inputs(m, notes)
     if notes.source_opset < 7:
@@ -302,11 +302,11 @@ def check_model(m: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(m, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        msg = next((ln for ln in lines if not ln.startswith("==>")), lines[0] if lines else "")
-        raise EdgecError(f"invalid ONNX model: {msg[:300]}") from None
+        msg = next((ln for ln in str(e).splitlines() if ln.strip()
+                    and not ln.strip().startswith("==>")), e)  # the checker's own words
+        raise EdgecError(f"invalid ONNX model: {one_line(msg)}") from None
     except ValueError as e:  # over 2 GiB, or protobuf's own refusals
-        raise EdgecError(f"invalid ONNX model: {str(e).strip().splitlines()[0][:300]}") from None
+        raise EdgecError(f"invalid ONNX model: {one_line(e)}") from None
 
 
 def _drop_initializer_inputs(m: onnx.ModelProto, notes: ImportNotes) -> None:
@@ -392,7 +392,7 @@ def _prelu_slope_per_channel(m: onnx.ModelProto) -> None:
             t.CopyFrom(numpy_helper.from_array(a.reshape([a.size] + [1] * (rank - 2)), t.name))
 
 
-def _name_nodes(m: onnx.ModelProto) -> None:
+def name_nodes(m: onnx.ModelProto) -> None:
     """Give every node a unique name, so reports and errors can point at it."""
     seen: set[str] = set()
     for i, node in enumerate(m.graph.node):
@@ -417,7 +417,7 @@ def _convert_opset(m: onnx.ModelProto, notes: ImportNotes) -> onnx.ModelProto:
         onnx.checker.check_model(converted)
     except Exception as e:  # noqa: BLE001 - the converter fails in many ways on old models
         notes.add(f"opset {opset} kept: conversion to {CANONICAL_OPSET} failed "
-                  f"({str(e).splitlines()[0][:160]})")
+                  f"({one_line(e, 160)})")
         return m
     notes.add(f"opset converted {opset} -> {CANONICAL_OPSET}")
     return converted
@@ -520,7 +520,7 @@ def _infer_once(m: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(m, check_type=False, strict_mode=False,
                                                  data_prop=True)
     except Exception as e:  # noqa: BLE001
-        raise EdgecError(f"shape inference failed: {str(e).splitlines()[0][:200]}") from None
+        raise EdgecError(f"shape inference failed: {one_line(e, 200)}") from None
 
 
 def _clear_scalar_outputs(m: onnx.ModelProto) -> onnx.ModelProto:

@@ -5,7 +5,8 @@ warm-up, then ``repeat`` runs each, each runtime in its own fresh process, in al
 rounds (so outside load hits both alike); medians are reported. The ratio is
 ``onnxruntime ms / edgec ms`` (> 1: edgec is faster). GFLOP/s counts 2 * MACs of the model
 each runner executes (the original for onnxruntime, the rewritten one for edgec); the
-machine's sgemm peak (numpy's BLAS or onnxruntime's MatMul, the faster; same threads) is measured in the same run for scale.
+machine's sgemm peak (numpy's BLAS or onnxruntime's MatMul, the faster; same threads) is
+measured in the same run for scale.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgec.core.errors import one_line
 from edgec.core.importer import load_model, normalize, random_feeds
+from edgec.core.stats import model_stats
 from edgec.runtime import OrtSession, Session
 from edgec.runtime.artifact import REPORT, read_manifest
-from edgec.core.stats import model_stats
 
 
 def sgemm_peak_gflops(threads: int, n: int = 2048, repeat: int = 3) -> float:
@@ -91,8 +93,8 @@ def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: i
                           str(feeds_path), str(threads), str(repeat), str(warmup)],
                          capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode != 0:
-        msg = (res.stderr.strip().splitlines() or ["?"])[-1]
-        raise RuntimeError(f"bench worker ({kind}) failed: {msg}")
+        raise RuntimeError(f"bench worker ({kind}) failed: "
+                           f"{one_line(res.stderr, None, last=True) or '?'}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -160,12 +162,14 @@ def format_bench(r: dict) -> str:
     lines.append(f"  ratio onnxruntime/edgec = {r['ratio']:.3f}  (> 1: edgec faster)")
     if r.get("sgemm_peak_gflops"):
         pk = r["sgemm_peak_gflops"]
-        lines.append(f"  sgemm peak {pk:.1f} GFLOP/s: onnxruntime {100 * r['onnxruntime_gflops'] / pk:.1f} %"
+        lines.append(f"  sgemm peak {pk:.1f} GFLOP/s: onnxruntime "
+                     f"{100 * r['onnxruntime_gflops'] / pk:.1f} %"
                      f", edgec {100 * r['edgec_gflops'] / pk:.1f} %")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # timing worker: python -m edgec.driver.bench KIND PATH FEEDS THREADS N WARMUP
+# The timing worker: python -m edgec.driver.bench KIND PATH FEEDS THREADS N WARMUP
+if __name__ == "__main__":
     import sys
 
     kind, path, feeds_path, threads_, n, warm = sys.argv[1:7]

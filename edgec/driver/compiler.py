@@ -13,8 +13,8 @@ import onnx
 from edgec import __version__
 from edgec.core.errors import EdgecError
 from edgec.core.importer import graph_inputs, load_model, normalize
-from edgec.driver.pipeline import Pipeline, parse_sets, resolve_passes
 from edgec.core.stats import model_stats
+from edgec.driver.pipeline import Pipeline, parse_sets, resolve_passes
 from edgec.targets import get_target
 
 DEFAULT_OUT_SUFFIX = ".edgec"
@@ -89,19 +89,6 @@ def io_specs(model: onnx.ModelProto) -> tuple[list[dict], list[dict]]:
                 "dtype": str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)))}
 
     return [spec(v) for v in graph_inputs(model)], [spec(v) for v in model.graph.output]
-
-
-def _kernel_summary(record: dict) -> dict:
-    """Per fused function: which default kernel it got, or why it kept plain loops."""
-    kinds: dict[str, int] = {}
-    for k in record.get("kernels", {}).values():
-        kinds[k] = kinds.get(k, 0) + 1
-    return {"counts": kinds, "functions": record.get("kernels", {}),
-            "unscheduled": record.get("unscheduled", {}),
-            "tuning_db": record.get("tuning_db"),
-            # QDQ convolutions: the integer ISA, how many got integer kernels, and why the
-            # others stayed float
-            "int8": record.get("int8")}
 
 
 def target_info(opts: CompileOptions):
@@ -259,11 +246,13 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
 
             built = backend.build(final, spec, tmp / LIBRARY, opts.target_options,
                                   use_tuning_db=opts.use_tuning_db)
-            timings.update({f"tvm_{k}": v for k, v in built["timings"].items()})
-            manifest["tvm_target"] = built["tvm_target"]
+            timings.update({f"tvm_{k}": v for k, v in built.timings.to_json().items()})
+            manifest["tvm_target"] = built.tvm_target
             manifest["versions"]["tvm"] = backend.tvm_version()
             manifest["library"] = LIBRARY
-            report["kernels"] = _kernel_summary(built.get("kernels", {}))
+            # per fused function: its kernel or why it kept plain loops; the tuning database;
+            # QDQ layers: the integer ISA, how many got integer kernels, why others stayed float
+            report["kernels"] = built.record.kernel_summary()
         timings["total_s"] = time.perf_counter() - t_start
         write_json(tmp / REPORT, report)
         manifest["files"] = file_hashes(tmp)  # verified when the artifact is loaded

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from edgec.core.errors import EdgecError, PassDriftError
-from edgec.core.importer import _name_nodes, random_feeds
+from edgec.core.importer import name_nodes, random_feeds
 from edgec.passes import PassContext, PassReport, get_pass, make_config, run_pass
 
 # Normalization passes run first in every preset: they make the graph what later passes and
@@ -93,7 +93,7 @@ class Pipeline:
         if "" in names or len(set(names)) != len(names):
             # passes report and rewrite per node name: name a copy (the input stays as is)
             model = copy.deepcopy(model)
-            _name_nodes(model)
+            name_nodes(model)
         result = PipelineResult(model)
         feeds = ref = None
         if self.verify:
