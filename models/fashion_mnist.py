@@ -122,7 +122,8 @@ def load(split: str = "test", n: int | None = None) -> tuple[np.ndarray, np.ndar
     return normalize(pixels), labels.astype(np.int64)
 
 
-def write_npz(path, n: int | None = None, split: str = "test", input_name: str = INPUT_NAME) -> Path:
+def write_npz(path, n: int | None = None, split: str = "test",
+              input_name: str = INPUT_NAME) -> Path:
     """Write ``{input_name: images, "labels": labels}`` to ``path`` (first ``n`` examples)."""
     if input_name == "labels":
         raise ValueError("input_name 'labels' clashes with the labels array")

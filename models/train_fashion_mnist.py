@@ -62,7 +62,8 @@ def build_model():
     nn = torch.nn
 
     def block(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True)]
 
     return nn.Sequential(
         *block(1, 32), *block(32, 32), nn.MaxPool2d(2),
@@ -239,7 +240,8 @@ def main(argv=None) -> int:
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "input": {"name": INPUT_NAME, "shape": ["batch", 1, 28, 28], "dtype": "float32",
                   "normalization": f"(pixel/255 - {fashion_mnist.MEAN}) / {fashion_mnist.STD}"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", 10], "classes": list(fashion_mnist.CLASSES)},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", 10],
+                   "classes": list(fashion_mnist.CLASSES)},
         "onnx": {"opset": OPSET, "exporter": "torch.onnx.export(dynamo=False, training=PRESERVE)",
                  "batchnorm_folded": False, "ops": ops, "bytes": len(data),
                  "sha256": hashlib.sha256(data).hexdigest()},
@@ -260,7 +262,8 @@ def main(argv=None) -> int:
     }
     json_path = out.with_suffix(".json")
     json_path.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {out} ({len(data)} bytes, sha256 {meta['onnx']['sha256'][:16]}...) and {json_path}")
+    print(f"wrote {out} ({len(data)} bytes, sha256 {meta['onnx']['sha256'][:16]}...) "
+          f"and {json_path}")
     print(f"onnxruntime test accuracy: {acc:.4f}; training took {train_seconds:.0f} s")
     return 0
 

@@ -123,7 +123,8 @@ def _check_batch(batch):
         raise ValueError(f"batch must be a positive int or None (dynamic), not {batch!r}")
 
 
-def build(name: str, seed: int = 0, batch: int | None = 1, image_size: int | None = None) -> onnx.ModelProto:
+def build(name: str, seed: int = 0, batch: int | None = 1,
+          image_size: int | None = None) -> onnx.ModelProto:
     """Build zoo model ``name`` as an ``onnx.ModelProto`` (see the module docstring)."""
     _spec(name)
     _check_batch(batch)
@@ -140,7 +141,8 @@ def build(name: str, seed: int = 0, batch: int | None = 1, image_size: int | Non
     raise AssertionError(name)  # pragma: no cover
 
 
-def export(name: str, path, seed: int = 0, batch: int | None = 1, image_size: int | None = None) -> Path:
+def export(name: str, path, seed: int = 0, batch: int | None = 1,
+           image_size: int | None = None) -> Path:
     """Write ``build(name, seed, batch, image_size)`` to ``path`` (one file, no external data)."""
     model = build(name, seed=seed, batch=batch, image_size=image_size)
     path = Path(path)
@@ -225,7 +227,8 @@ def _import_torchvision():
     except RuntimeError:
         for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
             del sys.modules[k]
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    meta = "torchvision._meta_registrations"
+    sys.modules[meta] = types.ModuleType(meta)
     import torchvision
 
     return torchvision
@@ -310,7 +313,8 @@ class _Builder:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
-    def node(self, op: str, inputs: list[str], prefix: str | None = None, output: str | None = None, **attrs) -> str:
+    def node(self, op: str, inputs: list[str], prefix: str | None = None,
+             output: str | None = None, **attrs) -> str:
         out = output or self._name(prefix or op.lower())
         self.nodes.append(helper.make_node(op, inputs, [out], name=f"{out}_node", **attrs))
         return out
@@ -322,12 +326,15 @@ class _Builder:
             pads = [kh // 2, kw // 2, kh // 2, kw // 2]
         fan_in = (cin // group) * kh * kw
         name = self._name("conv")
-        w = (self.rng.standard_normal((cout, cin // group, kh, kw)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        w = (self.rng.standard_normal((cout, cin // group, kh, kw))
+             * np.sqrt(2.0 / fan_in)).astype(np.float32)
         inputs = [x, self.const(f"{name}.weight", w)]
         if bias:
-            inputs.append(self.const(f"{name}.bias", (self.rng.standard_normal(cout) * 0.1).astype(np.float32)))
-        return self.node("Conv", inputs, output=name, kernel_shape=[kh, kw], strides=[stride, stride],
-                         pads=list(pads), group=group, dilations=[1, 1])
+            b = (self.rng.standard_normal(cout) * 0.1).astype(np.float32)
+            inputs.append(self.const(f"{name}.bias", b))
+        return self.node("Conv", inputs, output=name, kernel_shape=[kh, kw],
+                         strides=[stride, stride], pads=list(pads), group=group,
+                         dilations=[1, 1])
 
     def bn(self, x: str, c: int) -> str:
         name = self._name("bn")
@@ -352,8 +359,8 @@ class _Builder:
         name = self._name("fc")
         w = (self.rng.standard_normal((classes, cin)) * np.sqrt(1.0 / cin)).astype(np.float32)
         b = (self.rng.standard_normal(classes) * 0.01).astype(np.float32)
-        return self.node("Gemm", [x, self.const(f"{name}.weight", w), self.const(f"{name}.bias", b)],
-                         output=OUTPUT_NAME, alpha=1.0, beta=1.0, transB=1)
+        inputs = [x, self.const(f"{name}.weight", w), self.const(f"{name}.bias", b)]
+        return self.node("Gemm", inputs, output=OUTPUT_NAME, alpha=1.0, beta=1.0, transB=1)
 
     def model(self, graph_name: str, in_shape: list, classes: int, batch) -> onnx.ModelProto:
         x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, in_shape)

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -337,10 +336,11 @@ def test_zero_size_constant_compiles_into_a_loadable_artifact(tmp_path):
 def test_compile_fails_when_the_library_does_not_load(tmp_path, monkeypatch):
     from conftest import compile_to
     from edgec.targets import backend
+    from edgec.targets.records import BuildRecord, BuildResult, BuildTimings
 
     def bad_build(model, spec, lib_path, *a, **kw):
         Path(lib_path).write_bytes(b"\x7fELF not really")
-        return {"timings": {}, "tvm_target": {}, "kernels": {}}
+        return BuildResult(BuildTimings(), {}, BuildRecord())
 
     monkeypatch.setattr(backend, "build", bad_build)
     with pytest.raises(EdgecError, match="does not load.*nothing written"):
@@ -353,7 +353,8 @@ def test_two_cli_compiles_to_one_folder(tmp_path):
     staging folder). Both succeed now and leave one complete artifact."""
     onnx.save(conv_bn_model(), tmp_path / "m.onnx")
     out = tmp_path / "art"
-    cmd = [sys.executable, "-m", "edgec.driver.cli", "compile", str(tmp_path / "m.onnx"), "-o", str(out)]
+    cmd = [sys.executable, "-m", "edgec.driver.cli", "compile", str(tmp_path / "m.onnx"),
+           "-o", str(out)]
     for _ in range(2):
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(2)]

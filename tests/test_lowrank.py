@@ -50,7 +50,8 @@ def conv_model(rng, n=2, c=5, k=7, h=9, w=8, kh=3, kw=3, strides=(1, 1), dil=(1,
        h=st.integers(6, 11), w=st.integers(6, 11), form=st.sampled_from(["weight", "spatial"]),
        data=st.booleans(), seed=st.integers(0, 1000))
 def test_full_rank_is_exact(kh, kw, sh, sw, dh, dw, pads, h, w, form, data, seed):
-    assume(h + pads[0] + pads[2] >= dh * (kh - 1) + 1 and w + pads[1] + pads[3] >= dw * (kw - 1) + 1)
+    assume(h + pads[0] + pads[2] >= dh * (kh - 1) + 1
+           and w + pads[1] + pads[3] >= dw * (kw - 1) + 1)
     if form == "spatial" and (kh == 1 or kw == 1):
         form = "weight"
     rng = np.random.default_rng(seed)

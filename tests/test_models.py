@@ -34,7 +34,8 @@ def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _dims(vi) -> list:
-    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value
+            for d in vi.type.tensor_type.shape.dim]
 
 
 def _ops(model: onnx.ModelProto) -> set[str]:
@@ -208,7 +209,8 @@ def test_fashion_cnn_build_batch():
 def test_fashion_cnn_accuracy():
     x, y = fashion_mnist.load("test", n=2000)
     sess = _session(zoo.build("fashion_cnn", batch=None))
-    logits = np.concatenate([sess.run(None, {"input": x[i:i + 500]})[0] for i in range(0, len(x), 500)])
+    logits = np.concatenate([sess.run(None, {"input": x[i:i + 500]})[0]
+                             for i in range(0, len(x), 500)])
     assert logits.shape == (2000, 10)
     acc = float((logits.argmax(1) == y).mean())
     assert acc >= 0.88, acc
@@ -272,4 +274,5 @@ def test_torch_zoo_missing_torch_message(monkeypatch):
 def test_export_writes_single_file(tmp_path):
     path = zoo.export("tiny_resnet", tmp_path / "sub" / "tr.onnx", seed=3)
     assert path.is_file() and sorted(p.name for p in path.parent.iterdir()) == ["tr.onnx"]
-    assert onnx.load(str(path)).SerializeToString() == zoo.build("tiny_resnet", seed=3).SerializeToString()
+    assert (onnx.load(str(path)).SerializeToString()
+            == zoo.build("tiny_resnet", seed=3).SerializeToString())

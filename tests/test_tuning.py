@@ -107,8 +107,9 @@ def test_cli_compile_with_tuning_budget(cache, tmp_path):
     import onnx
 
     onnx.save(conv_bn_model(), tmp_path / "m.onnx")
-    res = subprocess.run([sys.executable, "-m", "edgec.driver.cli", "compile", str(tmp_path / "m.onnx"),
-                          "-o", str(tmp_path / "out"), "--tune-trials", "4"],
+    res = subprocess.run([sys.executable, "-m", "edgec.driver.cli", "compile",
+                          str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"),
+                          "--tune-trials", "4"],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
