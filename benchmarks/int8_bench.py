@@ -87,7 +87,8 @@ def main(argv=None) -> int:
                 k = r["int8_kernels"] or {}
                 print(f"{name} ({r['weight_bits']}-bit weights): isa {k.get('isa')}, "
                       f"{k.get('conv2d')} integer convs ({k.get('weights_7bit', 0)} in the "
-                      f"7-bit form), {k.get('matmul', 0)} integer matmuls, "
+                      f"7-bit form, {k.get('winograd', 0)} integer Winograd), "
+                      f"{k.get('matmul', 0)} integer matmuls, "
                       f"{k.get('dwconv2d')} depthwise on 8-bit input, float: {k.get('float')}",
                       flush=True)
     print(f"\n{a.threads} threads, batch 1, x86 mcpu {a.mcpu or 'host'}; medians of {a.repeat}")
