@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from edgec.core.errors import EdgecError, PassError
+from edgec.core.errors import EdgecError, PassError, one_line
 from edgec.core.stats import model_stats
 
 
@@ -220,7 +220,7 @@ def run_pass(name: str, model: onnx.ModelProto, config=None, ctx: PassContext | 
         onnx.checker.check_model(out)
     except Exception as e:  # noqa: BLE001
         if _valid(model):  # an input the checker already rejects cannot be blamed on the pass
-            raise PassError(name, f"produced an invalid model: {str(e).splitlines()[0]}") from e
+            raise PassError(name, f"produced an invalid model: {one_line(e, None)}") from e
     report.name = name
     report.config = dataclasses.asdict(config)
     report.before = before.to_json()

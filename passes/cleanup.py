@@ -13,6 +13,7 @@ import onnx
 
 from . import PassContext, PassReport, copy_model, register_pass
 from ._gs import gs_transform
+from ._toolkit import report_removed
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,6 @@ class CleanupConfig:
 @register_pass("cleanup", CleanupConfig)
 def cleanup(model: onnx.ModelProto, config: CleanupConfig, ctx: PassContext):
     report = PassReport("cleanup")
-    before = {n.name: n.op_type for n in model.graph.node}
     inits_before = {t.name for t in model.graph.initializer}
 
     def clean(graph):
@@ -32,10 +32,7 @@ def cleanup(model: onnx.ModelProto, config: CleanupConfig, ctx: PassContext):
             graph.toposort()
 
     out = gs_transform(copy_model(model), clean)
-    after = {n.name for n in out.graph.node}
-    for name, op in before.items():
-        if name not in after:
-            report.rewrite(name, "removed: no graph output depends on it", op=op)
+    report_removed(report, model, out, "removed: no graph output depends on it")
     dropped = inits_before - {t.name for t in out.graph.initializer}
     if dropped:
         report.details["unused_initializers_removed"] = len(dropped)

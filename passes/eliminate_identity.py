@@ -15,6 +15,7 @@ import onnx
 from edgec.core.graph import attr, value_shapes
 
 from . import PassContext, PassReport, copy_model, register_pass
+from ._toolkit import set_nodes
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,5 @@ def eliminate_identity(model: onnx.ModelProto, config: EliminateIdentityConfig,
                 if name == x:
                     k.input[j] = y
         report.rewrite(node, f"removed ({why}); producer now writes the graph output")
-    del m.graph.node[:]
-    m.graph.node.extend(keep)
+    set_nodes(m, keep)
     return m, report

@@ -16,6 +16,7 @@ import onnx
 
 from . import PassContext, PassReport, copy_model, register_pass
 from ._gs import gs_transform
+from ._toolkit import report_removed
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,6 @@ class FoldConstantsConfig:
 @register_pass("fold-constants", FoldConstantsConfig)
 def fold_constants(model: onnx.ModelProto, config: FoldConstantsConfig, ctx: PassContext):
     report = PassReport("fold-constants")
-    before = {n.name: n.op_type for n in model.graph.node}
 
     def fold(graph):
         graph.fold_constants(fold_shapes=config.fold_shapes, size_threshold=config.size_threshold,
@@ -36,8 +36,5 @@ def fold_constants(model: onnx.ModelProto, config: FoldConstantsConfig, ctx: Pas
         graph.cleanup(remove_unused_graph_inputs=False)
 
     out = gs_transform(copy_model(model), fold)
-    after = {n.name for n in out.graph.node}
-    for name, op in before.items():
-        if name not in after:
-            report.rewrite(name, "folded into a constant initializer", op=op)
+    report_removed(report, model, out, "folded into a constant initializer")
     return out, report
