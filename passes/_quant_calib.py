@@ -141,8 +141,8 @@ def range_percentile(hist, lo, hi, p) -> tuple[float, float]:
 
 def _candidates(lo, hi, n):
     """Clip ranges ``[max(lo, -c), min(hi, c)]`` for thresholds c shrinking from max(|lo|, hi)
-    to 1/n of it (TensorRT's symmetric thresholds, cut to the observed range; one-sided for
-    one-signed tensors)."""
+    to 1/n of it (symmetric thresholds, cut to the observed range; one-sided for one-signed
+    tensors)."""
     amax = max(-lo, hi)
     return list(dict.fromkeys((max(lo, -c), min(hi, c))
                               for c in np.linspace(amax, amax / n, n)))
@@ -163,7 +163,7 @@ def range_mse(hist, lo, hi, dtype, n=100) -> tuple[float, float]:
 
 
 def kl_divergence(hist, lo, hi, a, b, levels=256) -> float:
-    """KL(P || Q) of clipping to [a, b] (TensorRT's entropy calibration): P = the histogram
+    """KL(P || Q) of clipping to [a, b] (entropy calibration): P = the histogram
     restricted to the range with the outliers folded into its edge bins; Q = P merged into
     ``levels`` equal groups of bins, each group's mass spread evenly over the group's non-empty
     bins. Infinite when the range spans fewer than ``levels`` bins."""
@@ -185,8 +185,8 @@ def kl_divergence(hist, lo, hi, a, b, levels=256) -> float:
     mask = p > 0
     p = p / p.sum()
     q = q / max(q.sum(), 1e-30)
-    q = np.where(mask & (q == 0), 1e-4 / len(q), q)  # smoothing (outliers folded into an
-    q = q / q.sum()                                   # empty edge bin), as MXNet/TensorRT do
+    q = np.where(mask & (q == 0), 1e-4 / len(q), q)  # smoothing: outliers folded into an
+    q = q / q.sum()                                   # empty edge bin keep KL finite
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
 
 
