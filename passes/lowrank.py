@@ -1,4 +1,4 @@
-"""lowrank: factorize Conv and Gemm/MatMul weights into low-rank pairs (SVD), data-aware with --calib.
+"""lowrank: Conv and Gemm/MatMul weights as low-rank pairs (SVD), data-aware with --calib.
 
 Algebra. Write a layer as ``y = W x`` with W the weight matrix (out x in):
 

@@ -1,4 +1,4 @@
-"""prune: remove output channels of Convs (sized by PCA, ranked by L1), safely across residuals, with least-squares reconstruction.
+"""prune: remove Conv output channels (PCA-sized, L1-ranked) across residuals; least-squares refit.
 
 Algebra. Let a Conv produce channels ``y_k = W_k * x + b_k`` (k = 1..C) and let the channels in
 a kept set ``S`` survive. Every reader of y only ever sees ``y_S``:
@@ -39,7 +39,8 @@ import onnx
 from onnx import numpy_helper
 
 from edgec.core.errors import EdgecError
-from edgec.core.graph import all_names, attr, initializers, set_provenance, unique_name, value_shapes
+from edgec.core.graph import (all_names, attr, initializers, set_provenance, unique_name,
+                              value_shapes)
 
 from . import PassContext, PassReport, Tolerance, copy_model, register_pass
 from ._prune_groups import Graph, build_groups

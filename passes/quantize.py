@@ -1,4 +1,4 @@
-"""quantize: int8 post-training quantization in QDQ form (per-channel weights, calibrated activations).
+"""quantize: int8 post-training quantization to QDQ (per-channel weights, calibrated activations).
 
 Algebra (int8). A tensor x is stored as ``q = clamp(round(x / s) + z, qmin, qmax)`` and read
 back as ``x~ = s * (q - z)`` (QuantizeLinear / DequantizeLinear, round half to even). For a
@@ -20,7 +20,8 @@ Conv or Gemm/MatMul with weight W and bias b reading activation x:
 * activations: one ``(s, z)`` per tensor, uint8 (default) or int8, asymmetric, from the
   *observed* calibration distribution (streamed in batches; a min/max pass, then a histogram
   pass): ``minmax``, ``percentile`` (clip at the p-th percentile), ``entropy`` (the range
-  whose 8-bit re-binning has the least KL divergence from the observed histogram) or ``mse`` (the range with the least expected squared error, rounding + clipping);
+  whose 8-bit re-binning has the least KL divergence from the observed histogram) or ``mse``
+  (the range with the least expected squared error, rounding + clipping);
 * biases: int32 with scale ``s_x * s_w[k]``, zero point 0 (a channel whose bias would not fit
   gets a larger weight scale);
 * ``bias_correction``: ``b'[k] = b[k] - sum (W~ - W)[k] E[x]`` with E[x] the per-channel mean
