@@ -53,7 +53,7 @@ from edgec.core.errors import EdgecError
 from . import PassContext, PassReport, Tolerance, copy_model, register_pass
 from ._quant_plan import COMPUTE_OPS, DATA_OPS, observe, params as plan_params, plan, select
 from ._quant_rewrite import rewrite
-from ._toolkit import calib_feeds, relative_error, run_first_output
+from ._toolkit import calib_feeds, calib_rows, relative_error, run_first_output
 from .fp16 import FP16Config, to_fp16
 
 PASS = "quantize"
@@ -133,8 +133,7 @@ def quantize(model: onnx.ModelProto, config: QuantizeConfig, ctx: PassContext):
                       "weight_bits": config.weight_bits, "weight_bits_reason": bits_why,
                       "activation_type": config.activation_type,
                       "per_channel": config.per_channel,
-                      "calib_rows": int(min(next(iter(calib.values())).shape[0],
-                                            config.calib_samples)),
+                      "calib_rows": min(calib_rows(calib), config.calib_samples),
                       "layers": table, "activations": acts,
                       "fused": [{"activation": a, "into": b} for a, b in qplan.fused.items()]}
     if config.sensitivity:
@@ -173,7 +172,7 @@ def _weight_bits(config: QuantizeConfig, ctx: PassContext) -> tuple[QuantizeConf
 def _sensitivity(m, targets, data, params, config, calib, labels, means) -> list[dict]:
     """Each Conv/Gemm/MatMul quantized alone (weights, input, output): relative output error,
     top-1 agreement and, with labels, the accuracy drop vs the float model."""
-    n = min(next(iter(calib.values())).shape[0], config.sensitivity_rows)
+    n = min(calib_rows(calib), config.sensitivity_rows)
     feeds = {k: v[:n] for k, v in calib.items()}
     ref = run_first_output(m, feeds, config.batch)
     lab = None if labels is None else np.asarray(labels)[:n].reshape(-1)
