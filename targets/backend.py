@@ -1,27 +1,32 @@
-"""The TVM side of compilation: ONNX -> Relax, per-target pipelines, build, export.
+"""The TVM side of compilation: ONNX -> Relax, the target's pipeline, build, export.
 
 Only this package and :mod:`edgec.runtime` import TVM.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import onnx
+import tvm
+from tvm import relax
 
 from edgec.core.errors import EdgecError, UnsupportedOpError
 
-# tvm_ffi otherwise JIT-builds a torch DLPack bridge into ~/.cache on first import.
-os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
-
-import tvm  # noqa: E402
-from tvm import relax  # noqa: E402
-
-from . import TargetSpec  # noqa: E402
+from .spec import TargetSpec
+from .cpu.isa import select_isa
+from .phases import sequential
+from .records import BuildRecord, BuildResult, BuildTimings
+from .tuning_db import find_db
 
 
 # ---------------------------------------------------------------------------------- frontend
@@ -67,8 +72,6 @@ def to_relax(model: onnx.ModelProto) -> "tvm.IRModule":
         tt = vi.type.tensor_type
         shape_dict[vi.name] = [d.dim_value for d in tt.shape.dim]
         dtype_dict[vi.name] = str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-    import warnings
-
     err = None
     with NativeOutput() as out:
         try:
@@ -121,10 +124,6 @@ class NativeOutput:
     :meth:`raise_for` with the message after it."""
 
     def __enter__(self):
-        import signal
-        import tempfile
-        import threading
-
         self.interrupted = False
         self._handler = None
         if threading.current_thread() is threading.main_thread():
@@ -142,9 +141,6 @@ class NativeOutput:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        import gc
-        import signal
-
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             self.interrupted = True
         gc.collect()
@@ -168,58 +164,6 @@ class NativeOutput:
         if self.text.strip():
             sys.stderr.write(self.text)
             sys.stderr.flush()
-
-
-# ---------------------------------------------------------------------------------- pipelines
-def front_phases(legalize: dict | None = None, pre: list | None = None,
-                 folded: list | None = None) -> list:
-    """The phases every target starts with: library dispatch, legalization to TIR (with
-    per-target overrides; ``pre``: target rewrites that must see the graph before constants
-    are folded; ``folded``: rewrites that need them folded) and fusion of elementwise
-    epilogues into their producers."""
-    return [
-        relax.backend.DispatchSampling(),
-        relax.backend.DispatchSortScan(),
-        *(pre or []),
-        # evaluate ops on constants first -- e.g. DequantizeLinear of int8 weights -- so the
-        # legalizers below see constant weights (packed kernels need them)
-        relax.transform.FoldConstant(),
-        *(folded or []),
-        relax.transform.LegalizeOps(customize_legalize_map=legalize or {}),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-
-
-def vm_lowering_phases(cuda_graphs: bool = False) -> list:
-    """The phases every target ends with: dataflow lowering, memory planning, VM lowering."""
-    return [
-        relax.transform.RewriteDataflowReshape(),
-        relax.transform.ToNonDataflow(),
-        relax.transform.RemovePurityChecking(),
-        relax.transform.CallTIRRewrite(),
-        relax.transform.StaticPlanBlockMemory(),
-        *([relax.transform.RewriteCUDAGraph()] if cuda_graphs else []),
-        relax.transform.LowerAllocTensor(),
-        relax.transform.KillAfterLastUse(),
-        relax.transform.LowerRuntimeBuiltin(),
-        relax.transform.ComputePrimValue(),
-        relax.transform.VMShapeLower(),
-        relax.transform.AttachGlobalSymbol(),
-    ]
-
-
-def sequential(target, phases):
-    """Wrap a target family's phase list as one Relax module pass run under ``target``."""
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod, _ctx):
-        with target:
-            return tvm.transform.Sequential(phases)(mod)
-
-    return _pipeline
 
 
 # ---------------------------------------------------------------------------------- build
@@ -261,34 +205,42 @@ def int8_isa(spec: TargetSpec, options: dict | None = None) -> str | None:
     """The integer dot-product ISA the CPU backend uses for ``spec`` (None for GPUs)."""
     if spec.device != "cpu":
         return None
-    from .cpu_int8 import select_isa
-
     return select_isa(make_target(spec, options)).name
 
 
 def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
-          options: dict | None = None, use_tuning_db: bool = True) -> dict:
+          options: dict | None = None, use_tuning_db: bool = True) -> BuildResult:
     """Compile ``model`` for ``spec`` into the shared library ``lib_path``.
 
-    Returns timings and the resolved TVM target (as JSON) for the manifest.
+    Returns what the build did (:class:`~edgec.targets.records.BuildRecord`), the timings and
+    the resolved TVM target (as JSON) for the manifest.
     """
     spec.check_toolchain()
     target = make_target(spec, options)
-    timings = {}
+    timings = BuildTimings()
     t0 = time.perf_counter()
     mod = to_relax(model)
-    timings["import_s"] = time.perf_counter() - t0
-    record: dict = {}
-    tuning_db = None
+    timings.import_s = time.perf_counter() - t0
+    record = BuildRecord()
     if use_tuning_db and spec.device == "cpu":
-        from .tuning import CHOICES, db_dir
-
-        path = db_dir(spec, options)
-        if (path / CHOICES).is_file():
-            tuning_db = str(path)
-            record["tuning_db"] = tuning_db
-    pipeline = sequential(target, spec.phases(target, record, tuning_db=tuning_db))
+        record.tuning_db = find_db(spec, options)
+    pipeline = sequential(target, spec.phases(target, record, tuning_db=record.tuning_db))
     t0 = time.perf_counter()
+    ex = _relax_build(spec, mod, target, pipeline)
+    timings.build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kwargs = {"cc": spec.cross_compiler} if spec.cross_compiler else {}
+    try:
+        ex.export_library(str(lib_path), **kwargs)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()
+        raise EdgecError(f"linking the {spec.name} library failed: "
+                         f"{msg[-1] if msg else type(e).__name__}"[:400]) from None
+    timings.export_s = time.perf_counter() - t0
+    return BuildResult(timings, json.loads(str(target)), record)
+
+
+def _relax_build(spec: TargetSpec, mod, target, pipeline):
     # LoopPartition splits pad stages (bounds tests marked likely) into border and an
     # interior that copies without tests and vectorizes.
     config = {"s_tir.LoopPartition": {"partition_const_loop": True}}
@@ -302,33 +254,7 @@ def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
             err = (f"TVM build for '{spec.name}' failed: {type(e).__name__}: "
                    f"{msg[-1] if msg else ''}"[:400])
     out.raise_for(err)
-    timings["build_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    kwargs = {"cc": spec.cross_compiler} if spec.cross_compiler else {}
-    try:
-        ex.export_library(str(lib_path), **kwargs)
-    except Exception as e:  # noqa: BLE001
-        msg = str(e).strip().splitlines()
-        raise EdgecError(f"linking the {spec.name} library failed: "
-                         f"{msg[-1] if msg else type(e).__name__}"[:400]) from None
-    timings["export_s"] = time.perf_counter() - t0
-    return {"timings": timings, "tvm_target": json.loads(str(target)), "kernels": record}
-
-
-def cuda_present() -> bool:
-    try:
-        return bool(tvm.cuda(0).exist)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def detected_cuda_arch() -> str | None:
-    if not cuda_present():
-        return None
-    try:
-        return "sm_" + tvm.cuda(0).compute_version.replace(".", "")
-    except Exception:  # noqa: BLE001
-        return None
+    return ex
 
 
 def tvm_version() -> str:

@@ -1,8 +1,9 @@
-"""Tuning with MetaSchedule (``tvm.s_tir.meta_schedule``), on top of the default kernels.
+"""Tuning with MetaSchedule (``tvm.s_tir.meta_schedule``), on top of the default kernels:
+the search (reading the database at build time is :mod:`.tuning_db`'s).
 
 * Tasks are the fused TIR functions of the same front phases the compiler runs
-  (:func:`edgec.targets.x86.cpu_front_phases`), so a tuned workload is found again at compile
-  time; only functions with a convolution or matmul are tuned (the rest are memory-bound
+  (:func:`edgec.targets.cpu.pipeline.cpu_front_phases`), so a tuned workload is found again
+  at compile time; only functions with a convolution or matmul are tuned (the rest are memory-bound
   elementwise code the default schedule already handles).
 * Every task's default-kernel latency is measured in the same run; a tuned schedule is used
   only where it measured faster (``choices.json``), so tuning never makes a model slower.
@@ -17,8 +18,9 @@ Tuning needs to run the candidates, so it is offered for targets this machine ca
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -27,53 +29,21 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import tvm
+from tvm.s_tir import meta_schedule as ms
 
 from edgec.core.errors import EdgecError
 
-from . import TargetSpec
-from .backend import make_target, sequential, to_relax, tvm
+from .spec import TargetSpec
+from .backend import make_target, to_relax
+from .cpu.isa import select_isa, simd_floats
+from .cpu.pipeline import cpu_front_phases
+from .cpu.rules import schedule_func
+from .phases import sequential
+from .tuning_db import (CHOICES, database, db_dir, load_choices, save_choices, task_key,
+                        task_module)
 
-CHOICES = "choices.json"
 ANCHORS = ("edgec_conv2d_packed", "edgec_dwconv2d", "matmul", "conv2d", "T_matmul")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EDGEC_CACHE") or Path.home() / ".cache" / "edgec")
-
-
-def db_dir(spec: TargetSpec, options: dict | None = None) -> Path:
-    """The tuning database folder of a target (its name and the resolved TVM target)."""
-    target_json = json.dumps(spec.tvm_target_dict(options), sort_keys=True)
-    digest = hashlib.sha256(target_json.encode()).hexdigest()[:12]
-    return cache_root() / "tuning" / f"{spec.name}-{digest}"
-
-
-def _database(path: Path):
-    from tvm.s_tir import meta_schedule as ms
-
-    path.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(work_dir=str(path))
-
-
-def _load_choices(path: Path) -> dict:
-    f = path / CHOICES
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def _save_choices(path: Path, choices: dict) -> None:
-    tmp = path / f".{CHOICES}.tmp"
-    tmp.write_text(json.dumps(choices, indent=1, sort_keys=True))
-    os.replace(tmp, path / CHOICES)
-
-
-def _task_module(func) -> "tvm.IRModule":
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-
-
-def _key(mod) -> str:
-    import tvm_ffi
-
-    return str(tvm_ffi.structural_hash(mod))
 
 
 def _is_anchor(func) -> bool:
@@ -83,42 +53,6 @@ def _is_anchor(func) -> bool:
         if sch.get(b).name_hint.startswith(ANCHORS):
             return True
     return False
-
-
-# ---------------------------------------------------------------------------------- apply
-def apply_tuned_pass(target, tuning_db: str, record: dict | None = None):
-    """Module pass: replace each fused function by its tuned schedule where the database has
-    one that measured faster than the default kernel."""
-    path = Path(tuning_db)
-
-    @tvm.transform.module_pass(opt_level=0, name="EdgecApplyTuned")
-    def _pass(mod, _ctx):
-        choices = _load_choices(path)
-        if not choices:
-            return mod
-        db = _database(path)
-        updates = {}
-        for gv, func in mod.functions.items():
-            if not isinstance(func, tvm.tirx.PrimFunc):
-                continue
-            tmod = _task_module(func)
-            choice = choices.get(_key(tmod))
-            if not choice or choice.get("use") != "tuned":
-                continue
-            sch = db.query_schedule(tmod, target, workload_name="main")
-            if sch is None:
-                continue
-            new = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-            if func.attrs is not None and "global_symbol" not in func.attrs:
-                new = new.without_attr("global_symbol")
-            updates[gv] = new
-            if record is not None:
-                record.setdefault("kernels", {})[gv.name_hint] = "tuned"
-        for gv, f in updates.items():
-            mod[gv] = f
-        return mod
-
-    return _pass
 
 
 # ---------------------------------------------------------------------------------- tune
@@ -144,9 +78,6 @@ def _random_args(func, dev):
 
 def measure_default(func, target, repeat: int = 5) -> float:
     """Median seconds of one fused function under edgec's default schedule."""
-    from .cpu_int8 import select_isa
-    from .cpu_kernels import schedule_func, simd_floats
-
     scheduled, _ = schedule_func(func.with_attr("global_symbol", "main"), simd_floats(target),
                                  select_isa(target))
     lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
@@ -163,59 +94,84 @@ class _Deadline(Exception):
 def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
          minutes: float | None = None, progress: bool = True, seed: int = 0) -> dict:
     """Tune ``model`` (a normalized ONNX model) for ``spec``; returns a summary."""
-    from tvm.s_tir import meta_schedule as ms
-
-    if not spec.runs_on_host() or spec.device != "cpu":
-        raise EdgecError(f"tuning measures candidates on the device: target '{spec.name}' "
-                         "cannot run on this machine (RPC tuning is not supported yet)")
-    if trials <= 0:
-        raise EdgecError("--tune-trials must be positive")
-    import importlib.util
-
-    missing = [m for m in ("xgboost", "psutil", "cloudpickle")
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        raise EdgecError(f"tuning needs {', '.join(missing)}: pip install -e '.[tune]'")
-    import logging
-
-    from .x86 import cpu_front_phases
-
+    _check_tunable(spec, trials)
     for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
         logging.getLogger(name).setLevel(logging.WARNING)  # per-task logs go to the db folder
     target = make_target(spec, options)
     path = db_dir(spec, options)
     mod = to_relax(model)
     mod = sequential(target, cpu_front_phases(target))(mod)
-
-    tasks, weights, names, funcs = [], [], [], []
-    seen: dict[str, int] = {}
-    for gv, func in mod.functions.items():
-        if not isinstance(func, tvm.tirx.PrimFunc) or not _is_anchor(func):
-            continue
-        tmod = _task_module(func)
-        key = _key(tmod)
-        if key in seen:
-            weights[seen[key]] += 1.0
-            continue
-        seen[key] = len(tasks)
-        names.append(gv.name_hint)
-        funcs.append((key, func))
-        weights.append(1.0)
+    names, funcs, weights = _collect_tasks(mod)
     if not funcs:
         return {"tasks": 0, "db": str(path), "choices": {}}
 
     logdir = path / "logs"
     loggers = ms.logging.get_loggers_from_work_dir(str(logdir), names)
+    tasks = []
     for (key, func), name, lg, rs in zip(funcs, names, loggers,
                                          ms.utils.fork_seed(seed, n=len(funcs))):
         tasks.append(ms.TuneContext(
-            mod=_task_module(func), target=target, space_generator="post-order-apply",
+            mod=task_module(func), target=target, space_generator="post-order-apply",
             search_strategy="evolutionary", task_name=name, logger=lg, rand_state=rs,
             num_threads="physical"))
 
-    database = _database(path)
     deadline = time.monotonic() + 60 * minutes if minutes else None
     bar = _progress(trials, len(tasks), progress)
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + \
+        [_progress_callback(bar, names, deadline)]
+    stopped = None
+    prev = signal.getsignal(signal.SIGINT)
+    try:
+        _search(spec, path, tasks, weights, trials, callbacks)
+    except KeyboardInterrupt:
+        stopped = "interrupted: keeping what was measured"
+    except Exception as e:  # noqa: BLE001 - our deadline crosses the FFI as another error
+        if deadline is not None and time.monotonic() > deadline:
+            stopped = f"time budget of {minutes} min reached"
+        else:
+            raise EdgecError(f"tuning failed: {str(e).strip().splitlines()[-1][:300]}") from None
+    finally:
+        signal.signal(signal.SIGINT, prev)
+        if bar is not None:
+            bar.close()
+    choices = _choose(path, target, funcs, names)
+    return {"tasks": len(funcs), "db": str(path), "stopped": stopped,
+            "choices": {choices[k]["task"]: choices[k] for k, _ in funcs}}
+
+
+def _check_tunable(spec: TargetSpec, trials: int) -> None:
+    if not spec.runs_on_host() or spec.device != "cpu":
+        raise EdgecError(f"tuning measures candidates on the device: target '{spec.name}' "
+                         "cannot run on this machine (RPC tuning is not supported yet)")
+    if trials <= 0:
+        raise EdgecError("--tune-trials must be positive")
+    missing = [m for m in ("xgboost", "psutil", "cloudpickle")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EdgecError(f"tuning needs {', '.join(missing)}: pip install -e '.[tune]'")
+
+
+def _collect_tasks(mod):
+    """The distinct anchor functions: ``(names, [(key, func)], weights)``, a function that
+    occurs several times weighted by its count."""
+    weights, names, funcs = [], [], []
+    seen: dict[str, int] = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tvm.tirx.PrimFunc) or not _is_anchor(func):
+            continue
+        key = task_key(task_module(func))
+        if key in seen:
+            weights[seen[key]] += 1.0
+            continue
+        seen[key] = len(funcs)
+        names.append(gv.name_hint)
+        funcs.append((key, func))
+        weights.append(1.0)
+    return names, funcs, weights
+
+
+def _progress_callback(bar, names: list[str], deadline: float | None):
+    """A measure callback: the progress bar (best time per task), and the time budget."""
     best: dict[int, float] = {}
 
     @tvm.ir.utils.derived_object
@@ -229,47 +185,38 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
             if bar is not None:
                 bar.update(len(runner_results))
                 if task_id in best:
-                    bar.set_postfix_str(f"task {task_id + 1}/{len(tasks)} {names[task_id]} "
+                    bar.set_postfix_str(f"task {task_id + 1}/{len(names)} {names[task_id]} "
                                         f"best {best[task_id] * 1e3:.3f} ms")
             if deadline is not None and time.monotonic() > deadline:
                 raise _Deadline()
 
-    callbacks = ms.measure_callback.MeasureCallback.create("default") + [Progress()]
-    stopped = None
-    prev = signal.getsignal(signal.SIGINT)
-    try:
-        ms.tune_tasks(
-            tasks=tasks, task_weights=weights, work_dir=str(path),
-            max_trials_global=trials,
-            # the target's defaults, shrunk for small budgets so every task gets a turn
-            max_trials_per_task=max(spec.tuning.get("max_trials_per_task", 64),
-                                    trials // len(tasks)),
-            num_trials_per_iter=min(spec.tuning.get("num_trials_per_iter", 16),
-                                    max(4, trials // len(tasks))),
-            builder=ms.builder.LocalBuilder(f_build=_f_build, max_workers=os.cpu_count(),
-                                            timeout_sec=120),
-            runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
-                number=3, repeat=1, min_repeat_ms=10, enable_cpu_cache_flush=False),
-                timeout_sec=60),
-            database=database, measure_callbacks=callbacks, cost_model="xgb",
-            task_scheduler="gradient")
-    except KeyboardInterrupt:
-        stopped = "interrupted: keeping what was measured"
-    except Exception as e:  # noqa: BLE001 - our deadline crosses the FFI as another error
-        if deadline is not None and time.monotonic() > deadline:
-            stopped = f"time budget of {minutes} min reached"
-        else:
-            raise EdgecError(f"tuning failed: {str(e).strip().splitlines()[-1][:300]}") from None
-    finally:
-        signal.signal(signal.SIGINT, prev)
-        if bar is not None:
-            bar.close()
+    return Progress()
 
-    # Keep the faster of default and tuned, per task.
-    choices = _load_choices(path)
-    database = _database(path)  # re-read what was committed
+
+def _search(spec: TargetSpec, path: Path, tasks, weights, trials: int, callbacks) -> None:
+    ms.tune_tasks(
+        tasks=tasks, task_weights=weights, work_dir=str(path),
+        max_trials_global=trials,
+        # the target's defaults, shrunk for small budgets so every task gets a turn
+        max_trials_per_task=max(spec.tuning.get("max_trials_per_task", 64),
+                                trials // len(tasks)),
+        num_trials_per_iter=min(spec.tuning.get("num_trials_per_iter", 16),
+                                max(4, trials // len(tasks))),
+        builder=ms.builder.LocalBuilder(f_build=_f_build, max_workers=os.cpu_count(),
+                                        timeout_sec=120),
+        runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
+            number=3, repeat=1, min_repeat_ms=10, enable_cpu_cache_flush=False),
+            timeout_sec=60),
+        database=database(path), measure_callbacks=callbacks, cost_model="xgb",
+        task_scheduler="gradient")
+
+
+def _choose(path: Path, target, funcs, names) -> dict:
+    """Keep the faster of default and tuned, per task (``choices.json``)."""
+    choices = load_choices(path)
+    db = database(path)  # re-read what was committed
     for (key, func), name in zip(funcs, names):
-        recs = database.query_tuning_record(_task_module(func), target, workload_name="main")
+        recs = db.query_tuning_record(task_module(func), target, workload_name="main")
         tuned = None
         if recs is not None and recs.run_secs:
             tuned = float(np.mean([float(s) for s in recs.run_secs]))
@@ -279,9 +226,8 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
             default = None
         use = "tuned" if tuned is not None and (default is None or tuned < default) else "default"
         choices[key] = {"task": name, "default_s": default, "tuned_s": tuned, "use": use}
-    _save_choices(path, choices)
-    return {"tasks": len(funcs), "db": str(path), "stopped": stopped,
-            "choices": {choices[k]["task"]: choices[k] for k, _ in funcs}}
+    save_choices(path, choices)
+    return choices
 
 
 def _progress(total: int, ntasks: int, enabled: bool):
@@ -313,8 +259,6 @@ def export_db(spec: TargetSpec, file: str | Path, options: dict | None = None) -
 
 def import_db(spec: TargetSpec, file: str | Path, options: dict | None = None) -> int:
     """Merge an exported database into this target's; returns the records imported."""
-    from tvm.s_tir import meta_schedule as ms
-
     file = Path(file)
     if not file.is_file():
         raise EdgecError(f"tuning database file not found: {file}")
@@ -333,14 +277,14 @@ def import_db(spec: TargetSpec, file: str | Path, options: dict | None = None) -
         z.extractall(tmp)
         src = ms.database.JSONDatabase(work_dir=tmp)
         path = db_dir(spec, options)
-        dst = _database(path)
+        dst = database(path)
         n = 0
         for rec in src.get_all_tuning_records():
             wl = dst.commit_workload(rec.workload.mod)
             dst.commit_tuning_record(ms.database.TuningRecord(
                 rec.trace, wl, rec.run_secs, rec.target, rec.args_info))
             n += 1
-        choices = _load_choices(path)
+        choices = load_choices(path)
         choices.update(json.loads(Path(tmp, CHOICES).read_text()))
-        _save_choices(path, choices)
+        save_choices(path, choices)
     return n

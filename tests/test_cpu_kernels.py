@@ -1,4 +1,4 @@
-"""edgec's default CPU kernels (targets/cpu_kernels.py) against onnxruntime.
+"""edgec's default CPU kernels (targets/cpu/kernels/) against onnxruntime.
 
 Every case also checks the compile report: the intended kernel was applied and no function
 was left with unscheduled loops -- a schedule that silently failed would pass the numbers
@@ -15,8 +15,9 @@ from onnx import helper
 
 from conftest import compile_to, make_model
 from edgec.runtime import OrtSession, Session, run_batched
-from edgec.targets.cpu_kernels import conv_px_tile, simd_floats
-from edgec.targets.cpu_winograd import matrices, transform_weight, winograd_tile
+from edgec.targets.cpu.isa import simd_floats
+from edgec.targets.cpu.kernels.pixel_conv import conv_px_tile
+from edgec.targets.cpu.kernels.winograd import matrices, transform_weight, winograd_tile
 
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -209,7 +210,7 @@ def test_winograd_choice():
 def test_pixel_tile_choice():
     """Flat maps are cut into tiles of whole vectors; rows pad to whole vectors; a tile's
     accumulators stay under 1 KiB and its input pixels within half of L1, else no tile."""
-    from edgec.targets.cpu_kernels import PX_L1_BYTES, px_tile
+    from edgec.targets.cpu.kernels.pixel_conv import PX_L1_BYTES, px_tile
 
     hv, wv, wpad, vecs, rows = px_tile(16, 15, 56, 56, 4 * 24, 144)
     assert (hv, wv, wpad) == (1, 3136, 3136) and 3136 % (16 * vecs) == 0
@@ -328,7 +329,7 @@ def test_avx2_kernels(tmp_path):
     """The 8-lane (AVX2) kernels, as on machines without AVX-512 (this host runs them too)."""
     from conftest import conv_bn_model
 
-    from edgec.targets.cpu_kernels import simd_floats
+    from edgec.targets.cpu.isa import simd_floats
     from edgec.targets.backend import make_target
     from edgec.targets import get_target
 
@@ -407,8 +408,8 @@ def test_winograd_chunks(c, h, batch, rows):
     import tvm
     from tvm import te
 
-    from edgec.targets.cpu_winograd import (WINO_GEMM_BLOCK, WINO_OUT1_BLOCK, _chunk_rows,
-                                            winograd_te)
+    from edgec.targets.cpu.kernels.winograd import (WINO_GEMM_BLOCK, WINO_OUT1_BLOCK,
+                                                    _chunk_rows, winograd_te)
 
     x = te.placeholder((batch, c, h, h), name="x")
     u = te.placeholder((36, c // 16, c, 16), name="u")

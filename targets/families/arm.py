@@ -7,18 +7,9 @@
 
 from __future__ import annotations
 
-from . import TargetSpec, register_target
-from .x86 import cpu_phases
+from ..spec import TargetSpec, register_target
 
-CROSS = "aarch64-linux-gnu-g++"
-CROSS_PKG = "g++-aarch64-linux-gnu"
-
-
-def aarch64(mcpu: str | None, mattr: list[str]) -> dict:
-    t = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": list(mattr)}
-    if mcpu:
-        t["mcpu"] = mcpu
-    return t
+from ._llvm import CPU_TUNING, CROSS, CROSS_PKG, aarch64, cpu_phases
 
 
 def _arm_spec(name: str, description: str, mcpu: str | None, mattr: list[str]) -> TargetSpec:
@@ -32,7 +23,7 @@ def _arm_spec(name: str, description: str, mcpu: str | None, mattr: list[str]) -
         cross_compiler=CROSS,
         cross_package=CROSS_PKG,
         host_arch="aarch64",
-        tuning={"max_trials_per_task": 64, "num_trials_per_iter": 16},
+        tuning=CPU_TUNING,
         options=("mcpu",),
     ))
 

@@ -15,8 +15,9 @@ import re
 
 from edgec.core.errors import EdgecError
 
-from . import TargetSpec, register_target
-from .arm import CROSS, CROSS_PKG, aarch64
+from ..spec import TargetSpec, register_target
+
+from ._llvm import CROSS, CROSS_PKG, aarch64, x86_64
 
 DEFAULT_CUDA_ARCH = "sm_75"
 
@@ -24,7 +25,7 @@ DEFAULT_CUDA_ARCH = "sm_75"
 def _arch(options: dict, default: str) -> str:
     arch = options.get("cuda_arch")
     if not arch:
-        from .backend import detected_cuda_arch
+        from ..device import detected_cuda_arch  # (imports TVM)
 
         arch = detected_cuda_arch() or default
     if not re.fullmatch(r"sm_\d{2,3}[a-z]?", arch):
@@ -32,25 +33,15 @@ def _arch(options: dict, default: str) -> str:
     return arch
 
 
-def cuda_phases(target, record: dict | None = None, tuning_db: str | None = None) -> list:
-    """Relax pipeline phases for CUDA: dlight's default GPU schedules after legalization."""
-    from tvm.s_tir import dlight as dl
+def cuda_phases(target, record=None, tuning_db: str | None = None) -> list:
+    """The CUDA pipeline (:func:`edgec.targets.cuda_pipeline.cuda_phases`)."""
+    from ..cuda_pipeline import cuda_phases as phases  # (TVM: at build time only)
 
-    from .backend import front_phases, vm_lowering_phases
-
-    return [
-        *front_phases(),
-        dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
-        *vm_lowering_phases(cuda_graphs=True),
-    ]
+    return phases(target, record, tuning_db=tuning_db)
 
 
 def _cuda_target(options: dict) -> dict:
-    from .x86 import _x86_target
-
-    return {"kind": "cuda", "arch": _arch(options, DEFAULT_CUDA_ARCH),
-            "host": _x86_target({})}
+    return {"kind": "cuda", "arch": _arch(options, DEFAULT_CUDA_ARCH), "host": x86_64({})}
 
 
 def _orin_target(options: dict) -> dict:
@@ -61,28 +52,24 @@ def _orin_target(options: dict) -> dict:
             "host": aarch64("cortex-a78", ["+neon", "+dotprod", "+fullfp16"])}
 
 
-CUDA = register_target(TargetSpec(
-    name="cuda",
-    family="cuda",
-    description=f"NVIDIA GPU on an x86-64 host (--cuda-arch; detected, else {DEFAULT_CUDA_ARCH})",
-    make_target=_cuda_target,
-    phases=cuda_phases,
-    device="cuda",
-    host_arch="x86_64",
-    tuning={"max_trials_per_task": 128, "num_trials_per_iter": 32},
-    options=("cuda_arch",),
-))
+def _cuda_spec(name: str, description: str, make_target, host_arch: str,
+               cross: bool) -> TargetSpec:
+    return register_target(TargetSpec(
+        name=name,
+        family="cuda",
+        description=description,
+        make_target=make_target,
+        phases=cuda_phases,
+        device="cuda",
+        cross_compiler=CROSS if cross else None,
+        cross_package=CROSS_PKG if cross else None,
+        host_arch=host_arch,
+        tuning={"max_trials_per_task": 128, "num_trials_per_iter": 32},
+        options=("cuda_arch",),
+    ))
 
-JETSON_ORIN = register_target(TargetSpec(
-    name="jetson-orin",
-    family="cuda",
-    description="NVIDIA Jetson Orin (sm_87 GPU, aarch64 Cortex-A78AE host)",
-    make_target=_orin_target,
-    phases=cuda_phases,
-    device="cuda",
-    cross_compiler=CROSS,
-    cross_package=CROSS_PKG,
-    host_arch="aarch64",
-    tuning={"max_trials_per_task": 128, "num_trials_per_iter": 32},
-    options=("cuda_arch",),
-))
+
+CUDA = _cuda_spec("cuda", "NVIDIA GPU on an x86-64 host (--cuda-arch; detected, else "
+                  f"{DEFAULT_CUDA_ARCH})", _cuda_target, "x86_64", cross=False)
+JETSON_ORIN = _cuda_spec("jetson-orin", "NVIDIA Jetson Orin (sm_87 GPU, aarch64 Cortex-A78AE "
+                         "host)", _orin_target, "aarch64", cross=True)

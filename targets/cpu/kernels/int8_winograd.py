@@ -1,7 +1,7 @@
 """Integer Winograd F(2x2, 3x3) for QDQ 3x3 convolutions on x86 CPUs without VNNI.
 
 With the activation ``d = Xq - zx`` (integers, 0 in the padding) and the int8 filter ``g``,
-Winograd's identity (:mod:`.cpu_winograd`) holds over the integers once ``G`` is doubled::
+Winograd's identity (:mod:`.winograd`) holds over the integers once ``G`` is doubled::
 
     4 * Y = A^T [ ((2G) g (2G)^T) (.) (B^T d B) ] A          (F(2, 3): B, A in {0, +-1})
 
@@ -25,14 +25,19 @@ tensor, so the transforms vectorize along ``(tile, channel pair)`` without shuff
     V1, V[e, cb, p, d]    = B^T d B                                  (int16)
     M[e, kb, p, l]        = sum_{cb, d} V[e, cb, p, d] U[e, kb, cb, l, d]     (int32)
     P[n, kb, y, x, l]     = A^T M A                                  (int32, = 4 Y)
-    out                   = the integer kernel's epilogue (:func:`cpu_int8.finish_int8`)
+    out                   = the integer kernel's epilogue (:func:`.int8_common.finish_int8`)
 """
 
 from __future__ import annotations
 
 import numpy as np
+from tvm import te, tirx
 
-from .cpu_winograd import WINO_OUT1_BLOCK, WINO_OUT_BLOCK, _coef, matrices
+from ..isa import ISA_ATTR
+from ..schedule import ScheduleRule, block_named, extent, find_blocks, register_tile
+from .int8_common import finish_int8, kernel_isa
+from .int8_intrin import register_pair_intrin
+from .winograd import WINO_OUT1_BLOCK, WINO_OUT_BLOCK, coef, matrices, schedule_output
 
 WINO8_PHASE_BLOCK = "edgec_wino8_xs"
 WINO8_IN1_BLOCK = "edgec_wino8_v1"
@@ -86,11 +91,7 @@ def transform_weight_int8(wq: np.ndarray, lanes: int) -> np.ndarray:
 def int8_winograd_te(xq, up, corr, scale, zx: int, oc: int, pads, isa, requant=None,
                      residual=None):
     """TE of the integer Winograd convolution; ``scale`` already holds the 1/4 (module
-    docstring). Same signature and output as :func:`cpu_int8.int8_conv_te`."""
-    from tvm import te, tirx
-
-    from .cpu_int8 import ISA_ATTR, finish_int8
-
+    docstring). Same signature and output as :func:`.int8_conv.int8_conv_te`."""
     bt, _, at = matrices(M)
     nb, c, h, w = (int(d) for d in xq.shape)
     a2, kbn, cbn, lanes, depth = (int(d) for d in up.shape)
@@ -112,7 +113,7 @@ def int8_winograd_te(xq, up, corr, scale, zx: int, oc: int, pads, isa, requant=N
     v1 = te.compute(
         (nb, cbn, th, A, A, tw, 2),
         lambda n, cb, ty, e1, r2, tx, d: te.sum(
-            _coef(bt, e1, r1, i16) * xs[n, cb, r2 % M, ty * M + r1, tx + r2 // M, d], axis=r1),
+            coef(bt, e1, r1, i16) * xs[n, cb, r2 % M, ty * M + r1, tx + r2 // M, d], axis=r1),
         name=WINO8_IN1_BLOCK)
     r2 = te.reduce_axis((0, A), "r2")
 
@@ -120,7 +121,7 @@ def int8_winograd_te(xq, up, corr, scale, zx: int, oc: int, pads, isa, requant=N
 
     def vbody(e, cb, p, d):
         n, ty, tx = p // (th * tw), (p // tw) % th, p % tw
-        return te.sum(_coef(bt, e % A, r2, i16) * v1[n, cb, ty, e // A, r2, tx, d], axis=r2)
+        return te.sum(coef(bt, e % A, r2, i16) * v1[n, cb, ty, e // A, r2, tx, d], axis=r2)
 
     v = te.compute((a2, cbn, ptiles, 2), vbody, name=WINO8_IN_BLOCK)
     rc = te.reduce_axis((0, cbn), "rc")
@@ -134,67 +135,17 @@ def int8_winograd_te(xq, up, corr, scale, zx: int, oc: int, pads, isa, requant=N
     p1 = te.compute(
         (nb, kbn, th, M, A, tw, lanes),
         lambda n, o, ty, i, r, tx, l: te.sum(
-            _coef(at, i, s1, "int32") * mm[s1 * A + r, o, (n * th + ty) * tw + tx, l],
+            coef(at, i, s1, "int32") * mm[s1 * A + r, o, (n * th + ty) * tw + tx, l],
             axis=s1),
         name=WINO_OUT1_BLOCK)
     s2 = te.reduce_axis((0, A), "s2")
     pk = te.compute(
         (nb, kbn, th * M, tw * M, lanes),
         lambda n, o, y, xx, l: te.sum(
-            _coef(at, xx % M, s2, "int32") * p1[n, o, y // M, y % M, s2, xx // M, l], axis=s2),
+            coef(at, xx % M, s2, "int32") * p1[n, o, y // M, y % M, s2, xx // M, l], axis=s2),
         name=WINO_OUT_BLOCK)
     return finish_int8((nb, oc, oh, ow), lambda n, o, y, x: pk[n, o // lanes, y, x, o % lanes],
                        lambda n, o, y, x: o, corr, scale, requant, residual)
-
-
-_REGISTERED: set[str] = set()
-
-
-def register_pair_intrin(isa) -> str:
-    """``C[l] += sum_d A[d] * B[l, d]`` for two int16 ``A`` (one 32-bit word, broadcast) and
-    ``L x 2`` int16 ``B``: ``vpmaddwd`` plus an add."""
-    from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
-
-    from .cpu_int8 import ISAS
-
-    s16 = ISAS[isa.name.removesuffix("-s7")]
-    name = s16.intrin_name + "_wino"
-    if name in _REGISTERED:
-        return name
-    L = s16.lanes
-    acc, pair, llvm_name = f"int32x{L}", f"int16x{2 * L}", s16.llvm
-    i16, i32 = "int16", "int32"
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((2,), i16, offset_factor=1),
-             b: T.Buffer((L, 2), i16, offset_factor=1),
-             c: T.Buffer((L,), i32, offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:L], a[0:2], b[0:L, 0:2])
-            T.writes(c[0:L])
-            for i in T.serial(0, L):
-                for k in T.serial(0, 2):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        c[vi] = c[vi] + T.Cast("int32", a[vk]) * T.Cast("int32", b[vi, vk])
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((2,), i16, offset_factor=1),
-             b: T.Buffer((L, 2), i16, offset_factor=1),
-             c: T.Buffer((L,), i32, offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(c[0:L], a[0:2], b[0:L, 0:2])
-            T.writes(c[0:L])
-            a32 = T.reinterpret(a.vload([0], dtype="int16x2"), dtype="int32")
-            c[T.ramp(T.int32(0), 1, L)] = c.vload([0], dtype=acc) + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm_name),
-                T.reinterpret(T.broadcast(a32, L), dtype=pair),
-                b.vload([0, 0], dtype=pair), dtype=acc)
-
-    TensorIntrin.register(name, desc, impl, override=True)
-    _REGISTERED.add(name)
-    return name
 
 
 WINO8_CHUNK_BYTES = 16 << 20  # V and M of one chunk of tile rows
@@ -204,22 +155,19 @@ def schedule_int8_winograd(sch, gemm, isa, max_cols: int) -> None:
     """Output transform and epilogue per (channel block, tile row) (the float kernel's
     schedule), products per (e, channel block) on the ``vpmaddwd`` register tile, the input
     transform per channel pair, vectorized along (tile, channel of the pair)."""
-    from .cpu_kernels import _all_blocks, _extent, register_tile
-    from .cpu_winograd import _schedule_output
-
     def block(name):
-        return next((b for b in _all_blocks(sch) if sch.get(b).name_hint == name), None)
+        return block_named(sch, name)
 
     xs, v1, v = block(WINO8_PHASE_BLOCK), block(WINO8_IN1_BLOCK), block(WINO8_IN_BLOCK)
     p1, pk = block(WINO_OUT1_BLOCK), block(WINO_OUT_BLOCK)
-    a2, kbn, _, lanes, cbn, _ = (_extent(sch, lp) for lp in sch.get_loops(gemm))
-    th, tw = (_extent(sch, lp) for lp in (sch.get_loops(p1)[2], sch.get_loops(p1)[5]))
+    a2, kbn, _, lanes, cbn, _ = (extent(sch, lp) for lp in sch.get_loops(gemm))
+    th, tw = (extent(sch, lp) for lp in (sch.get_loops(p1)[2], sch.get_loops(p1)[5]))
     row = tw * a2 * (cbn * 4 + kbn * lanes * 4)  # bytes of V and M per tile row
     chunk = None
     if th * row > WINO8_CHUNK_BYTES:
         chunk = max(r for r in range(1, th + 1)
                     if th % r == 0 and (r * row <= WINO8_CHUNK_BYTES or r == 1))
-    anchor = _schedule_output(sch, p1, pk, chunk)
+    anchor = schedule_output(sch, p1, pk, chunk)
 
     if anchor is not None:  # (both before the products are tensorized)
         sch.compute_at(gemm, anchor, preserve_unit_loops=True)
@@ -252,3 +200,12 @@ def schedule_int8_winograd(sch, gemm, isa, max_cols: int) -> None:
     sch.compute_at(xs, cb, preserve_unit_loops=True)
     *_, j, d = sch.get_loops(xs)
     sch.vectorize(sch.fuse(j, d))
+
+
+def _apply(sch, blocks, ctx) -> str:
+    isa = kernel_isa(sch, blocks[0], ctx.isa)
+    schedule_int8_winograd(sch, blocks[0], isa, ctx.max_cols)
+    return "conv2d-int8wino-" + isa.name
+
+
+RULE = ScheduleRule("conv2d-int8wino", lambda sch: find_blocks(sch, WINO8_GEMM_BLOCK), _apply)

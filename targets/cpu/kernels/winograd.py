@@ -40,6 +40,10 @@ direct kernel elsewhere (7x7 maps, 512 channels).
 from __future__ import annotations
 
 import numpy as np
+from tvm import te, tirx
+
+from ..schedule import (ScheduleRule, block_named, extent, find_blocks, fuse_epilogue,
+                        register_tile, vectorize_innermost)
 
 WINO_GEMM_BLOCK = "edgec_wino_gemm"
 WINO_IN_BLOCK = "edgec_wino_v"
@@ -123,11 +127,9 @@ def winograd_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int) ->
     return None
 
 
-def _coef(mat: np.ndarray, i, j, dtype: str = "float32"):
+def coef(mat: np.ndarray, i, j, dtype: str = "float32"):
     """``mat[i, j]`` for loop variables (or ints) ``i``, ``j`` as a chain of selects over
     the nonzero entries: constant once the loops are unrolled, zero terms then vanish."""
-    from tvm import tirx
-
     cast = float if dtype.startswith("float") else int
     out = tirx.const(cast(0), dtype)
     for (a, b), v in np.ndenumerate(mat):
@@ -160,8 +162,6 @@ def winograd_te(x, u, oc: int, pads, m: int):
 def winograd_input_te(x, pads, m: int):
     """``V[e, c, p]`` of the input (tiles ``p`` over ``n, ty, tx``) and the geometry
     ``(nb, oh, ow, th, tw, m)`` for :func:`winograd_output_te`."""
-    from tvm import te, tirx
-
     bt, _, _ = matrices(m)
     a = m + 2
     nb, c, h, w = (int(d) for d in x.shape)
@@ -184,13 +184,13 @@ def winograd_input_te(x, pads, m: int):
     v1 = te.compute(
         (nb, c, th, a, a, tw),
         lambda n, c_, ty, e1, r2, tx: te.sum(
-            _coef(bt, e1, r1) * xs[n, c_, r2 % m, ty * m + r1, tx + r2 // m], axis=r1),
+            coef(bt, e1, r1) * xs[n, c_, r2 % m, ty * m + r1, tx + r2 // m], axis=r1),
         name=WINO_IN1_BLOCK)
     r2 = te.reduce_axis((0, a), "r2")
 
     def vbody(e, c_, p):
         n, ty, tx = p // (th * tw), (p // tw) % th, p % tw
-        return te.sum(_coef(bt, e % a, r2) * v1[n, c_, ty, e // a, r2, tx], axis=r2)
+        return te.sum(coef(bt, e % a, r2) * v1[n, c_, ty, e // a, r2, tx], axis=r2)
 
     return te.compute((a * a, c, ptiles), vbody, name=WINO_IN_BLOCK), \
         (nb, oh, ow, th, tw, m)
@@ -198,8 +198,6 @@ def winograd_input_te(x, pads, m: int):
 
 def winograd_gemm_te(v, u):
     """``M[e, kb, p, l] = sum_c V[e, c, p] * U[e, kb, c, l]``."""
-    from tvm import te
-
     a2, c, ptiles = (int(d) for d in v.shape)
     _, kb, _, lanes = (int(d) for d in u.shape)
     rc = te.reduce_axis((0, c), "rc")
@@ -210,8 +208,6 @@ def winograd_gemm_te(v, u):
 
 def winograd_output_te(mm, oc: int, geom):
     """``Y[n, k, oy, ox]`` from the products ``M`` (the output transform and unpacking)."""
-    from tvm import te
-
     nb, oh, ow, th, tw, m = geom
     _, at = matrices(m)[1:]
     a = m + 2
@@ -221,13 +217,13 @@ def winograd_output_te(mm, oc: int, geom):
     p1 = te.compute(
         (nb, int(mm.shape[1]), th, m, a, tw, lanes),
         lambda n, o, ty, i, r, tx, l: te.sum(
-            _coef(at, i, s1) * mm[s1 * a + r, o, (n * th + ty) * tw + tx, l], axis=s1),
+            coef(at, i, s1) * mm[s1 * a + r, o, (n * th + ty) * tw + tx, l], axis=s1),
         name=WINO_OUT1_BLOCK)
     s2 = te.reduce_axis((0, a), "s2")
     pk = te.compute(
         (nb, int(mm.shape[1]), th * m, tw * m, lanes),
         lambda n, o, y, xx, l: te.sum(
-            _coef(at, xx % m, s2) * p1[n, o, y // m, y % m, s2, xx // m, l], axis=s2),
+            coef(at, xx % m, s2) * p1[n, o, y // m, y % m, s2, xx // m, l], axis=s2),
         name=WINO_OUT_BLOCK)
     return te.compute((nb, oc, oh, ow),
                       lambda n, k, y, xx: pk[n, k // lanes, y, xx, k % lanes],
@@ -240,10 +236,8 @@ def schedule_winograd(sch, gemm, max_cols: int) -> None:
     transform and fused epilogue per (channel block, tile row); every stage parallel,
     transforms unrolled and vectorized along tiles (input) or output-channel lanes
     (output). Any of the blocks may be absent (the stages can be scheduled alone)."""
-    from .cpu_kernels import _all_blocks
-
     def block(name):
-        return next((b for b in _all_blocks(sch) if sch.get(b).name_hint == name), None)
+        return block_named(sch, name)
 
     xs, v1, v = block(WINO_PHASE_BLOCK), block(WINO_IN1_BLOCK), block(WINO_IN_BLOCK)
     p1, pk = block(WINO_OUT1_BLOCK), block(WINO_OUT_BLOCK)
@@ -251,7 +245,7 @@ def schedule_winograd(sch, gemm, max_cols: int) -> None:
     # loop over images / chunks of tile rows, so the transformed tiles of one chunk (not of
     # the whole map) pass through the caches
     chunk = _chunk_rows(sch, gemm, p1) if gemm is not None and p1 is not None else None
-    anchor = _schedule_output(sch, p1, pk, chunk) if pk is not None else None
+    anchor = schedule_output(sch, p1, pk, chunk) if pk is not None else None
     if gemm is not None:
         if anchor is not None:
             sch.compute_at(gemm, anchor, preserve_unit_loops=True)
@@ -272,10 +266,8 @@ def _chunk_rows(sch, gemm, p1) -> int | None:
     1.55x in chunks of 16 MiB, 1.63x of 8 MiB; but 64 at 112x112 (14 MiB in all) 1.9-2.0x
     whole and 1.23x in two chunks of 8 MiB (each chunk reloads the transformed weights and
     starts three parallel stages)."""
-    from .cpu_kernels import _extent
-
-    a2, kb, _, lanes, c = (_extent(sch, lp) for lp in sch.get_loops(gemm))
-    th, tw = (_extent(sch, lp) for lp in (sch.get_loops(p1)[2], sch.get_loops(p1)[5]))
+    a2, kb, _, lanes, c = (extent(sch, lp) for lp in sch.get_loops(gemm))
+    th, tw = (extent(sch, lp) for lp in (sch.get_loops(p1)[2], sch.get_loops(p1)[5]))
     row = tw * a2 * (c + kb * lanes) * 4
     if th * row <= WINO_CHUNK_BYTES:
         return None
@@ -285,13 +277,11 @@ def _chunk_rows(sch, gemm, p1) -> int | None:
 
 def _schedule_input(sch, xs, v1, v):
     """column phases, V1 and V per input channel (parallel)"""
-    from .cpu_kernels import _extent
-
-    a_ = _extent(sch, sch.get_loops(v1)[3])
+    a_ = extent(sch, sch.get_loops(v1)[3])
 
     # input transform per channel: V1 of all tiles, then V, both vectorized along tile rows
     *_, e, c, p, r2 = sch.get_loops(v)
-    tw = _extent(sch, sch.get_loops(v1)[-2])
+    tw = extent(sch, sch.get_loops(v1)[-2])
     e1, e2 = sch.split(e, [None, a_])
     po, tx = sch.split(p, [None, tw])
     sch.reorder(c, e1, po, e2, r2, tx)
@@ -314,8 +304,6 @@ def _schedule_input(sch, xs, v1, v):
 
 def _schedule_gemm(sch, gemm, max_cols):
     """products: parallel over (e, channel block), the direct kernel's register tile"""
-    from .cpu_kernels import register_tile
-
     *_, e, o, p, l, rc = sch.get_loops(gemm)
     oo, oi, po, pi = register_tile(sch, o, p, max_cols)
     sch.reorder(e, oo, po, rc, oi, pi, l)
@@ -326,23 +314,21 @@ def _schedule_gemm(sch, gemm, max_cols):
     sch.decompose_reduction(gemm, rc)
 
 
-def _schedule_output(sch, p1, pk, chunk=None):
+def schedule_output(sch, p1, pk, chunk=None):
     """output transform + unpack + epilogue per (n, channel block, tile row); returns the
     serial loop (over images, or over chunks of ``chunk`` tile rows) the other stages are
     computed under, or None"""
-    from .cpu_kernels import _extent, _fuse_epilogue, _vectorize_innermost
-
     n, o, y, xx, l, s2 = sch.get_loops(pk)
-    ty, i = sch.split(y, [None, _extent(sch, sch.get_loops(p1)[3])])
-    mt = _extent(sch, i)
+    ty, i = sch.split(y, [None, extent(sch, sch.get_loops(p1)[3])])
+    mt = extent(sch, i)
     tx, jj = sch.split(xx, [None, mt])
-    anchor = n if _extent(sch, n) > 1 else None
+    anchor = n if extent(sch, n) > 1 else None
     if chunk is not None:
         anchor, ty = sch.split(ty, [None, chunk])
         sch.reorder(n, anchor, o, ty, i, tx, jj, s2, l)
     else:
         sch.reorder(n, o, ty, i, tx, jj, s2, l)
-    epilogue = _fuse_epilogue(sch, pk, ty)
+    epilogue = fuse_epilogue(sch, pk, ty)
     outer = sch.fuse(o, ty) if anchor is not None else sch.fuse(n, o, ty)
     sch.parallel(outer)
     sch.compute_at(p1, outer, preserve_unit_loops=True)
@@ -356,6 +342,15 @@ def _schedule_output(sch, p1, pk, chunk=None):
     sch.unroll(jj)
     sch.unroll(s2)
     sch.vectorize(l)
-    _vectorize_innermost(sch, epilogue)
+    vectorize_innermost(sch, epilogue)
     return anchor
 
+
+
+def _apply(sch, blocks, ctx) -> str:
+    m = extent(sch, sch.get_loops(find_blocks(sch, WINO_OUT1_BLOCK)[0])[3])
+    schedule_winograd(sch, blocks[0], ctx.max_cols)
+    return f"conv2d-winograd-f{m}"
+
+
+RULE = ScheduleRule("conv2d-winograd", lambda sch: find_blocks(sch, WINO_GEMM_BLOCK), _apply)

@@ -1,0 +1,70 @@
+"""What the Relax rewrites share: constants out of expressions, static shapes, use counts,
+and the reason a layer is left alone (:class:`Skip`)."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+CONV = tvm.ir.Op.get("relax.nn.conv2d")
+MATMUL = tvm.ir.Op.get("relax.matmul")
+PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
+Q = tvm.ir.Op.get("relax.quantize")
+DQ = tvm.ir.Op.get("relax.dequantize")
+ADD = tvm.ir.Op.get("relax.add")
+RELU = tvm.ir.Op.get("relax.nn.relu")
+MAX = tvm.ir.Op.get("relax.maximum")
+MIN = tvm.ir.Op.get("relax.minimum")
+CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+QRANGE = {"uint8": (0, 255), "int8": (-128, 127)}  # 8-bit types: (min, max)
+
+RESIDUAL = "residual"  # kernels[RESIDUAL, name]: a requantizing kernel's residual re-emitter
+
+
+class Skip(Exception):
+    """A QDQ layer left in float; the message is the reason recorded."""
+
+
+def const_value(expr):
+    return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def scalar_value(expr):
+    v = const_value(expr)
+    if v is None or v.size != 1:
+        return None
+    return v.reshape(())[()]
+
+
+def static_shape(expr):
+    """The static shape of a tensor-typed relax expression, else None."""
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+        return None
+    return tuple(int(d) for d in shape.values)
+
+
+def use_counts(func) -> dict:
+    """How often each relax Var is read in ``func`` (bindings and the function's result)."""
+    counts: dict = {}
+
+    def walk(e):
+        if isinstance(e, relax.Var):
+            counts[e] = counts.get(e, 0) + 1
+        elif isinstance(e, relax.Call):
+            for a in e.args:
+                walk(a)
+        elif isinstance(e, relax.Tuple):
+            for f in e.fields:
+                walk(f)
+        elif isinstance(e, relax.TupleGetItem):
+            walk(e.tuple_value)
+
+    body = func.body
+    for block in body.blocks:
+        for b in block.bindings:
+            walk(b.value)
+    walk(body.body)
+    return counts
+

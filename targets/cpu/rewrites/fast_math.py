@@ -1,0 +1,33 @@
+"""Fast-math legalizers: sigmoid and tanh without libm calls, so epilogues vectorize."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import te, topi
+from tvm.relax.transform.legalize_ops.unary import _call_topi_without_attr
+
+
+def make_fast_math_legalizers() -> dict:
+    """sigmoid(x) = 1 / (1 + exp(-x)) and tanh with TVM's polynomial ``fast_exp`` /
+    ``fast_tanh`` (relative error ~1e-7 over the float range) instead of libm calls, so
+    SiLU/Swish epilogues vectorize."""
+    def sigmoid_te(x):
+        e = topi.fast_exp(topi.negative(x))
+        return te.compute(x.shape, lambda *i: tvm.tirx.const(1.0, x.dtype) /
+                          (tvm.tirx.const(1.0, x.dtype) + e(*i)), name="edgec_sigmoid")
+
+    def _float32(call):
+        return str(call.args[0].ty.dtype) == "float32"
+
+    def sigmoid(bb, call):
+        if not _float32(call):
+            return _call_topi_without_attr(topi.sigmoid, "tir_sigmoid")(bb, call)
+        return bb.call_te(sigmoid_te, call.args[0], primfunc_name_hint="tir_sigmoid")
+
+    def tanh(bb, call):
+        if not _float32(call):
+            return bb.call_te(topi.tanh, call.args[0], primfunc_name_hint="tir_tanh")
+        return bb.call_te(topi.fast_tanh, call.args[0], primfunc_name_hint="tir_tanh")
+
+    return {"relax.sigmoid": sigmoid, "relax.tanh": tanh}
+

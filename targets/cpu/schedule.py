@@ -1,0 +1,185 @@
+"""Schedule helpers shared by every CPU kernel (one home, public names).
+
+Each works on a :class:`tvm.s_tir.Schedule` of one fused function; the kernels'
+schedules (:mod:`.kernels`) are written with them. :class:`ScheduleRule` is the unit of the
+default-schedule rule list (:mod:`.rules`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import tvm
+
+from .isa import DotISA, max_cols
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """What a schedule rule knows of the target: float lanes and the integer ISA."""
+
+    lanes: int
+    isa: DotISA | None = None
+
+    @property
+    def max_cols(self) -> int:
+        return max_cols(self.lanes)
+
+
+@dataclass(frozen=True)
+class ScheduleRule:
+    """One default schedule: ``match(sch)`` lists the anchor blocks it would schedule (empty:
+    it does not apply); ``apply(sch, blocks, ctx)`` schedules them and returns the kernel's
+    name for the build record. ``anchor``: the rule's blocks are a kernel's main loop nest,
+    of which a fused function may hold only one."""
+
+    name: str
+    match: Callable[..., list]
+    apply: Callable[..., str]
+    anchor: bool = True
+
+
+# ---------------------------------------------------------------------------------- blocks
+def extent(sch, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tvm.tirx.IntImm) else None
+
+
+def pick_tile(n: int, limit: int) -> int:
+    """Largest divisor of n not above limit (at least 1)."""
+    for t in range(min(n, limit), 0, -1):
+        if n % t == 0:
+            return t
+    return 1
+
+
+def pick_vec_tile(n: int, lanes: int, limit: int) -> int:
+    """A column tile for vectors: the largest divisor of n that is a multiple of the vector
+    width (or of 8, or of 4) and at most limit; else the largest divisor at most limit."""
+    for unit in (lanes, 8, 4):
+        for t in range(limit - limit % unit, 0, -unit):
+            if n % t == 0:
+                return t
+    return pick_tile(n, limit)
+
+
+def find_blocks(sch, prefix: str) -> list:
+    out = []
+    for b in all_blocks(sch):
+        if sch.get(b).name_hint.startswith(prefix):
+            out.append(b)
+    return out
+
+
+def all_blocks(sch) -> list:
+    root = sch.get_sblock("root")
+    return list(sch.get_child_blocks(root))
+
+
+
+def blocks_named(sch, name: str) -> list:
+    """The root's child blocks called exactly ``name``."""
+    return [b for b in all_blocks(sch) if sch.get(b).name_hint == name]
+
+
+def block_named(sch, name: str):
+    """The first root child block called ``name``, or None."""
+    return next(iter(blocks_named(sch, name)), None)
+
+
+def buffer_bytes(sch, block) -> int:
+    """Bytes of the (single) buffer a block writes."""
+    reg = sch.get(block).writes[0]
+    buf = getattr(reg, "buffer", None) or reg.source
+    n = 1
+    for d in buf.shape:
+        n *= int(d)
+    return n * tvm.runtime.DataType(buf.dtype).bits // 8
+
+
+
+# ---------------------------------------------------------------------------------- loops
+def fuse_epilogue(sch, producer, loop, prepare=None) -> list:
+    """Move everything computed from ``producer`` (the unpack and the fused elementwise
+    epilogue, a chain or a DAG such as ``x * sigmoid(x)``) under its tile loop ``loop``.
+
+    Injective intermediate blocks are inlined into their readers first (recomputing an
+    elementwise value is cheaper than storing it); what remains is placed at ``loop`` in
+    dataflow order, so each tile is finished while it is in registers / L1 (``prepare``, if
+    given, is applied to each block just before it moves)."""
+    blocks = all_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    start = names.index(sch.get(producer).name_hint) + 1
+    # an elementwise side input of the epilogue (e.g. a residual's dequantize) computed
+    # before the kernel: inline it into its reader, else the epilogue cannot move
+    for blk, name in zip(blocks[:start - 1], names):
+        if not name.startswith(("edgec_pad", "edgec_wino")):
+            try:
+                sch.compute_inline(blk)
+            except Exception:  # noqa: BLE001
+                pass
+    blocks = all_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    start = names.index(sch.get(producer).name_hint) + 1
+    for blk in blocks[start:-1]:
+        try:
+            sch.compute_inline(blk)
+        except Exception:  # noqa: BLE001 - e.g. a reduction in the epilogue: keep it
+            pass
+    blocks = all_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    start = names.index(sch.get(producer).name_hint) + 1
+    moved = []
+    for blk in blocks[start:]:
+        if prepare is not None:
+            prepare(blk)
+        sch.reverse_compute_at(blk, loop, preserve_unit_loops=True)
+        moved.append(blk)
+    return moved
+
+
+def vectorize_innermost(sch, blocks) -> None:
+    for blk in blocks or []:
+        try:
+            sch.vectorize(sch.get_loops(blk)[-1])
+        except Exception:  # noqa: BLE001 - a scalar epilogue is still correct
+            pass
+
+
+
+def vectorize_in_vectors(sch, blocks, unit: int, only_extent: int | None = None) -> None:
+    """Vectorize each block's innermost loop in whole vectors of ``unit`` lanes when its
+    extent is a multiple of ``unit`` above it (and, with ``only_extent``, equal to that),
+    else as it is (LLVM splits a long vector badly); a scalar epilogue is still correct."""
+    for blk in blocks or []:
+        loops = sch.get_loops(blk)
+        try:
+            e = extent(sch, loops[-1])
+            if e % unit == 0 and e > unit and only_extent in (None, e):
+                _, inner = sch.split(loops[-1], [None, unit])
+                sch.vectorize(inner)
+            else:
+                sch.vectorize(loops[-1])
+        except Exception:  # noqa: BLE001 - a scalar epilogue is still correct
+            pass
+
+
+def parallel_pad(sch) -> None:
+    for b in find_blocks(sch, "edgec_pad"):
+        loops = sch.get_loops(b)
+        if len(loops) >= 2:
+            sch.parallel(sch.fuse(*loops[:2]))
+
+
+def register_tile(sch, o, x, max_cols: int):
+    """Split the channel-block loop ``o`` and the column loop ``x`` into a register tile:
+    ``cols`` columns (a divisor of ``x`` up to ``max_cols``) x ``ob2`` channel blocks (2 or 3
+    when the columns leave room for them). Returns ``(oo, oi, xo, xi)``."""
+    cols = pick_tile(extent(sch, x), max_cols)
+    oe = extent(sch, o)
+    ob2 = next((k for k in (3, 2) if k * cols <= max_cols and oe % k == 0), 1)
+    oo, oi = sch.split(o, [None, ob2])
+    xo, xi = sch.split(x, [None, cols])
+    return oo, oi, xo, xi
+
