@@ -183,3 +183,13 @@ def test_nothing_below_imports_the_roof(graph):
         if not _in(name, ROOF):
             roof = sorted(m for m in anywhere if _in(m, ROOF))
             assert not roof, f"{name} imports the driver: {roof}"
+
+
+def test_every_subpackage_is_installed():
+    """A folder with an ``__init__.py`` that pyproject.toml does not list works in an editable
+    install and is missing from a wheel."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    listed = set(tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, (path, is_pkg) in _modules().items() if is_pkg}
+    assert packages <= listed, f"not in pyproject.toml's packages: {sorted(packages - listed)}"

@@ -1,0 +1,23 @@
+"""``edgec bench MODEL.onnx ARTIFACT``: latency of onnxruntime and the artifact, same run."""
+
+from __future__ import annotations
+
+from ._args import add_model_and_artifact, add_threads, write_json
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="latency of onnxruntime vs the artifact, same run")
+    add_model_and_artifact(b)
+    add_threads(b)
+    b.add_argument("--repeat", type=int, default=20)
+    b.add_argument("--json", metavar="FILE")
+    b.set_defaults(fn=run)
+
+
+def run(a) -> int:
+    from edgec.driver.bench import bench, format_bench
+
+    res = bench(a.model, a.artifact, threads=a.threads, repeat=a.repeat)
+    print(format_bench(res))
+    write_json(a.json, res)
+    return 0
