@@ -135,8 +135,8 @@ def plan(m, qnodes: set[str], config) -> Plan:
             return act.output[0]
         return out
 
-    for name in qnodes:
-        n = by_name[name]
+    for name in [n.name for n in m.graph.node if n.name in qnodes]:  # graph order:
+        n = by_name[name]  # the same output, byte for byte, in every process
         idx = [0] if n.op_type in COMPUTE_OPS + ("MaxPool",) else \
             [i for i, x in enumerate(n.input) if x]
         for i in idx:
