@@ -49,7 +49,7 @@ class TargetInfo:
     name: str                      # the edgec target name
     arch: str                      # ISA of the CPU that runs the model's host code
     device: str = "cpu"            # "cpu" | "cuda"
-    int8_isa: str | None = None    # the CPU backend's integer dot product (cpu_int8.ISAS)
+    int8_isa: str | None = None    # the CPU backend's integer dot product (targets.cpu.isa)
 
     @property
     def int8_pairs_saturate(self) -> bool:
