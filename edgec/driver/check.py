@@ -80,7 +80,7 @@ def check(model_path: str | Path, artifact: str | Path, data: dict[str, np.ndarr
         result["compiled_vs_rewritten"][name] = output_stats(w, g)
     result["scored_output"] = scored
     result["top1_agreement"] = top1_agreement(ref[si], got[si])
-    result["onnxruntime_host"] = None if host is None else _host_effect(rw, host, names, labels)
+    result["onnxruntime_host"] = None if host is None else _host_effect(rw, host, names, labels, si)
     acc = None
     if labels is not None:
         _check_class_scores(scored, ref[si], labels, len(names) > 1 and output is None)
@@ -134,15 +134,15 @@ def _check_class_scores(name: str, scores: np.ndarray, labels: np.ndarray,
                          f"'{name}' scores {classes} classes{hint}")
 
 
-def _host_effect(exact, host, names, labels) -> dict:
+def _host_effect(exact, host, names, labels, scored: int = 0) -> dict:
     """How onnxruntime's optimized run of a QDQ model on this host differs from the exact QDQ
-    arithmetic: per-output statistics, top-1 agreement, accuracies, and whether it matters
-    (outputs off by more than float rounding at a few ties)."""
+    arithmetic: per-output statistics, top-1 agreement and accuracies of the ``scored``
+    output, and whether it matters (outputs off by more than float rounding at a few ties)."""
     stats = {n: output_stats(e, h) for n, e, h in zip(names, exact, host)}
-    out = {"outputs": stats, "top1_agreement": top1_agreement(exact[0], host[0])}
+    out = {"outputs": stats, "top1_agreement": top1_agreement(exact[scored], host[scored])}
     if labels is not None:
-        out["accuracy_exact"] = accuracy(exact[0], labels)
-        out["accuracy_host"] = accuracy(host[0], labels)
+        out["accuracy_exact"] = accuracy(exact[scored], labels)
+        out["accuracy_host"] = accuracy(host[scored], labels)
     agree = out["top1_agreement"]
     out["differs"] = bool(
         any(st["cosine"] < 0.9999 for st in stats.values()) or
