@@ -18,6 +18,7 @@ from ..records import BuildRecord
 from ..tuning_db import apply_tuned_pass
 from .isa import simd_floats
 from .rewrites.fast_math import make_fast_math_legalizers
+from .rewrites.nan_clamp import make_nan_clamp_legalizers, nan_clamp_pass
 from .rewrites.float_conv import make_conv2d_legalizer, make_maxpool_legalizer
 from .rewrites.qdq_conv import rewrite_pass
 from .rewrites.quantize_legalizer import make_quantize_legalizer
@@ -31,7 +32,7 @@ def legalize_map(target) -> dict:
     return {"relax.nn.conv2d": make_conv2d_legalizer(lanes),
             "relax.nn.max_pool2d": make_maxpool_legalizer(lanes),
             "relax.quantize": make_quantize_legalizer(),
-            **make_fast_math_legalizers()}
+            **make_fast_math_legalizers(), **make_nan_clamp_legalizers()}
 
 
 def rewrite_phases(target, record: BuildRecord | None, kernels: dict) -> list:
@@ -40,8 +41,9 @@ def rewrite_phases(target, record: BuildRecord | None, kernels: dict) -> list:
 
 
 def folded_phases(record: BuildRecord | None, kernels: dict) -> list:
-    """After constants are folded: the requantizing epilogues folded into ``kernels``."""
-    return [requant_pass(kernels, record)]
+    """After constants are folded: the requantizing epilogues folded into ``kernels``, then
+    the float clamps left re-emitted to keep NaN."""
+    return [requant_pass(kernels, record), nan_clamp_pass()]
 
 
 def schedule_phases(target, record: BuildRecord | None, tuning_db: str | None) -> list:
