@@ -24,10 +24,11 @@ from .requant_fold import clamp_of
 
 
 def _clamp(v, lo=None, hi=None):
-    if hi is not None:
-        v = tirx.Select(v > hi, hi, v)
+    """``min(max(v, lo), hi)`` as ONNX's Clip orders it (``hi`` wins if ``lo > hi``)."""
     if lo is not None:
         v = tirx.Select(v < lo, lo, v)
+    if hi is not None:
+        v = tirx.Select(v > hi, hi, v)
     return v
 
 
