@@ -32,14 +32,11 @@ def _clamp(v, lo=None, hi=None):
     return v
 
 
-def relu_te(x):
-    zero = tirx.const(0, x.dtype)
-    return te.compute(x.shape, lambda *i: _clamp(x(*i), lo=zero), name="edgec_relu")
-
-
-def clip_te(x, lo, hi):
-    lo, hi = tirx.Cast(x.dtype, lo), tirx.Cast(x.dtype, hi)
-    return te.compute(x.shape, lambda *i: _clamp(x(*i), lo, hi), name="edgec_clip")
+def clamp_te(x, lo=None, hi=None):
+    """``x`` clamped to ``lo`` / ``hi`` (numbers or scalar expressions; either may be None),
+    NaN kept."""
+    lo, hi = (None if v is None else tirx.Cast(x.dtype, v) for v in (lo, hi))
+    return te.compute(x.shape, lambda *i: _clamp(x(*i), lo, hi), name="edgec_clamp")
 
 
 def make_nan_clamp_legalizers() -> dict:
@@ -50,21 +47,14 @@ def make_nan_clamp_legalizers() -> dict:
     def relu(bb, call):
         if not _float(call):
             return _call_topi_without_attr(topi.nn.relu, "relu")(bb, call)
-        return bb.call_te(relu_te, call.args[0], primfunc_name_hint="relu")
+        return bb.call_te(clamp_te, call.args[0], lo=0.0, primfunc_name_hint="relu")
 
     def clip(bb, call):
         if not _float(call):
             return _call_topi_without_attr(topi.clip, "tir_clip")(bb, call)
-        return bb.call_te(clip_te, *call.args, primfunc_name_hint="tir_clip")
+        return bb.call_te(clamp_te, *call.args, primfunc_name_hint="tir_clip")
 
     return {"relax.nn.relu": relu, "relax.clip": clip}
-
-
-def clamp_te(x, lo=None, hi=None):
-    """``x`` clamped to the float bounds ``lo`` / ``hi`` (either may be None), NaN kept."""
-    lo = None if lo is None else tirx.const(lo, x.dtype)
-    hi = None if hi is None else tirx.const(hi, x.dtype)
-    return te.compute(x.shape, lambda *i: _clamp(x(*i), lo, hi), name="edgec_clamp")
 
 
 class _NaNClamp(relax.PyExprMutator):
