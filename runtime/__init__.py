@@ -114,7 +114,70 @@ def default_threads() -> int:
         return cpus
 
 
-class Session(_Runner):
+class _VmRunner(_Runner):
+    """What a local and a remote artifact run share: the Relax VM's ``main`` on a device."""
+
+    manifest: dict
+    device: object
+    _vm: object
+    _main: object
+
+    @property
+    def batch(self) -> int | None:
+        shapes = [i["shape"] for i in self.input_specs]
+        return shapes[0][0] if shapes and shapes[0] else None
+
+    def _load_vm(self, lib, where: str) -> None:
+        from tvm import relax
+
+        try:
+            self._vm = relax.VirtualMachine(lib, self.device)
+            self._main = self._vm["main"]
+        except Exception as e:  # noqa: BLE001 - a library that is not a Relax executable
+            raise EdgecError(f"{where} is not an edgec/TVM model library: "
+                             f"{one_line(e, None, last=True)}") from None
+
+    def _call(self, args):
+        try:
+            return self._main(*args)
+        except Exception as e:  # noqa: BLE001 - e.g. a manifest that does not match the library
+            raise EdgecError(f"artifact {self.path}: the compiled model refused the inputs the "
+                             f"manifest describes: {one_line(e, None, last=True)}") from None
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]
+            ) -> list[np.ndarray]:
+        output_names = self._check_output_names(output_names)
+        arrays = self._check_feeds(feeds, exact_shape=True)
+        args = [self._tvm.runtime.tensor(a, self.device) for a in arrays]
+        outs = _flatten(self._call(args))
+        if len(outs) != len(self.output_specs):
+            raise EdgecError(f"compiled model returned {len(outs)} outputs, manifest lists "
+                             f"{len(self.output_specs)}")
+        by_name = {}
+        for spec, o in zip(self.output_specs, outs):
+            a = o.numpy()
+            if a.ndim != len(spec["shape"]) or a.dtype != np.dtype(spec["dtype"]) or any(
+                    d is not None and d != n for d, n in zip(spec["shape"], a.shape)):
+                raise EdgecError(f"artifact {self.path}: output '{spec['name']}' is "
+                                 f"{a.dtype}{list(a.shape)}, the manifest says "
+                                 f"{spec['dtype']}{spec['shape']}: manifest and library "
+                                 "do not match")
+            by_name[spec["name"]] = a
+        return [by_name[n] for n in output_names]
+
+    def timer(self, feeds: dict[str, np.ndarray], number: int = 1):
+        """A callable returning one latency in seconds per call, measured by the TVM runtime
+        on the device (inputs already there: kernel time plus VM overhead)."""
+        arrays = self._check_feeds(feeds, exact_shape=True)
+        args = [self._tvm.runtime.tensor(a, self.device) for a in arrays]
+        self._call(args)  # warm up
+        self._vm.save_function("main", "edgec_bench", *args)
+        evaluator = self._vm.time_evaluator("edgec_bench", self.device, number=number,
+                                            repeat=1)
+        return lambda: float(evaluator().results[0])
+
+
+class Session(_VmRunner):
     """Run a compiled artifact folder with the TVM runtime."""
 
     def __init__(self, artifact: str | os.PathLike, device_id: int = 0,
@@ -134,7 +197,6 @@ class Session(_Runner):
             # of 1.0 ms. Use every core this process may run on, as onnxruntime does.
             os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
         import tvm
-        from tvm import relax
 
         self._tvm = tvm
         self.device = tvm.cuda(device_id) if kind == "cuda" else tvm.cpu(device_id)
@@ -147,7 +209,8 @@ class Session(_Runner):
         host = self.manifest.get("host_arch")
         if host and host != platform.machine():
             raise EdgecError(f"artifact {self.path} is a {host} library; this machine is "
-                             f"{platform.machine()}: run it on the device")
+                             f"{platform.machine()}: run it on the device (or over RPC, "
+                             "--rpc HOST:PORT --key KEY)")
         lib_path = self.path / LIBRARY
         if not lib_path.is_file():
             raise EdgecError(f"artifact {self.path} has no {LIBRARY}")
@@ -157,41 +220,11 @@ class Session(_Runner):
             lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:  # noqa: BLE001
             raise EdgecError(f"cannot load {lib_path}: {one_line(e, None, last=True)}") from None
-        self._vm = relax.VirtualMachine(lib, self.device)
-        self._main = self._vm["main"]
+        self._load_vm(lib, str(lib_path))
         if num_threads:
             cfg = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
             if cfg is not None:
                 cfg(0, int(num_threads))
-
-    @property
-    def batch(self) -> int | None:
-        shapes = [i["shape"] for i in self.input_specs]
-        return shapes[0][0] if shapes and shapes[0] else None
-
-    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]
-            ) -> list[np.ndarray]:
-        output_names = self._check_output_names(output_names)
-        arrays = self._check_feeds(feeds, exact_shape=True)
-        args = [self._tvm.runtime.tensor(a, self.device) for a in arrays]
-        res = self._main(*args)
-        outs = _flatten(res)
-        if len(outs) != len(self.output_specs):
-            raise EdgecError(f"compiled model returned {len(outs)} outputs, manifest lists "
-                             f"{len(self.output_specs)}")
-        by_name = {spec["name"]: o.numpy() for spec, o in zip(self.output_specs, outs)}
-        return [by_name[n] for n in output_names]
-
-    def timer(self, feeds: dict[str, np.ndarray], number: int = 1):
-        """A callable returning one latency in seconds per call, measured by the TVM runtime
-        (inputs already on the device: kernel time plus VM overhead)."""
-        arrays = self._check_feeds(feeds, exact_shape=True)
-        args = [self._tvm.runtime.tensor(a, self.device) for a in arrays]
-        self._main(*args)  # warm up
-        self._vm.save_function("main", "edgec_bench", *args)
-        evaluator = self._vm.time_evaluator("edgec_bench", self.device, number=number,
-                                            repeat=1)
-        return lambda: float(evaluator().results[0])
 
 
 def _flatten(res) -> list:
