@@ -18,7 +18,7 @@ import numpy as np
 
 from edgec.core.errors import EdgecError, one_line
 
-from .artifact import LIBRARY, ONNX, read_manifest, verify_file
+from .artifact import LIBRARY, ONNX, check_library, read_manifest, verify_file
 
 
 class _Runner:
@@ -216,6 +216,7 @@ class Session(_VmRunner):
             raise EdgecError(f"artifact {self.path} has no {LIBRARY}")
         # Loading runs the library's native code: load only what the compile wrote.
         verify_file(self.path, self.manifest, LIBRARY)
+        check_library(lib_path, self.manifest.get("host_arch"))
         try:
             lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:  # noqa: BLE001
@@ -225,6 +226,22 @@ class Session(_VmRunner):
             cfg = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
             if cfg is not None:
                 cfg(0, int(num_threads))
+
+
+def open_session(artifact: str | os.PathLike, num_threads: int | None = None,
+                 rpc: str | None = None, key: str | None = None) -> _VmRunner:
+    """The artifact here (:class:`Session`), or with ``rpc``/``key`` on a board registered
+    with TVM's RPC tracker (:class:`~edgec.runtime.remote.RemoteSession`)."""
+    if rpc or key:
+        from .remote import RemoteSession
+
+        return RemoteSession(artifact, rpc or "", key or "")
+    return Session(artifact, num_threads=num_threads)
+
+
+def where(runner) -> str:
+    """Where a runner runs: ``here`` or the board (an emulated board says so)."""
+    return getattr(runner, "where", "here")
 
 
 def _flatten(res) -> list:
@@ -352,4 +369,5 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise EdgecError(f"cannot read {p} as .npz: {one_line(e, None)}") from None
 
 
-__all__ = ["Session", "OrtSession", "run_batched", "load_npz", "has_qdq", "LIBRARY", "ONNX"]
+__all__ = ["Session", "OrtSession", "open_session", "where", "run_batched", "load_npz", "has_qdq",
+           "LIBRARY", "ONNX"]

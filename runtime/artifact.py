@@ -339,3 +339,38 @@ def verify_file(out: Path, manifest: dict, name: str) -> None:
     if sha256_file(out / name) != want:
         raise EdgecError(f"artifact {out}: {name} does not match the sha256 in its manifest "
                          "(modified after the compile): refusing to load it")
+
+
+ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
+
+
+def check_library(path: Path, arch: str | None = None) -> None:
+    """The library must be a whole 64-bit little-endian ELF shared object (for ``arch`` if
+    given): every segment and the section table inside the file. A truncated library would
+    otherwise be mapped by the loader and fault (SIGBUS) when touched, not fail cleanly."""
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            raise EdgecError(f"{path} is not a 64-bit little-endian ELF library")
+        (etype, machine, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize,
+         shnum) = struct.unpack_from("<HHIQQQIHHHHH", head, 16)
+        if etype != 3:  # ET_DYN
+            raise EdgecError(f"{path} is not a shared library (ELF type {etype})")
+        have = ELF_MACHINES.get(machine, f"machine {machine}")
+        if arch and have != arch:
+            raise EdgecError(f"{path} is a library for {have}, the manifest says {arch}")
+        if phentsize < 56 or phoff + phnum * phentsize > size or \
+                shoff + shnum * shentsize > size:
+            raise EdgecError(f"{path} is truncated ({size} bytes; its headers reach past "
+                             "the end)")
+        f.seek(phoff)
+        table = f.read(phnum * phentsize)
+    for i in range(phnum):
+        _, _, offset, _, _, filesz, _, _ = struct.unpack_from("<IIQQQQQQ", table, i * phentsize)
+        if offset + filesz > size:
+            raise EdgecError(f"{path} is truncated ({size} bytes; segment {i} ends at byte "
+                             f"{offset + filesz})")

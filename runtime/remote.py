@@ -17,7 +17,7 @@ from pathlib import Path
 from edgec.core.errors import EdgecError, one_line
 
 from . import LIBRARY, _VmRunner
-from .artifact import read_manifest, verify_file
+from .artifact import check_library, read_manifest, verify_file
 
 DESCRIBE = "edgec.board.describe"
 DEFAULT_SESSION_TIMEOUT = 1800
@@ -102,6 +102,7 @@ class RemoteSession(_VmRunner):
         if not lib_path.is_file():
             raise EdgecError(f"artifact {self.path} has no {LIBRARY}")
         verify_file(self.path, self.manifest, LIBRARY)
+        check_library(lib_path, self.manifest.get("host_arch"))
         self.address, self.key = rpc, key
         self.remote = connect(rpc, key, session_timeout)
         self.board = describe(self.remote)

@@ -99,12 +99,15 @@ def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: i
 
 
 def bench(model_path: str | Path, artifact: str | Path, threads: int | None = None,
-          repeat: int = 20, warmup: int = 3, peak: bool = True, rounds: int = 3) -> dict:
+          repeat: int = 20, warmup: int = 3, peak: bool = True, rounds: int = 3,
+          board: dict | None = None) -> dict:
     """Median latency of onnxruntime and of the artifact on the same inputs.
 
     Each runtime is timed in its own fresh process (once TVM has run in a process,
     onnxruntime in that process was measured up to 2x slower here), in ``rounds`` alternating
-    rounds so that load from elsewhere hits both alike."""
+    rounds so that load from elsewhere hits both alike. With ``board`` (``{"rpc", "key"}``)
+    the artifact is timed on a board registered with TVM's RPC tracker (TVM's time evaluator
+    there) and onnxruntime here, for reference only: no ratio across two machines."""
     import tempfile
 
     threads = threads or os.cpu_count() or 1
@@ -122,8 +125,8 @@ def bench(model_path: str | Path, artifact: str | Path, threads: int | None = No
         else macs_ref
     result["macs_original"] = macs_ref
     result["macs_compiled"] = macs_new
-    runs_here = not (manifest["device"] == "cpu" and
-                     manifest.get("host_arch") != os.uname().machine)
+    runs_here = board is None and not (manifest["device"] == "cpu" and
+                                       manifest.get("host_arch") != os.uname().machine)
     per_round = max(1, -(-repeat // rounds))
     ort_times, times = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,6 +140,8 @@ def bench(model_path: str | Path, artifact: str | Path, threads: int | None = No
                                      warmup)
     result["onnxruntime_ms"] = float(np.median(ort_times) * 1e3)
     result["onnxruntime_gflops"] = 2 * macs_ref / (result["onnxruntime_ms"] / 1e3) / 1e9
+    if board is not None:
+        return _bench_on_board(result, artifact, feeds, board, repeat, warmup, macs_new)
     if not runs_here:
         result["edgec_ms"] = None
         result["note"] = f"artifact is for {manifest.get('host_arch')}: run bench on the device"
@@ -149,12 +154,38 @@ def bench(model_path: str | Path, artifact: str | Path, threads: int | None = No
     return result
 
 
+def _bench_on_board(result: dict, artifact, feeds, board: dict, repeat: int, warmup: int,
+                    macs: int) -> dict:
+    """Time the artifact on the board (TVM's time evaluator over RPC)."""
+    from edgec.runtime.remote import RemoteSession
+
+    sess = RemoteSession(artifact, board["rpc"], board["key"])
+    run = sess.timer(feeds)
+    for _ in range(warmup):
+        run()
+    times = [run() for _ in range(repeat)]
+    result["edgec_on"] = sess.where
+    result["onnxruntime_on"] = f"this host ({os.uname().machine}), for reference"
+    result["edgec_ms"] = float(np.median(times) * 1e3)
+    result["edgec_gflops"] = 2 * macs / (result["edgec_ms"] / 1e3) / 1e9
+    result["ratio"] = None  # two machines: no speed-up to state
+    result["emulated"] = bool(sess.board and "emulated" in sess.board)
+    return result
+
+
 def format_bench(r: dict) -> str:
     lines = [f"edgec bench: target {r['target']}, batch {r['batch']}, {r['threads']} threads, "
              f"median of {r['repeat']}"]
     lines.append(f"  onnxruntime  {r['onnxruntime_ms']:9.3f} ms"
                  + (f"  {r['onnxruntime_gflops']:7.1f} GFLOP/s" if "onnxruntime_gflops" in r
-                    else ""))
+                    else "") + (f"  ({r['onnxruntime_on']})" if r.get("onnxruntime_on") else ""))
+    if r.get("edgec_on"):
+        lines.append(f"  edgec        {r['edgec_ms']:9.3f} ms  {r['edgec_gflops']:7.1f} GFLOP/s"
+                     f"  (on the {r['edgec_on']})")
+        lines.append("  no ratio: the two ran on different machines"
+                     + ("; an emulated board's time is emulation, not a board's speed"
+                        if r.get("emulated") else ""))
+        return "\n".join(lines)
     if r.get("edgec_ms") is None:
         lines.append(f"  edgec        n/a ({r.get('note')})")
         return "\n".join(lines)

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgec.core.errors import EdgecError
 from edgec.core.importer import load_model
-from edgec.runtime import OrtSession, Session, load_npz, run_batched
+from edgec.runtime import OrtSession, load_npz, open_session, run_batched, where
 from edgec.runtime.artifact import ONNX, read_manifest
 from edgec.runtime.compare import accuracy, output_stats, top1, top1_agreement
 
@@ -28,8 +28,11 @@ from edgec.runtime.compare import accuracy, output_stats, top1, top1_agreement
 def check(model_path: str | Path, artifact: str | Path, data: dict[str, np.ndarray] | str,
           max_drop: float | None = None, min_cosine: float = 0.99, atol: float | None = None,
           rtol: float = 0.0, min_top1: float | None = None, limit: int | None = None,
-          threads: int | None = None, output: str | None = None) -> dict:
-    """``output``: the output scored for top-1 and accuracy (default: the first)."""
+          threads: int | None = None, output: str | None = None,
+          board: dict | None = None) -> dict:
+    """``output``: the output scored for top-1 and accuracy (default: the first);
+    ``board``: ``{"rpc": HOST:PORT, "key": KEY}`` runs the compiled model on a board
+    registered with TVM's RPC tracker (the references still run here)."""
     manifest = read_manifest(artifact)
     if isinstance(data, (str, Path)):
         data = load_npz(data)
@@ -69,11 +72,11 @@ def check(model_path: str | Path, artifact: str | Path, data: dict[str, np.ndarr
                                       optimize=True), feeds,
                            rw_batch if isinstance(rw_batch, int) else None, names)
 
-    compiled = Session(artifact, num_threads=threads)
+    compiled = open_session(artifact, num_threads=threads, **(board or {}))
     got = run_batched(compiled, feeds, compiled.batch, names)
 
-    result = {"samples": int(n), "target": manifest["target"], "outputs": {}, "rewritten": {},
-              "compiled_vs_rewritten": {}}
+    result = {"samples": int(n), "target": manifest["target"], "compiled_on": where(compiled),
+              "outputs": {}, "rewritten": {}, "compiled_vs_rewritten": {}}
     for name, r, w, g in zip(names, ref, rw, got):
         result["outputs"][name] = output_stats(r, g)
         result["rewritten"][name] = output_stats(r, w)
@@ -170,7 +173,9 @@ def host_line(h: dict) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"edgec check: {result['samples']} samples, target {result['target']}",
+    lines = [f"edgec check: {result['samples']} samples, target {result['target']}"
+             + (f", compiled model run on the {result['compiled_on']}"
+                if result.get("compiled_on", "here") != "here" else ""),
              f"{'output':<20} {'run':<22} {'max_abs':>10} {'p99_abs':>10} {'cosine':>10}"]
     for name in result["outputs"]:
         for label, key in (("rewritten ONNX (ort)", "rewritten"),

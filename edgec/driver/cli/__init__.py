@@ -9,6 +9,8 @@ the options targets declare, the pass pipeline, threads, ``--json``).
     edgec run OUT --data inputs.npz -o outputs.npz
     edgec check MODEL.onnx OUT --data val.npz [--max-drop 1.0] [--json FILE]
     edgec bench MODEL.onnx OUT [--threads N]
+    (run, check, bench: --rpc HOST:PORT --key KEY runs the artifact on a board via TVM's tracker)
+    edgec board --emulate --tracker HOST:PORT --key KEY | --install | --list --tracker HOST:PORT
     edgec data fashion-mnist OUT.npz | edgec zoo NAME OUT.onnx
     edgec passes | edgec targets
 
@@ -24,10 +26,10 @@ import sys
 from edgec import __version__
 from edgec.core.errors import EdgecError, one_line
 
-from . import bench, check, compile, data, passes, run, targets, tune, zoo
+from . import bench, board, check, compile, data, passes, run, targets, tune, zoo
 
 # In the order ``edgec --help`` lists them.
-COMMANDS = (compile, tune, run, check, bench, data, zoo, passes, targets)
+COMMANDS = (compile, tune, run, check, bench, board, data, zoo, passes, targets)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -89,3 +89,25 @@ def add_model_and_artifact(p: argparse.ArgumentParser) -> None:
 
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int)
+
+
+def add_board_args(p: argparse.ArgumentParser) -> None:
+    """``--rpc HOST:PORT --key KEY``: run on a board registered with TVM's RPC tracker."""
+    p.add_argument("--rpc", metavar="HOST:PORT",
+                   help="TVM RPC tracker: run the artifact on a board registered there")
+    p.add_argument("--key", help="the board's key at the tracker (e.g. rpi4)")
+
+
+def board_of(a: argparse.Namespace) -> dict | None:
+    """The board to run on (``{"rpc", "key"}``), or ``None`` for this machine."""
+    from edgec.core.errors import EdgecError
+    from edgec.runtime.remote import parse_address
+
+    if a.rpc:
+        parse_address(a.rpc)
+    if a.key and not a.rpc:
+        raise EdgecError("--key names a board at a tracker: give the tracker with --rpc "
+                         "HOST:PORT")
+    if a.rpc and not a.key:
+        raise EdgecError("--rpc needs --key: the key the board registered under")
+    return {"rpc": a.rpc, "key": a.key} if a.rpc else None

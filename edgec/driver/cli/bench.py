@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from ._args import add_model_and_artifact, add_threads, write_json
+from ._args import add_board_args, add_model_and_artifact, add_threads, board_of, write_json
 
 
 def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="latency of onnxruntime vs the artifact, same run")
     add_model_and_artifact(b)
     add_threads(b)
+    add_board_args(b)
     b.add_argument("--repeat", type=int, default=20)
     b.add_argument("--json", metavar="FILE")
     b.set_defaults(fn=run)
@@ -17,7 +18,7 @@ def add_parser(sub) -> None:
 def run(a) -> int:
     from edgec.driver.bench import bench, format_bench
 
-    res = bench(a.model, a.artifact, threads=a.threads, repeat=a.repeat)
+    res = bench(a.model, a.artifact, threads=a.threads, repeat=a.repeat, board=board_of(a))
     print(format_bench(res))
     write_json(a.json, res)
     return 0

@@ -3,7 +3,7 @@ onnxruntime; exits 1 when a threshold fails."""
 
 from __future__ import annotations
 
-from ._args import add_model_and_artifact, add_threads, write_json
+from ._args import add_board_args, add_model_and_artifact, add_threads, board_of, write_json
 
 
 def add_parser(sub) -> None:
@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     k.add_argument("--output", metavar="NAME",
                    help="the class-score output for top-1 and accuracy (default: the first)")
     add_threads(k)
+    add_board_args(k)
     k.add_argument("--json", metavar="FILE", help="write the results as JSON")
     k.set_defaults(fn=run)
 
@@ -30,7 +31,7 @@ def run(a) -> int:
 
     res = check(a.model, a.artifact, a.data, max_drop=a.max_drop, min_cosine=a.min_cosine,
                 atol=a.atol, rtol=a.rtol, min_top1=a.min_top1, limit=a.limit,
-                threads=a.threads, output=a.output)
+                threads=a.threads, output=a.output, board=board_of(a))
     print(format_table(res))
     write_json(a.json, res)
     return 0 if res["ok"] else 1

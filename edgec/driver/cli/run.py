@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgec.core.errors import EdgecError
 
-from ._args import add_threads
+from ._args import add_board_args, add_threads, board_of
 
 
 def add_parser(sub) -> None:
@@ -16,18 +16,19 @@ def add_parser(sub) -> None:
     r.add_argument("--data", required=True, metavar="INPUTS.npz")
     r.add_argument("-o", "--output", required=True, metavar="OUTPUTS.npz")
     add_threads(r)
+    add_board_args(r)
     r.set_defaults(fn=run)
 
 
 def run(a) -> int:
     import numpy as np
 
-    from edgec.runtime import Session, load_npz, run_batched
+    from edgec.runtime import load_npz, open_session, run_batched
 
     out = Path(a.output)
     if not a.output.strip() or out.is_dir():
         raise EdgecError(f"-o must name an .npz file, not a folder: '{a.output}'")
-    sess = Session(a.artifact, num_threads=a.threads)
+    sess = open_session(a.artifact, num_threads=a.threads, **(board_of(a) or {}))
     data = load_npz(a.data)
     data.pop("labels", None)
     if not data:

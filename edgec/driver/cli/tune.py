@@ -1,5 +1,6 @@
 """``edgec tune [MODEL.onnx]``: MetaSchedule into the target's tuning database; its export and
-import."""
+import. Candidates run on this machine, or with ``--rpc HOST:PORT --key KEY`` on the boards
+registered with that RPC tracker (cross-built here)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ def add_parser(sub) -> None:
     add_target(u)
     u.add_argument("--trials", type=int, default=64, help="trials in all (default 64)")
     u.add_argument("--minutes", type=float, help="time budget; Ctrl-C also stops and keeps")
+    # the same flags (names, dest) as check/bench's board arguments
+    u.add_argument("--rpc", metavar="HOST:PORT", dest="rpc",
+                   help="measure on the boards registered with this RPC tracker (cross-built "
+                   "here; needed for a target this machine cannot run, e.g. rpi4)")
+    u.add_argument("--key", metavar="KEY", dest="key",
+                   help="with --rpc: the key the boards registered under (all of them measure "
+                   "in parallel)")
     add_pipeline(u)
     add_target_options(u)
     u.add_argument("--no-progress", action="store_true")
@@ -39,6 +47,8 @@ def run(a) -> int:
         n = tuning.import_db(spec, a.import_file, options)
         print(f"imported {n} tuning records into {tuning.db_dir(spec, options)}")
         return 0
+    if a.key and not a.rpc:
+        raise EdgecError("--key goes with --rpc HOST:PORT (the tracker the boards registered with)")
     if not a.model:
         raise EdgecError("edgec tune needs a MODEL (or --export/--import FILE)")
     prep = prepare(a.model, compile_options(a))
@@ -46,9 +56,10 @@ def run(a) -> int:
 
     backend.check_supported(prep.result.model)
     summary = tuning.tune(prep.result.model, spec, options, trials=a.trials,
-                          minutes=a.minutes, progress=not a.no_progress)
+                          minutes=a.minutes, progress=not a.no_progress, rpc=a.rpc, key=a.key)
     print(f"tuned {summary['tasks']} tasks for {spec.name}; database {summary['db']}"
           + (f" ({summary['stopped']})" if summary.get("stopped") else ""))
+    print(f"measured on {summary.get('where') or 'this machine'}")
     for name, c in summary["choices"].items():
         d = f"{c['default_s'] * 1e3:.3f} ms" if c.get("default_s") else "n/a"
         t = f"{c['tuned_s'] * 1e3:.3f} ms" if c.get("tuned_s") else "n/a"
