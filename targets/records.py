@@ -47,6 +47,10 @@ class Int8Stats:
         return out
 
 
+# Schedules that are not a kernel: what a function with multiply-accumulates should not get.
+FALLBACK_KERNELS = frozenset({"generic", "reduce", "unscheduled"})
+
+
 @dataclass
 class BuildRecord:
     """Filled by the pipeline's passes while a model is built."""
@@ -55,16 +59,36 @@ class BuildRecord:
     unscheduled: dict[str, str] = field(default_factory=dict)  # function -> why plain loops
     int8: Int8Stats | None = None
     tuning_db: str | None = None
+    # function -> multiply-accumulates its loops execute (channels padded to the vector
+    # width and a transposed convolution's inserted zeros included)
+    macs: dict[str, int] = field(default_factory=dict)
+
+    def fallbacks(self) -> dict[str, dict]:
+        """Functions with multiply-accumulates (a convolution, a matmul) that got only a
+        fallback schedule or plain loops: ``{function: {"kernel", "macs"}}``."""
+        out = {}
+        for name, macs in self.macs.items():
+            kind = "unscheduled" if name in self.unscheduled else self.kernels.get(name)
+            if macs and kind in FALLBACK_KERNELS:
+                out[name] = {"kernel": kind, "macs": macs}
+        return out
 
     def kernel_summary(self) -> dict:
         """The report's ``kernels`` section: per fused function, which kernel it got or why
-        it kept plain loops; the tuning database applied; the int8 rewrite's statistics."""
+        it kept plain loops; the tuning database applied; the int8 rewrite's statistics;
+        the functions with multiply-accumulates left on a fallback, with their share of the
+        multiply-accumulates executed."""
         counts: dict[str, int] = {}
         for kind in self.kernels.values():
             counts[kind] = counts.get(kind, 0) + 1
+        fallbacks = self.fallbacks()
+        total = sum(self.macs.values())
         return {"counts": counts, "functions": dict(self.kernels),
                 "unscheduled": dict(self.unscheduled), "tuning_db": self.tuning_db,
-                "int8": self.int8.to_json() if self.int8 is not None else None}
+                "int8": self.int8.to_json() if self.int8 is not None else None,
+                "macs_executed": total, "fallbacks": fallbacks,
+                "fallback_mac_share": (sum(f["macs"] for f in fallbacks.values()) / total
+                                       if total else 0.0)}
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..records import BuildRecord
 from .isa import select_isa, simd_floats
 from .kernels import (generic, int8_conv, int8_pixel, int8_winograd, matmul, packed_conv,
                       pixel_conv, row_conv, winograd)
-from .schedule import RuleContext
+from .schedule import RuleContext, mac_count
 
 log = logging.getLogger("edgec.cpu")
 
@@ -58,6 +58,8 @@ def schedule_pass(target, record: BuildRecord | None = None):
         for gv, func in mod.functions.items():
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
+            if record is not None:
+                record.macs[gv.name_hint] = _macs(func)
             if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
                 continue  # a tuned schedule was applied
             try:
@@ -76,3 +78,10 @@ def schedule_pass(target, record: BuildRecord | None = None):
         return mod
 
     return _pass
+
+
+def _macs(func) -> int:
+    try:
+        return mac_count(func)
+    except Exception:  # noqa: BLE001 - statistics only: never fail a build over them
+        return 0

@@ -183,3 +183,42 @@ def register_tile(sch, o, x, max_cols: int):
     xo, xi = sch.split(x, [None, cols])
     return oo, oi, xo, xi
 
+
+
+def _is_mac(value) -> bool:
+    """``acc + a * b`` (casts around either side allowed): a multiply-accumulate update."""
+    from tvm import tirx
+
+    while isinstance(value, tirx.Cast):
+        value = value.value
+    if not isinstance(value, tirx.Add):
+        return False
+    terms = [value.a, value.b]
+    for i, t in enumerate(terms):
+        while isinstance(t, tirx.Cast):
+            t = t.value
+        terms[i] = t
+    return any(isinstance(t, tirx.Mul) for t in terms)
+
+
+def mac_count(func) -> int:
+    """Multiply-accumulates a function executes: the iteration space of every block whose
+    update is ``acc + a * b`` over reduction axes (zeros a loop multiplies by included)."""
+    from tvm import tirx
+
+    sch = tvm.s_tir.Schedule(func)
+    total = 0
+    for blk in all_blocks(sch):
+        block = sch.get(blk)
+        if not any(iv.iter_type == 2 for iv in block.iter_vars):
+            continue
+        if not isinstance(block.body, tirx.BufferStore) or not _is_mac(block.body.value):
+            continue
+        n = 1
+        for iv in block.iter_vars:
+            try:
+                n *= int(iv.dom.extent)
+            except TypeError:
+                n = 0
+        total += n
+    return total

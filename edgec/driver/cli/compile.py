@@ -64,6 +64,13 @@ def print_report(report: dict, model: str, out: Path) -> None:
         counts = ", ".join(f"{n} {v}" for n, v in sorted(k["counts"].items()))
         print(f"  kernels: {counts or 'none'}; unscheduled {len(k['unscheduled'])}"
               + (f"; tuning db {k['tuning_db']}" if k.get("tuning_db") else ""))
+        fb = k.get("fallbacks") or {}
+        if fb:
+            worst = sorted(fb.items(), key=lambda kv: -kv[1]["macs"])[:3]
+            names = ", ".join(f"{n} ({v['kernel']}, {human(v['macs'])} MACs)" for n, v in worst)
+            print(f"  warning: {len(fb)} function(s) with {100 * k['fallback_mac_share']:.1f} % "
+                  f"of the MACs got no kernel, only a fallback schedule: {names}"
+                  + (" ..." if len(fb) > 3 else ""))
         q = k.get("int8")
         if q:
             floats = ", ".join(f"{r} x{n}" for r, n in q["float"].items())

@@ -1,0 +1,47 @@
+"""The report's kernel section: multiply-accumulates per fused function, and the functions
+with them that got only a fallback schedule, flagged with their share (issue 22)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+from conftest import compile_to, conv_bn_model
+from edgec.targets.records import BuildRecord
+
+
+def test_fallbacks_from_the_record():
+    r = BuildRecord(kernels={"a": "conv2d-packed", "b": "generic", "c": "reduce", "d": "generic"},
+                    unscheduled={"e": "no schedule"},
+                    macs={"a": 600, "b": 100, "c": 200, "d": 0, "e": 100})
+    assert r.fallbacks() == {"b": {"kernel": "generic", "macs": 100},
+                             "c": {"kernel": "reduce", "macs": 200},
+                             "e": {"kernel": "unscheduled", "macs": 100}}
+    k = r.kernel_summary()
+    assert k["macs_executed"] == 1000 and abs(k["fallback_mac_share"] - 0.4) < 1e-12
+
+
+def test_mac_count_matches_the_model_statistics(tmp_path):
+    """16 output channels: no padding lanes, so executed = the model's MACs."""
+    report = compile_to(conv_bn_model(k=16), tmp_path / "art")
+    k = report["kernels"]
+    assert k["macs_executed"] == report["after"]["macs"]
+    assert k["fallbacks"] == {} and k["fallback_mac_share"] == 0.0
+
+
+def test_a_convolution_on_the_fallback_is_flagged(tmp_path, monkeypatch, capsys):
+    """With every kernel rule removed, the convolution and the Gemm fall to the generic
+    schedule: the report and the compile summary say so, with their share of the MACs."""
+    from edgec.driver.cli import main
+    from edgec.targets.cpu import rules
+    from edgec.targets.cpu.kernels import generic
+
+    monkeypatch.setattr(rules, "RULES", [generic.RULE])
+    onnx.save(conv_bn_model(), tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "art"),
+                 "--no-tuning-db"]) == 0
+    out = capsys.readouterr().out
+    assert "warning:" in out and "100.0 % of the MACs got no kernel" in out, out
+    k = json.loads((tmp_path / "art" / "report.json").read_text())["kernels"]
+    assert len(k["fallbacks"]) == 2 and k["fallback_mac_share"] == 1.0
