@@ -86,7 +86,7 @@ class BuildRecord:
         return {"counts": counts, "functions": dict(self.kernels),
                 "unscheduled": dict(self.unscheduled), "tuning_db": self.tuning_db,
                 "int8": self.int8.to_json() if self.int8 is not None else None,
-                "macs_executed": total, "fallbacks": fallbacks,
+                "macs": dict(self.macs), "macs_executed": total, "fallbacks": fallbacks,
                 "fallback_mac_share": (sum(f["macs"] for f in fallbacks.values()) / total
                                        if total else 0.0)}
 

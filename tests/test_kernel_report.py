@@ -45,3 +45,29 @@ def test_a_convolution_on_the_fallback_is_flagged(tmp_path, monkeypatch, capsys)
     assert "warning:" in out and "100.0 % of the MACs got no kernel" in out, out
     k = json.loads((tmp_path / "art" / "report.json").read_text())["kernels"]
     assert len(k["fallbacks"]) == 2 and k["fallback_mac_share"] == 1.0
+
+
+def test_bench_profile_shares_sum_to_the_total(tmp_path):
+    """``edgec bench --profile``: every fused function of the report timed, shares summing
+    to one on both sides, GFLOP/s from the recorded multiply-accumulates."""
+    from edgec.driver.bench import bench
+    from edgec.driver.profile import format_profile
+
+    onnx.save(conv_bn_model(k=16), tmp_path / "m.onnx")
+    compile_to(tmp_path / "m.onnx", tmp_path / "art")
+    res = bench(tmp_path / "m.onnx", tmp_path / "art", repeat=3, rounds=1, peak=False,
+                profile=True)
+    out = format_profile(res["profile"])
+    assert "edgec per fused function" in out and "onnxruntime per node" in out, out
+    prof = res["profile"]
+    report = json.loads((tmp_path / "art" / "report.json").read_text())["kernels"]
+    rows = {r["function"]: r for r in prof["edgec"]["functions"]}
+    # every function timed is one the report names (reshape-like ones run as VM builtins)
+    assert set(rows) - {"vm builtins"} <= set(report["functions"]) | set(report["unscheduled"])
+    assert {n for n in report["functions"] if "conv2d" in n or "matmul" in n} <= set(rows)
+    for side, key in (("edgec", "functions"), ("onnxruntime", "nodes")):
+        assert abs(sum(r["share"] for r in prof[side][key]) - 1.0) < 1e-9
+        assert abs(sum(r["ms"] for r in prof[side][key]) - prof[side]["total_ms"]) < 1e-6
+    conv = next(r for n, r in rows.items() if "conv2d" in n)
+    assert conv["macs"] == 16 * 12 * 12 * 27 and conv["gflops"] > 0
+    assert {r["op"] for r in prof["onnxruntime"]["nodes"]} & {"Conv", "FusedConv"}

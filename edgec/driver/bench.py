@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.core.errors import one_line
+from edgec.core.errors import EdgecError, one_line
 from edgec.core.importer import load_model, normalize, random_feeds
 from edgec.core.stats import model_stats
 from edgec.runtime import OrtSession, Session
@@ -100,14 +100,16 @@ def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: i
 
 def bench(model_path: str | Path, artifact: str | Path, threads: int | None = None,
           repeat: int = 20, warmup: int = 3, peak: bool = True, rounds: int = 3,
-          board: dict | None = None) -> dict:
+          board: dict | None = None, profile: bool = False) -> dict:
     """Median latency of onnxruntime and of the artifact on the same inputs.
 
     Each runtime is timed in its own fresh process (once TVM has run in a process,
     onnxruntime in that process was measured up to 2x slower here), in ``rounds`` alternating
     rounds so that load from elsewhere hits both alike. With ``board`` (``{"rpc", "key"}``)
     the artifact is timed on a board registered with TVM's RPC tracker (TVM's time evaluator
-    there) and onnxruntime here, for reference only: no ratio across two machines."""
+    there) and onnxruntime here, for reference only: no ratio across two machines.
+    ``profile``: also each fused function's time beside onnxruntime's per-node profile
+    (:mod:`edgec.driver.profile`)."""
     import tempfile
 
     threads = threads or os.cpu_count() or 1
@@ -141,6 +143,8 @@ def bench(model_path: str | Path, artifact: str | Path, threads: int | None = No
     result["onnxruntime_ms"] = float(np.median(ort_times) * 1e3)
     result["onnxruntime_gflops"] = 2 * macs_ref / (result["onnxruntime_ms"] / 1e3) / 1e9
     if board is not None:
+        if profile:
+            raise EdgecError("--profile runs the artifact here; it is not available over RPC")
         return _bench_on_board(result, artifact, feeds, board, repeat, warmup, macs_new)
     if not runs_here:
         result["edgec_ms"] = None
@@ -151,6 +155,13 @@ def bench(model_path: str | Path, artifact: str | Path, threads: int | None = No
     result["edgec_gflops"] = 2 * macs_new / (result["edgec_ms"] / 1e3) / 1e9
     if peak and manifest["device"] == "cpu":
         result["sgemm_peak_gflops"] = sgemm_peak_gflops(threads)
+    if profile:
+        from .profile import edgec_profile, ort_profile
+
+        n = max(3, min(repeat, 10))
+        result["profile"] = {"repeat": n,
+                             "edgec": edgec_profile(artifact, feeds, threads, n),
+                             "onnxruntime": ort_profile(model_path, feeds, threads, n)}
     return result
 
 

@@ -11,6 +11,10 @@ def add_parser(sub) -> None:
     add_threads(b)
     add_board_args(b)
     b.add_argument("--repeat", type=int, default=20)
+    b.add_argument("--profile", action="store_true",
+                   help="also each fused function's time, share, GFLOP/s and kernel, beside "
+                   "onnxruntime's per-node profile")
+    b.add_argument("--top", type=int, default=15, help="profile rows shown (default 15)")
     b.add_argument("--json", metavar="FILE")
     b.set_defaults(fn=run)
 
@@ -18,7 +22,12 @@ def add_parser(sub) -> None:
 def run(a) -> int:
     from edgec.driver.bench import bench, format_bench
 
-    res = bench(a.model, a.artifact, threads=a.threads, repeat=a.repeat, board=board_of(a))
+    res = bench(a.model, a.artifact, threads=a.threads, repeat=a.repeat, board=board_of(a),
+                profile=a.profile)
     print(format_bench(res))
+    if res.get("profile"):
+        from edgec.driver.profile import format_profile
+
+        print(format_profile(res["profile"], a.top))
     write_json(a.json, res)
     return 0
