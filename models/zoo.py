@@ -4,7 +4,11 @@
     model = zoo.build("resnet18", seed=0, batch=1)      # onnx.ModelProto
     zoo.export("tiny_resnet", "out/tiny_resnet.onnx", seed=3)
 
-Every model has one input ``input`` (NCHW float32) and one output ``logits`` [batch, classes].
+Every model has one input ``input`` (NCHW float32) and one output ``logits``: [batch, classes]
+for the classifiers, and for the dense-prediction models (``dense_names()``) a per-pixel map
+[batch, channels, H, W] at the input's resolution -- the output keeps the name ``logits`` (for
+``db_detector`` it is already a probability map, after a Sigmoid), and ``num_classes`` is its
+channel count.
 
 * ``resnet18``, ``mobilenet_v2``, ``efficientnet_b0``: torchvision architectures with random
   weights (``torch.manual_seed(seed)``; never pretrained, nothing is downloaded), exported with
@@ -13,6 +17,40 @@ Every model has one input ``input`` (NCHW float32) and one output ``logits`` [ba
   under ``$EDGEC_CACHE/zoo`` (default ``~/.cache/edgec/zoo``), keyed by name, seed, batch, image
   size and the torch / torchvision versions. Needs ``pip install -e .[models]`` plus torchvision
   (see ``TORCHVISION_INSTALL``).
+* The broad zoo (``broad_names()``, issue 22: the models users bring, beyond the three edgec was
+  tuned on), random weights, exported and cached like the above:
+
+  - torchvision classifiers, input [batch, 3, 224, 224], logits [batch, 1000]: ``resnet50``,
+    ``squeezenet1_1`` (Conv/Relu/MaxPool/Concat "fire" modules, no Gemm: a 1x1 conv classifier
+    and GlobalAveragePool), ``googlenet`` (``aux_logits=False, init_weights=True``: one output
+    in eval mode; inception blocks of Concat'ed branches, MaxPool with ceil_mode),
+    ``densenet121`` (Concat-heavy dense blocks, BatchNormalization before Conv stays unfolded),
+    ``shufflenet_v2_x1_0`` (channel shuffle: Reshape/Transpose/Reshape, channel split as
+    Slice with Shape/Gather/Div arithmetic left in the graph, Concat; ReduceMean head),
+    ``vgg16`` (large 3x3 convs, two 4096-wide Gemm, 138 M parameters, a 0.55 GB file),
+    ``mobilenet_v3_large`` (depthwise convs, squeeze-excitation, HardSigmoid/hard-swish as
+    HardSigmoid*Mul at opset 13), ``regnet_x_400mf`` (grouped 3x3 convs, residual Add). The
+    exporter leaves Identity nodes in these graphs (equal initializers, such as the
+    zero-initialised biases, deduplicated to one).
+  - ``lraspp_mobilenet_v3_large``: torchvision.models.segmentation's LR-ASPP on a MobileNetV3
+    backbone (``weights=None, weights_backbone=None``), wrapped to return its ``out`` tensor:
+    logits [batch, 21, H, W] (21 VOC classes per pixel; two bilinear ``Resize`` whose sizes come
+    from Shape/Slice/Concat in the graph, the last up to the input size). Input
+    [batch, 3, 224, 224].
+  - ``db_detector``: a DB-style text detector built here in torch, shaped like PP-OCRv4's mobile
+    detector: a PP-LCNet-like backbone (3x3 stem, depthwise-separable blocks with 3x3 and 5x5
+    depthwise convs, hard-swish, squeeze-excitation blocks in the deep stages; feature maps at
+    strides 4, 8, 16, 32), an FPN neck (1x1 lateral convs, nearest 2x ``Resize`` top-down with
+    Add, 3x3 smoothing convs, bilinear ``Resize`` of every level to stride 4 and ``Concat``),
+    and a DB head (3x3 conv + BN + ReLU, ConvTranspose 2x2 stride 2 + BN + ReLU, ConvTranspose
+    2x2 stride 2, Sigmoid): logits [batch, 1, H, W], a text probability map. Input
+    [batch, 3, 640, 640]; ``image_size`` must be a multiple of 32. Its BatchNormalization
+    statistics are those of one training-mode pass over a seeded random 2x3x640x640 batch (then
+    eval mode), so activations stay O(1) and the map is not saturated at 0 or 1; the exporter
+    folds BN into the convs but not into the ConvTranspose, so one BatchNormalization remains.
+
+  ``seed`` fixes the weights (``torch.manual_seed``, the global torch RNG is left as it was).
+  Needs torch (and torchvision, except ``db_detector``, whose cache key says ``tvnone``).
 * ``fashion_cnn``: the trained Fashion-MNIST CNN committed beside this file
   (``fashion_mnist_cnn.onnx``, BatchNormalization not folded), input [batch, 1, 28, 28]
   normalised as in ``edgec.models.fashion_mnist``. ``seed`` is ignored (trained weights).
@@ -45,8 +83,11 @@ __all__ = [
     "TORCHVISION_INSTALL",
     "names",
     "torch_names",
+    "broad_names",
+    "dense_names",
     "onnx_names",
     "input_shape",
+    "output_shape",
     "num_classes",
     "build",
     "export",
@@ -65,18 +106,38 @@ TORCHVISION_INSTALL = f"pip install --no-deps torchvision=={TORCHVISION_VERSION}
 
 FASHION_ONNX = "fashion_mnist_cnn.onnx"
 
-# name -> (channels, default image size, classes)
+# name -> (channels, default image size, classes; for a dense model its output channels)
 _TORCHVISION = {
     "resnet18": (3, 224, 1000),
     "mobilenet_v2": (3, 224, 1000),
     "efficientnet_b0": (3, 224, 1000),
+    # the broad zoo (issue 22)
+    "resnet50": (3, 224, 1000),
+    "squeezenet1_1": (3, 224, 1000),
+    "googlenet": (3, 224, 1000),
+    "densenet121": (3, 224, 1000),
+    "shufflenet_v2_x1_0": (3, 224, 1000),
+    "vgg16": (3, 224, 1000),
+    "mobilenet_v3_large": (3, 224, 1000),
+    "regnet_x_400mf": (3, 224, 1000),
 }
+# Dense prediction (per-pixel output [batch, channels, H, W]), built with torch.
+_DENSE = {
+    "lraspp_mobilenet_v3_large": (3, 224, 21),
+    "db_detector": (3, 640, 1),
+}
+_TORCH = {**_TORCHVISION, **_DENSE}
+# torchvision constructor keyword arguments beyond weights=None
+_TV_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
+_BROAD = ["resnet50", "squeezenet1_1", "googlenet", "densenet121", "shufflenet_v2_x1_0",
+          "vgg16", "mobilenet_v3_large", "regnet_x_400mf", "lraspp_mobilenet_v3_large",
+          "db_detector"]
 _ONNX = {
     "fashion_cnn": (1, 28, 10),
     "tiny_cnn": (3, 32, 10),
     "tiny_resnet": (8, 17, 10),
 }
-_SPECS = {**_TORCHVISION, **_ONNX}
+_SPECS = {**_TORCH, **_ONNX}
 
 
 def names() -> list[str]:
@@ -85,8 +146,18 @@ def names() -> list[str]:
 
 
 def torch_names() -> list[str]:
-    """Models that need torch + torchvision to build."""
-    return list(_TORCHVISION)
+    """Models that need torch to build (all but ``db_detector`` need torchvision too)."""
+    return list(_TORCH)
+
+
+def broad_names() -> list[str]:
+    """The broad benchmark zoo (issue 22): eight classifiers and the two dense models."""
+    return list(_BROAD)
+
+
+def dense_names() -> list[str]:
+    """Dense-prediction models: ``logits`` is a per-pixel map [batch, channels, H, W]."""
+    return list(_DENSE)
 
 
 def onnx_names() -> list[str]:
@@ -108,7 +179,17 @@ def input_shape(name: str, batch: int | None = 1, image_size: int | None = None)
     return ["batch" if batch is None else batch, c, size, size]
 
 
+def output_shape(name: str, batch: int | None = 1, image_size: int | None = None) -> list:
+    """Shape of ``logits``: [batch, classes], or [batch, channels, H, W] for a dense model."""
+    b = "batch" if batch is None else batch
+    if name in _DENSE:
+        _, c, h, w = input_shape(name, batch, image_size)
+        return [b, num_classes(name), h, w]
+    return [b, num_classes(name)]
+
+
 def num_classes(name: str) -> int:
+    """Classes of a classifier; for a dense model the channel count of its per-pixel output."""
     return _spec(name)[2]
 
 
@@ -130,7 +211,10 @@ def build(name: str, seed: int = 0, batch: int | None = 1,
     _check_batch(batch)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive int, not {image_size!r}")
-    if name in _TORCHVISION:
+    if name == "db_detector" and image_size is not None and image_size % 32:
+        raise ValueError(f"db_detector needs an image size that is a multiple of 32, "
+                         f"not {image_size}")
+    if name in _TORCH:
         return _build_torchvision(name, seed, batch, image_size)
     if name == "fashion_cnn":
         return _build_fashion(batch, image_size)
@@ -246,10 +330,38 @@ def _torch_modules(name: str):
     return torch, torchvision
 
 
+def _torch_module(name: str, torch, torchvision):
+    """The eval-mode torch module of zoo model ``name`` (weights from the current RNG)."""
+    if name == "db_detector":
+        return _db_detector(torch)
+    if name == "lraspp_mobilenet_v3_large":
+        from torchvision.models import segmentation
+
+        net = segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
+
+        class _Out(torch.nn.Module):  # the segmentation models return {"out": tensor}
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+
+            def forward(self, x):
+                return self.net(x)["out"]
+
+        return _Out(net).eval()
+    return getattr(torchvision.models, name)(weights=None, **_TV_KWARGS.get(name, {})).eval()
+
+
 def _build_torchvision(name, seed, batch, image_size) -> onnx.ModelProto:
-    torch, torchvision = _torch_modules(name)
+    if name == "db_detector":  # torch alone
+        try:
+            import torch
+        except ImportError as e:
+            raise _missing_torch(name, "torch", e) from e
+        torchvision = None
+    else:
+        torch, torchvision = _torch_modules(name)
     size = image_size or _SPECS[name][1]
-    tv_version = getattr(torchvision, "__version__", "unknown")
+    tv_version = getattr(torchvision, "__version__", "unknown") if torchvision else "none"
     key = (
         f"{name}-seed{seed}-batch{'dyn' if batch is None else batch}-{size}"
         f"-torch{torch.__version__}-tv{tv_version}-opset{OPSET}"
@@ -263,7 +375,7 @@ def _build_torchvision(name, seed, batch, image_size) -> onnx.ModelProto:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = getattr(torchvision.models, name)(weights=None).eval()
+        model = _torch_module(name, torch, torchvision)
     dummy = torch.zeros(batch or 1, 3, size, size)
     dynamic = None if batch is not None else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
 
@@ -291,6 +403,96 @@ def _build_torchvision(name, seed, batch, image_size) -> onnx.ModelProto:
     with contextlib.suppress(OSError):
         tmp.unlink(missing_ok=True)
     return proto
+
+
+def _db_detector(torch):
+    """DB-style text detector (PP-OCRv4 mobile detector's shape), eval mode; see the docstring."""
+    nn, F = torch.nn, torch.nn.functional
+
+    def cbn(cin, cout, k=1, stride=1, groups=1, act="hswish"):
+        layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                  nn.BatchNorm2d(cout)]
+        if act == "hswish":
+            layers.append(nn.Hardswish())
+        elif act == "relu":
+            layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+
+    class SE(nn.Module):
+        def __init__(self, c, r=4):
+            super().__init__()
+            self.reduce = nn.Conv2d(c, c // r, 1)
+            self.expand = nn.Conv2d(c // r, c, 1)
+
+        def forward(self, x):
+            s = F.adaptive_avg_pool2d(x, 1)
+            s = F.hardsigmoid(self.expand(F.relu(self.reduce(s))))
+            return x * s
+
+    class DepthSep(nn.Module):  # PP-LCNet block: depthwise kxk (+SE), then pointwise 1x1
+        def __init__(self, cin, cout, k, stride, se):
+            super().__init__()
+            self.dw = cbn(cin, cin, k, stride, groups=cin)
+            self.se = SE(cin) if se else nn.Identity()
+            self.pw = cbn(cin, cout, 1)
+
+        def forward(self, x):
+            return self.pw(self.se(self.dw(x)))
+
+    # (cin, cout, kernel, stride, se) per block; stages end at strides 4, 8, 16, 32
+    stages = [
+        [(16, 32, 3, 1, False), (32, 48, 3, 2, False), (48, 48, 3, 1, False)],
+        [(48, 96, 3, 2, False), (96, 96, 3, 1, False)],
+        [(96, 192, 3, 2, False), (192, 192, 5, 1, False), (192, 192, 5, 1, False),
+         (192, 192, 5, 1, True)],
+        [(192, 384, 5, 2, True), (384, 384, 5, 1, True)],
+    ]
+    neck = 96  # FPN width; every level is smoothed to neck // 4 channels before the Concat
+
+    class DBDetector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = cbn(3, 16, 3, 2)
+            self.stages = nn.ModuleList(nn.Sequential(*(DepthSep(*b) for b in st))
+                                        for st in stages)
+            widths = [st[-1][1] for st in stages]
+            self.lateral = nn.ModuleList(nn.Conv2d(c, neck, 1, bias=False) for c in widths)
+            self.smooth = nn.ModuleList(nn.Conv2d(neck, neck // 4, 3, padding=1, bias=False)
+                                        for _ in widths)
+            q = neck // 4
+            self.head = nn.Sequential(
+                nn.Conv2d(neck, q, 3, padding=1, bias=False), nn.BatchNorm2d(q), nn.ReLU(),
+                nn.ConvTranspose2d(q, q, 2, 2), nn.BatchNorm2d(q), nn.ReLU(),
+                nn.ConvTranspose2d(q, 1, 2, 2), nn.Sigmoid())
+
+        def forward(self, x):
+            x = self.stem(x)
+            feats = []
+            for st in self.stages:
+                x = st(x)
+                feats.append(x)
+            lat = [conv(f) for conv, f in zip(self.lateral, feats)]
+            for i in range(len(lat) - 2, -1, -1):  # top-down: nearest 2x upsampling + Add
+                lat[i] = lat[i] + F.interpolate(lat[i + 1], scale_factor=2.0, mode="nearest")
+            outs = [conv(t) for conv, t in zip(self.smooth, lat)]
+            outs = [outs[0]] + [F.interpolate(o, scale_factor=float(2 ** i), mode="bilinear",
+                                              align_corners=False)
+                                for i, o in enumerate(outs[1:], 1)]
+            return self.head(torch.cat(outs[::-1], dim=1))
+
+    model = DBDetector()
+    # BatchNorm statistics of one training-mode pass over a seeded random batch at the default
+    # size (fixed, so the weights do not depend on the export size; statistics taken on small
+    # images saturated the 640x640 map), random affine parameters.
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.momentum = None  # cumulative average: one pass sets the batch statistics
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 0.1)
+        model.train()
+        model(torch.randn(2, 3, 640, 640))
+    return model.eval()
 
 
 # --------------------------------------------------------------------------- pure ONNX

@@ -47,7 +47,7 @@ def _ops(model: onnx.ModelProto) -> set[str]:
 
 def test_names():
     assert set(zoo.names()) == {"resnet18", "mobilenet_v2", "efficientnet_b0", "fashion_cnn",
-                                "tiny_cnn", "tiny_resnet"}
+                                "tiny_cnn", "tiny_resnet", *zoo.broad_names()}
     assert set(zoo.torch_names()) | set(zoo.onnx_names()) == set(zoo.names())
     with pytest.raises(ValueError, match="unknown zoo model"):
         zoo.build("resnet9000")
