@@ -23,7 +23,10 @@ channel count.
   - torchvision classifiers, input [batch, 3, 224, 224], logits [batch, 1000]: ``resnet50``,
     ``squeezenet1_1`` (Conv/Relu/MaxPool/Concat "fire" modules, no Gemm: a 1x1 conv classifier
     and GlobalAveragePool), ``googlenet`` (``aux_logits=False, init_weights=True``: one output
-    in eval mode; inception blocks of Concat'ed branches, MaxPool with ceil_mode),
+    in eval mode; inception blocks of Concat'ed branches, MaxPool with ceil_mode; its
+    BatchNormalization statistics come from one training-mode pass over a seeded random
+    2x3x224x224 batch, as for ``db_detector`` below: with the default statistics its tiny
+    initial weights left logits that did not depend on the input),
     ``densenet121`` (Concat-heavy dense blocks, BatchNormalization before Conv stays unfolded),
     ``shufflenet_v2_x1_0`` (channel shuffle: Reshape/Transpose/Reshape, channel split as
     Slice with Shape/Gather/Div arithmetic left in the graph, Concat; ReduceMean head),
@@ -129,6 +132,10 @@ _DENSE = {
 _TORCH = {**_TORCHVISION, **_DENSE}
 # torchvision constructor keyword arguments beyond weights=None
 _TV_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
+# BatchNorm statistics from a pass over seeded noise (see _calibrate_bn): GoogLeNet's
+# init_weights (truncated normal, std 0.01) shrinks activations ~20x per conv, and with the
+# default BN statistics its logits were the fc bias alone (input-independent to 1e-13).
+_CALIBRATE_BN = {"googlenet"}
 _BROAD = ["resnet50", "squeezenet1_1", "googlenet", "densenet121", "shufflenet_v2_x1_0",
           "vgg16", "mobilenet_v3_large", "regnet_x_400mf", "lraspp_mobilenet_v3_large",
           "db_detector"]
@@ -348,7 +355,10 @@ def _torch_module(name: str, torch, torchvision):
                 return self.net(x)["out"]
 
         return _Out(net).eval()
-    return getattr(torchvision.models, name)(weights=None, **_TV_KWARGS.get(name, {})).eval()
+    model = getattr(torchvision.models, name)(weights=None, **_TV_KWARGS.get(name, {}))
+    if name in _CALIBRATE_BN:
+        return _calibrate_bn(torch, model, _SPECS[name][1])
+    return model.eval()
 
 
 def _build_torchvision(name, seed, batch, image_size) -> onnx.ModelProto:
@@ -481,17 +491,27 @@ def _db_detector(torch):
             return self.head(torch.cat(outs[::-1], dim=1))
 
     model = DBDetector()
-    # BatchNorm statistics of one training-mode pass over a seeded random batch at the default
-    # size (fixed, so the weights do not depend on the export size; statistics taken on small
-    # images saturated the 640x640 map), random affine parameters.
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    # Random affine parameters; statistics at the default size (statistics taken on small
+    # images saturated the 640x640 map).
     with torch.no_grad():
-        for bn in bns:
-            bn.momentum = None  # cumulative average: one pass sets the batch statistics
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.normal_(0.0, 0.1)
+    return _calibrate_bn(torch, model, 640)
+
+
+def _calibrate_bn(torch, model, size: int):
+    """Eval-mode ``model`` with BatchNorm statistics of one training-mode pass over a seeded
+    (current RNG) random [2, 3, size, size] batch: every BN then normalises its input, so
+    activations stay O(1) however the weights were initialised. ``size`` is fixed per model,
+    so the weights do not depend on the export size."""
+    with torch.no_grad():
+        bn_types = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+        for bn in (m for m in model.modules() if isinstance(m, bn_types)):
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average: one pass sets the batch statistics
         model.train()
-        model(torch.randn(2, 3, 640, 640))
+        model(torch.randn(2, 3, size, size))
     return model.eval()
 
 

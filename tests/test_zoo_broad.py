@@ -152,6 +152,10 @@ def test_broad_zoo_builds(name):
     _require(name)
     model = zoo.build(name, seed=0, batch=1)
     y = _check(model, name, 1)
+    # random weights, but not degenerate: the output depends on the input (GoogLeNet's logits
+    # were its fc bias alone before its BatchNorm statistics were calibrated)
+    x2 = np.random.default_rng(1).standard_normal(zoo.input_shape(name)).astype(np.float32)
+    assert np.abs(_run(model, x2) - y).max() > 1e-3 * np.abs(y).max()
     if name == "db_detector":
         assert y.shape == (1, 1, 640, 640) and 0.0 <= y.min() and y.max() <= 1.0
         assert "ConvTranspose" in _ops(model)
