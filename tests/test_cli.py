@@ -162,7 +162,7 @@ def test_compile_run_check_bench_end_to_end(model_dir):
     assert {"edgec", "onnx", "tvm"} <= set(manifest["versions"])
     report = json.loads((out / "report.json").read_text())
     assert report["before"]["macs"] == report["after"]["macs"] > 0
-    assert [p["name"] for p in report["passes"]][:4] == ["fold-constants",
+    assert [p["name"] for p in report["passes"]][:5] == ["fold-constants", "split-variadic",
                                                          "eliminate-identity", "fold-bn",
                                                          "cleanup"]
     assert {"params", "macs", "bytes"} <= set(report["before"])

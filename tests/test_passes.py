@@ -130,6 +130,28 @@ def test_eliminate_identity_keeps_graph_output_names():
     np.testing.assert_array_equal(ort_run(out, {"x": x})[0], np.maximum(x, 0))
 
 
+@pytest.mark.parametrize("op,n", [("Sum", 3), ("Sum", 2), ("Max", 4), ("Min", 3),
+                                  ("Mean", 3), ("Sum", 1)])
+def test_split_variadic_is_exact(op, n):
+    """Variadic ops with broadcasting become binary chains; onnxruntime gives the same bits
+    (Mean: up to the division's rounding)."""
+    shapes = [[2, 3, 4, 5], [1, 3, 1, 1], [2, 3, 4, 5], [5]][:n]
+    names = [f"a{i}" for i in range(n)]
+    nodes = [helper.make_node(op, names, ["y"], name="v")]
+    m, _ = normalize(make_model(nodes, list(zip(names, shapes)), [("y", [2, 3, 4, 5])]))
+    out, rep = run_pass("split-variadic", m)
+    assert all(len(nd.input) <= 2 for nd in out.graph.node)
+    assert op in ("Max", "Min") or op not in {nd.op_type for nd in out.graph.node}
+    assert len(rep.rewritten) == 1 and rep.modified
+    rng = np.random.default_rng(n)
+    feeds = {k: rng.standard_normal(s).astype(np.float32) for k, s in zip(names, shapes)}
+    ref, got = ort_run(m, feeds)[0], ort_run(out, feeds)[0]
+    if op == "Mean":
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    else:
+        np.testing.assert_array_equal(got, ref)
+
+
 def test_fold_constants_folds_shape_subgraph():
     nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
              helper.make_node("Gather", ["s", "i0"], ["n"], axis=0, name="gather"),
@@ -168,8 +190,8 @@ def test_config_typing_from_dataclass():
 
 
 def test_passes_list_resolution():
-    assert resolve_passes(None, None)[:4] == ["fold-constants", "eliminate-identity",
-                                              "fold-bn", "cleanup"]
+    assert resolve_passes(None, None)[:5] == ["fold-constants", "split-variadic",
+                                              "eliminate-identity", "fold-bn", "cleanup"]
     assert resolve_passes("none", ["fold-bn"]) == ["fold-bn"]
     assert resolve_passes(None, ["cleanup"])[-1] == "cleanup"
 
@@ -221,3 +243,21 @@ def test_broken_passes_are_named():
         run_pass("test-mutating", m)
     with pytest.raises(PassError, match="test-raising.*boom"):
         Pipeline(["cleanup", "test-raising"]).run(m)
+
+
+def test_residual_sum_fuses_into_the_convolution(tmp_path):
+    """An older exporter's residual ``Sum`` (TVM imports it as broadcast_to + stack + sum)
+    ends up as the convolution kernel's fused epilogue, matching onnxruntime."""
+    from conftest import compile_to
+    from edgec.runtime import Session
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sum", ["c", "x"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    m = make_model(nodes, [("x", [1, 16, 10, 10])], [("y", [1, 16, 10, 10])],
+                   {"W": (rng.standard_normal((16, 16, 3, 3)) * 0.1).astype(np.float32)})
+    report = compile_to(m, tmp_path / "art")
+    assert list(report["kernels"]["functions"]) == ["fused_conv2d_packed_add_relu"]
+    x = rng.standard_normal((1, 16, 10, 10)).astype(np.float32)
+    np.testing.assert_allclose(Session(tmp_path / "art").run(None, {"x": x})[0],
+                               ort_run(m, {"x": x})[0], rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ from edgec.passes import PassContext, PassReport, get_pass, make_config, run_pas
 
 # Normalization passes run first in every preset: they make the graph what later passes and
 # the backend expect (constants folded, no identities, BN folded, no dead nodes).
-NORMALIZE = ["fold-constants", "eliminate-identity", "fold-bn", "cleanup"]
+NORMALIZE = ["fold-constants", "split-variadic", "eliminate-identity", "fold-bn", "cleanup"]
 
 PRESETS: dict[str, list[str]] = {
     "default": NORMALIZE,
