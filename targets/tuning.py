@@ -13,7 +13,13 @@ the search (reading the database at build time is :mod:`.tuning_db`'s).
 * Builds avoid importing ``tvm.s_tir.tensor_intrin`` (~30 s per builder process here).
 * Ctrl-C (or the time budget) stops the search; what was measured so far is kept.
 
-Tuning needs to run the candidates, so it is offered for targets this machine can run.
+Tuning runs the candidates: here for a CPU target this machine can run, or, with ``rpc``
+(``edgec tune --rpc HOST:PORT --key KEY``), on the boards registered under ``KEY`` with TVM's
+RPC tracker (:mod:`edgec.runtime.remote`): candidates and default kernels are built here,
+linked with the target's cross compiler, and timed on the boards (MetaSchedule's
+``RPCRunner``, one worker per board, so several boards measure in parallel). The database
+is the same target's folder either way, so the next ``edgec compile --target`` reuses it.
+GPU targets are tuned neither way.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import importlib.util
 import json
 import logging
 import os
+import functools
 import signal
 import tempfile
 import time
@@ -65,6 +72,16 @@ def _f_build(mod, target, _params):
     return tvm_build(mod, target=target)
 
 
+def _f_export(mod, cc: str | None = None) -> str:
+    """MetaSchedule export for an RPC runner: a shared library linked with the target's
+    (cross) compiler ``cc``, which the board's ``load_module`` opens (the default export is a
+    tar the board would have to link itself). Module level, bound with functools.partial,
+    so that the builder's popen workers can unpickle it."""
+    path = os.path.join(tempfile.mkdtemp(prefix="edgec-ms-"), "tvm_tmp_mod.so")
+    mod.export_library(path, **({"cc": cc} if cc else {}))
+    return path
+
+
 def _random_args(func, dev):
     args = []
     for buf in func.params:  # TVM 0.27: buffer parameters carry shape and dtype themselves
@@ -76,14 +93,23 @@ def _random_args(func, dev):
     return args
 
 
-def measure_default(func, target, repeat: int = 5) -> float:
-    """Median seconds of one fused function under edgec's default schedule."""
+def measure_default(func, target, repeat: int = 5, remote=None, cc: str | None = None,
+                    name: str = "default") -> float:
+    """Median seconds of one fused function under edgec's default schedule: here, or on the
+    board of the RPC session ``remote`` (linked with ``cc``, uploaded as ``name``.so)."""
     scheduled, _ = schedule_func(func.with_attr("global_symbol", "main"), simd_floats(target),
                                  select_isa(target))
     lib = tvm.compile(tvm.IRModule({"main": scheduled}), target=target)
-    dev = tvm.cpu()
+    if remote is None:
+        dev, mod = tvm.cpu(), lib.jit()
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"{name}.so")
+            lib.export_library(path, **({"cc": cc} if cc else {}))
+            remote.upload(path)
+        dev, mod = remote.cpu(), remote.load_module(f"{name}.so")
     args = _random_args(scheduled, dev)
-    timer = lib.jit().time_evaluator("main", dev, number=3, repeat=repeat, min_repeat_ms=10)
+    timer = mod.time_evaluator("main", dev, number=3, repeat=repeat, min_repeat_ms=10)
     return float(np.median(timer(*args).results))
 
 
@@ -92,24 +118,30 @@ class _Deadline(Exception):
 
 
 def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
-         minutes: float | None = None, progress: bool = True, seed: int = 0) -> dict:
-    """Tune ``model`` (a normalized ONNX model) for ``spec``; returns a summary."""
-    _check_tunable(spec, trials)
+         minutes: float | None = None, progress: bool = True, seed: int = 0,
+         rpc: str | None = None, key: str | None = None) -> dict:
+    """Tune ``model`` (a normalized ONNX model) for ``spec``; returns a summary. With ``rpc``
+    (a tracker's ``HOST:PORT``) and ``key``, candidates are measured on the boards there."""
+    _check_tunable(spec, trials, rpc, key)
     for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
         logging.getLogger(name).setLevel(logging.WARNING)  # per-task logs go to the db folder
     target = make_target(spec, options)
+    board = _board(spec, options, rpc, key) if rpc else None
+    if board is not None:
+        target = board["target"]
     path = db_dir(spec, options)
     mod = to_relax(model)
     mod = sequential(target, cpu_front_phases(target))(mod)
     names, funcs, weights = _collect_tasks(mod)
+    where = board["where"] if board else "this machine"
     if not funcs:
-        return {"tasks": 0, "db": str(path), "choices": {}}
+        return {"tasks": 0, "db": str(path), "choices": {}, "where": where}
 
     logdir = path / "logs"
     loggers = ms.logging.get_loggers_from_work_dir(str(logdir), names)
     tasks = []
-    for (key, func), name, lg, rs in zip(funcs, names, loggers,
-                                         ms.utils.fork_seed(seed, n=len(funcs))):
+    for (_key, func), name, lg, rs in zip(funcs, names, loggers,
+                                          ms.utils.fork_seed(seed, n=len(funcs))):
         tasks.append(ms.TuneContext(
             mod=task_module(func), target=target, space_generator="post-order-apply",
             search_strategy="evolutionary", task_name=name, logger=lg, rand_state=rs,
@@ -122,7 +154,7 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
     stopped = None
     prev = signal.getsignal(signal.SIGINT)
     try:
-        _search(spec, path, tasks, weights, trials, callbacks)
+        _search(spec, path, tasks, weights, trials, callbacks, board)
     except KeyboardInterrupt:
         stopped = "interrupted: keeping what was measured"
     except Exception as e:  # noqa: BLE001 - our deadline crosses the FFI as another error
@@ -134,21 +166,61 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
         signal.signal(signal.SIGINT, prev)
         if bar is not None:
             bar.close()
-    choices = _choose(path, target, funcs, names)
-    return {"tasks": len(funcs), "db": str(path), "stopped": stopped,
+    choices = _choose(path, target, funcs, names, board)
+    return {"tasks": len(funcs), "db": str(path), "stopped": stopped, "where": where,
+            "boards": board["boards"] if board else 0,
             "choices": {choices[k]["task"]: choices[k] for k, _ in funcs}}
 
 
-def _check_tunable(spec: TargetSpec, trials: int) -> None:
-    if not spec.runs_on_host() or spec.device != "cpu":
+def _check_tunable(spec: TargetSpec, trials: int, rpc: str | None = None,
+                   key: str | None = None) -> None:
+    if spec.device != "cpu":
+        raise EdgecError(f"tuning is for CPU targets (arm64, rpi4, rpi5, x86, ...): "
+                         f"'{spec.name}' is a {spec.device} target"
+                         + (", which RPC tuning does not measure" if rpc else ""))
+    if rpc:
+        from edgec.runtime.remote import parse_address
+
+        parse_address(rpc)
+        if not key:
+            raise EdgecError("--rpc needs --key: the key the board registered under")
+        spec.check_toolchain()  # candidates are linked here with the target's cross compiler
+    elif not spec.runs_on_host():
         raise EdgecError(f"tuning measures candidates on the device: target '{spec.name}' "
-                         "cannot run on this machine (RPC tuning is not supported yet)")
+                         "cannot run on this machine; measure them on a board with "
+                         "--rpc HOST:PORT --key KEY (its RPC tracker and key)")
     if trials <= 0:
         raise EdgecError("--tune-trials must be positive")
     missing = [m for m in ("xgboost", "psutil", "cloudpickle")
                if importlib.util.find_spec(m) is None]
     if missing:
         raise EdgecError(f"tuning needs {', '.join(missing)}: pip install -e '.[tune]'")
+
+
+def _board(spec: TargetSpec, options: dict | None, rpc: str, key: str) -> dict:
+    """The boards under ``key`` at the tracker ``rpc``: how many, what one says it is, and the
+    tuning target with its core count (MetaSchedule needs ``num-cores``). The session opened
+    to ask is closed again before the search, which needs every board."""
+    from edgec.runtime import remote as rr
+
+    make_target(spec, options)  # validates the options
+    sess = rr.connect(rpc, key, session_timeout=120)  # one-line errors: no tracker, no board
+    try:
+        described = rr.describe(sess)
+        try:
+            cores = int(sess.get_function("runtime.NumThreads")())
+        except Exception:  # noqa: BLE001 - an old server: a Raspberry Pi's four cores
+            cores = 4
+    finally:
+        del sess
+    n = max(rr.boards(rpc, key), 1)
+    d = dict(spec.tvm_target_dict(options))
+    d.setdefault("num-cores", max(cores, 1))
+    where = f"{n} '{key}' board{'s' if n > 1 else ''} via {rpc}" + \
+        (f" [{described}]" if described else "")
+    host, port = rr.parse_address(rpc)
+    return {"address": rpc, "host": host, "port": port, "key": key, "boards": n,
+            "where": where, "target": tvm.target.Target(d), "cc": spec.cross_compiler}
 
 
 def _collect_tasks(mod):
@@ -193,7 +265,8 @@ def _progress_callback(bar, names: list[str], deadline: float | None):
     return Progress()
 
 
-def _search(spec: TargetSpec, path: Path, tasks, weights, trials: int, callbacks) -> None:
+def _search(spec: TargetSpec, path: Path, tasks, weights, trials: int, callbacks,
+            board: dict | None = None) -> None:
     ms.tune_tasks(
         tasks=tasks, task_weights=weights, work_dir=str(path),
         max_trials_global=trials,
@@ -202,30 +275,54 @@ def _search(spec: TargetSpec, path: Path, tasks, weights, trials: int, callbacks
                                 trials // len(tasks)),
         num_trials_per_iter=min(spec.tuning.get("num_trials_per_iter", 16),
                                 max(4, trials // len(tasks))),
-        builder=ms.builder.LocalBuilder(f_build=_f_build, max_workers=os.cpu_count(),
-                                        timeout_sec=120),
-        runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
-            number=3, repeat=1, min_repeat_ms=10, enable_cpu_cache_flush=False),
-            timeout_sec=60),
+        builder=ms.builder.LocalBuilder(
+            f_build=_f_build, max_workers=os.cpu_count(), timeout_sec=120,
+            f_export=functools.partial(_f_export, cc=board["cc"]) if board else None),
+        runner=_runner(board),
         database=database(path), measure_callbacks=callbacks, cost_model="xgb",
         task_scheduler="gradient")
 
 
-def _choose(path: Path, target, funcs, names) -> dict:
-    """Keep the faster of default and tuned, per task (``choices.json``)."""
+RPC_SESSION_TIMEOUT = 300  # s per candidate on a board (emulated boards are ~50x slower)
+
+
+def _runner(board: dict | None):
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=10,
+                                          enable_cpu_cache_flush=False)
+    if board is None:
+        return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=60)
+    return ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(
+            tracker_host=board["host"], tracker_port=board["port"], tracker_key=board["key"],
+            session_priority=1, session_timeout_sec=RPC_SESSION_TIMEOUT),
+        evaluator_config=evaluator, max_workers=board["boards"])  # every board in parallel
+
+
+def _choose(path: Path, target, funcs, names, board: dict | None = None) -> dict:
+    """Keep the faster of default and tuned, per task (``choices.json``); with ``board``,
+    the default kernels are timed on a board too."""
     choices = load_choices(path)
     db = database(path)  # re-read what was committed
-    for (key, func), name in zip(funcs, names):
+    remote = None
+    if board is not None:
+        from edgec.runtime.remote import connect
+
+        remote = connect(board["address"], board["key"], RPC_SESSION_TIMEOUT * len(funcs))
+    for i, ((key, func), name) in enumerate(zip(funcs, names)):
         recs = db.query_tuning_record(task_module(func), target, workload_name="main")
         tuned = None
         if recs is not None and recs.run_secs:
             tuned = float(np.mean([float(s) for s in recs.run_secs]))
         try:
-            default = measure_default(func, target)
+            default = measure_default(func, target, remote=remote,
+                                      cc=board["cc"] if board else None,
+                                      name=f"edgec_default_{i}")
         except Exception:  # noqa: BLE001 - no default schedule: tuned (if any) wins
             default = None
         use = "tuned" if tuned is not None and (default is None or tuned < default) else "default"
         choices[key] = {"task": name, "default_s": default, "tuned_s": tuned, "use": use}
+        if board is not None:
+            choices[key]["measured_on"] = board["where"]
     save_choices(path, choices)
     return choices
 
