@@ -348,6 +348,36 @@ def test_avx2_kernels(tmp_path):
                                    OrtSession(m).run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mcpu", ["haswell", "host"])
+@pytest.mark.parametrize("c,k,ksz,stride,pad,w,epi", [
+    (16, 24, 3, 1, 1, 13, "residual"), (8, 20, 1, 1, 0, 17, "relu"), (6, 16, 3, 2, 1, 45, "none"),
+    (12, 12, 5, 1, 2, 23, "residual"), (512, 40, 1, 1, 0, 13, "relu")])
+def test_packed_conv_odd_widths(tmp_path, mcpu, c, k, ksz, stride, pad, w, epi):
+    """Rows whose width has no divisor near the register tile (primes on AVX2's 12 columns)
+    are computed padded to one (13 -> 14, two 7-column tiles) and stored unpadded."""
+    from edgec.targets.cpu.kernels.packed_conv import padded_width
+    from edgec.targets.cpu.isa import max_cols
+
+    opts = {} if mcpu == "host" else {"mcpu": mcpu}
+    h = 9
+    rng = np.random.default_rng(w)
+    inits = {"W": (rng.standard_normal((k, c, ksz, ksz)) * 0.1).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], strides=[stride] * 2,
+                              pads=[pad] * 4)]
+    oh, ow = _out(h, ksz, stride, 1, pad, pad), _out(w, ksz, stride, 1, pad, pad)
+    last = _epilogue(epi, "y", nodes, inits, "x", [1, c, h, w], [1, k, oh, ow])
+    m = make_model(nodes, [("x", [1, c, h, w])], [(last, [1, k, oh, ow])], inits)
+    out = tmp_path / "art"
+    report = compile_to(m, out, target_options=opts)
+    assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
+    if mcpu == "haswell":
+        assert padded_width(ow, max_cols(8)) > ow or ow <= 12 or ow % 6 == 0
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
+                               atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
 @pytest.mark.parametrize("c,h,w,k,s,p,d,ceil,dtype", [
     (8, 13, 17, 3, 2, 1, 1, 0, "float32"), (5, 9, 11, 2, 2, 0, 1, 0, "float32"),
     (6, 10, 12, 3, 1, 1, 1, 0, "float32"), (4, 15, 14, 3, 2, 1, 2, 0, "float32"),

@@ -38,12 +38,29 @@ def pack_weight(w: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(wp.reshape(occ, lanes, *w.shape[1:]).transpose(0, 2, 3, 4, 1))
 
 
-def conv_packed_te(x, wp, oc, strides, pads, dil):
+def padded_width(ow: int, max_cols: int) -> int:
+    """The output columns the packed kernel computes for an ``ow``-wide map: ``ow`` when it
+    has a divisor of at least half a register tile, else the fewest columns that a tile of
+    ``max_cols / 2 .. max_cols`` divides (13 columns with 12-column tiles: 14, two 7-column
+    tiles, instead of thirteen 1-column tiles that load a weight vector per FMA; the extra
+    columns read zero padding and are never stored)."""
+    from ..schedule import pick_tile
+
+    if ow <= max_cols or pick_tile(ow, max_cols) * 2 >= max_cols:
+        return ow
+    return min((-(-ow // c) * c for c in range(max_cols, (max_cols + 1) // 2 - 1, -1)))
+
+
+def conv_packed_te(x, wp, oc, strides, pads, dil, ow_pad: int | None = None):
+    """``ow_pad``: compute that many output columns (:func:`padded_width`), store ``ow``."""
     _, _, h, w = ints(x.shape)
     occ, ic, kh, kw, lanes_ = ints(wp.shape)
     (sh, sw), (dh, dw) = strides, dil
     pt, pl, pb, pr = pads
     oh, ow = conv_out(h, pt, pb, kh, sh, dh), conv_out(w, pl, pr, kw, sw, dw)
+    if ow_pad is not None and ow_pad > ow:  # zero columns to the right for the extra ones
+        pads = (pt, pl, pb, pr + (ow_pad - ow) * sw)
+        ow = ow_pad
     xp = pad_likely(x, pads)
     ric = te.reduce_axis((0, ic), "ric")
     rkh = te.reduce_axis((0, kh), "rkh")
@@ -55,7 +72,8 @@ def conv_packed_te(x, wp, oc, strides, pads, dil):
             xp[n, ric, y * sh + rkh * dh, xx * sw + rkw * dw] * wp[o, ric, rkh, rkw, b],
             axis=[ric, rkh, rkw]),
         name=CONV_BLOCK)
-    return te.compute((nb, oc, oh, ow),
+    ow_out = conv_out(w, pl, pr, kw, sw, dw)
+    return te.compute((nb, oc, oh, ow_out),
                       lambda n, c_, y, xx: packed[n, c_ // lanes_, y, xx, c_ % lanes_],
                       name="edgec_conv2d_unpack")
 
