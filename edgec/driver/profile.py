@@ -4,8 +4,9 @@ per-node profile, so that a slow layer is found in one run.
 edgec: the Relax VM's instrument hook (``VirtualMachine.set_instrument``) is called before and
 after every call the VM makes; the time between the two is that call's (kernels run
 synchronously on the calling thread, with their own thread pool). Per function: the median
-over ``repeat`` runs of the time of all its calls in a run, its share of the sum over
-functions, GFLOP/s from the multiply-accumulates the report records for it, and its kernel.
+over ``repeat`` runs of the time of all its calls in a run (layers of one shape share a
+function), its share of the sum over functions, GFLOP/s from the multiply-accumulates the
+report records for one call times the calls, and its kernel.
 The VM's own builtins (allocation, shape checks) are one line, ``vm builtins``.
 
 onnxruntime: its profiler (``SessionOptions.enable_profiling``), per node the median ``dur``
@@ -29,15 +30,15 @@ from edgec.core.errors import one_line
 BUILTINS = "vm builtins"
 
 
-def _edgec_runs(path: str, feeds: dict, threads: int, repeat: int) -> list[dict[str, float]]:
-    """Per run: seconds per function symbol (all its calls), builtins pooled."""
+def _edgec_runs(path: str, feeds: dict, threads: int, repeat: int) -> list[dict[str, list]]:
+    """Per run: function symbol -> [seconds, calls] (all its calls; builtins pooled)."""
     from edgec.runtime import Session
 
     sess = Session(path, num_threads=threads)
     tvm = sess._tvm
     args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), sess.device)
             for n in sess.input_names]
-    current: dict[str, float] = {}
+    current: dict[str, list] = {}
     started = [0.0]
 
     def instrument(func, symbol, before, ret, *rest):
@@ -46,7 +47,9 @@ def _edgec_runs(path: str, feeds: dict, threads: int, repeat: int) -> list[dict[
             started[0] = now
         else:
             key = BUILTINS if str(symbol).startswith("vm.builtin.") else str(symbol)
-            current[key] = current.get(key, 0.0) + now - started[0]
+            slot = current.setdefault(key, [0.0, 0])
+            slot[0] += now - started[0]
+            slot[1] += 1
         return 0
 
     sess._call(args)  # warm up, uninstrumented
@@ -56,7 +59,7 @@ def _edgec_runs(path: str, feeds: dict, threads: int, repeat: int) -> list[dict[
         current = {}
         t0 = time.perf_counter()
         sess._call(args)
-        current["(total run)"] = time.perf_counter() - t0
+        current["(total run)"] = [time.perf_counter() - t0, 1]
         runs.append(current)
     return runs
 
@@ -95,16 +98,18 @@ def _median_table(runs: list[dict], value=lambda v: v) -> dict[str, float]:
 
 
 def edgec_profile(artifact: str | Path, feeds: dict, threads: int, repeat: int) -> dict:
-    """Per fused function: median seconds, share, kernel, MACs and GFLOP/s."""
+    """Per fused function (all its calls in a run): median seconds, share, calls, kernel,
+    MACs and GFLOP/s."""
     runs = _run_worker("tvm", artifact, feeds, threads, repeat)
-    med = _median_table(runs)
+    calls = {k: int(v[1]) for r in runs for k, v in r.items()}
+    med = _median_table(runs, value=lambda v: v[0])
     total_run = med.pop("(total run)", 0.0)
     kernels, macs = _kernels_of(Path(artifact))
     total = sum(med.values())
     rows = []
     for name, secs in sorted(med.items(), key=lambda kv: -kv[1]):
-        m = macs.get(name, 0)
-        rows.append({"function": name, "ms": secs * 1e3,
+        m = macs.get(name, 0) * calls.get(name, 1)
+        rows.append({"function": name, "ms": secs * 1e3, "calls": calls.get(name, 1),
                      "share": secs / total if total else 0.0,
                      "kernel": kernels.get(name, "-" if name == BUILTINS else "?"),
                      "macs": m, "gflops": 2 * m / secs / 1e9 if m and secs else None})
@@ -151,11 +156,11 @@ def format_profile(prof: dict, top: int = 15) -> str:
     e, o = prof["edgec"], prof["onnxruntime"]
     lines = [f"edgec per fused function (median of {prof['repeat']} runs; functions sum to "
              f"{e['total_ms']:.3f} ms of a {e['run_ms']:.3f} ms run)",
-             f"  {'function':<44} {'ms':>9} {'share':>7} {'GFLOP/s':>8}  kernel"]
+             f"  {'function':<44} {'calls':>5} {'ms':>9} {'share':>7} {'GFLOP/s':>8}  kernel"]
     for r in e["functions"][:top]:
         gf = f"{r['gflops']:8.1f}" if r["gflops"] else f"{'-':>8}"
-        lines.append(f"  {r['function'][:44]:<44} {r['ms']:9.3f} {100 * r['share']:6.1f}% "
-                     f"{gf}  {r['kernel']}")
+        lines.append(f"  {r['function'][:44]:<44} {r['calls']:>5} {r['ms']:9.3f} "
+                     f"{100 * r['share']:6.1f}% {gf}  {r['kernel']}")
     if len(e["functions"]) > top:
         rest = e["functions"][top:]
         lines.append(f"  ({len(rest)} more: {sum(r['ms'] for r in rest):.3f} ms)")
