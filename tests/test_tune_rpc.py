@@ -2,8 +2,9 @@
 registered with an RPC tracker (here emulated aarch64 boards on loopback, see conftest), the
 database written where ``edgec compile --target rpi4`` finds it.
 
-The emulated-board tests skip where the emulator is not installed; the two-board Fashion-MNIST
-run is marked slow: ``python -m pytest -q -m slow tests/test_tune_rpc.py``.
+The emulated-board tests skip where the emulator is not installed; the ones that tune (one
+board and a tiny model; two boards and the Fashion-MNIST CNN) are marked slow:
+``python -m pytest -q -m slow tests/test_tune_rpc.py``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def test_rpc_refuses_gpu_targets(cache, norm):
 
 # -- one emulated board ---------------------------------------------------------------------------
 
+# slow: ~3.5 min of CPU here (4 trials; MetaSchedule's search and the rpi4 compile on the host
+# dominate, the board's measurements take seconds), over the default suite's budget
+@pytest.mark.slow
 def test_tune_on_board_then_compile_reuses(cache, tmp_path, norm, rpc_board):
     from edgec.targets.tuning import CHOICES, db_dir, tune
 
