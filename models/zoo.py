@@ -26,7 +26,8 @@ channel count.
     in eval mode; inception blocks of Concat'ed branches, MaxPool with ceil_mode; its
     BatchNormalization statistics come from one training-mode pass over a seeded random
     2x3x224x224 batch, as for ``db_detector`` below: with the default statistics its tiny
-    initial weights left logits that did not depend on the input),
+    initial weights left logits that did not depend on the input; likewise for
+    ``shufflenet_v2_x1_0``),
     ``densenet121`` (Concat-heavy dense blocks, BatchNormalization before Conv stays unfolded),
     ``shufflenet_v2_x1_0`` (channel shuffle: Reshape/Transpose/Reshape, channel split as
     Slice with Shape/Gather/Div arithmetic left in the graph, Concat; ReduceMean head),
@@ -135,7 +136,9 @@ _TV_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
 # BatchNorm statistics from a pass over seeded noise (see _calibrate_bn): GoogLeNet's
 # init_weights (truncated normal, std 0.01) shrinks activations ~20x per conv, and with the
 # default BN statistics its logits were the fc bias alone (input-independent to 1e-13).
-_CALIBRATE_BN = {"googlenet"}
+# ShuffleNetV2 (default init, default statistics): logits moved by 5e-5 of their size between
+# two random inputs.
+_CALIBRATE_BN = {"googlenet", "shufflenet_v2_x1_0"}
 _BROAD = ["resnet50", "squeezenet1_1", "googlenet", "densenet121", "shufflenet_v2_x1_0",
           "vgg16", "mobilenet_v3_large", "regnet_x_400mf", "lraspp_mobilenet_v3_large",
           "db_detector"]
@@ -404,6 +407,14 @@ def _build_torchvision(name, seed, batch, image_size) -> onnx.ModelProto:
         )
     data = buf.getvalue()
     proto = onnx.load_from_string(data)
+    if name in _DENSE and batch is None:
+        # With a dynamic batch the exporter cannot tell that a Resize to a Shape-computed size
+        # keeps the channels and the input's H x W ("Resizelogits_dim_1"); they are static.
+        dims = proto.graph.output[0].type.tensor_type.shape.dim
+        for d, v in zip(dims[1:], output_shape(name, batch, size)[1:]):
+            d.Clear()
+            d.dim_value = v
+        data = proto.SerializeToString()
     # Cache best-effort: write a temporary file and rename it, so readers never see half a file.
     tmp = cached.with_name(f".{key}.{os.getpid()}.tmp")
     with contextlib.suppress(OSError):
