@@ -1,10 +1,12 @@
 """The Relax pipeline of LLVM CPU targets (x86 and arm share it), as phase lists.
 
 1. :func:`rewrite_phases`: QDQ convolutions become integer kernels, before constants fold;
-2. :func:`folded_phases`: the requantize / residual folds, once constants are folded;
+2. :func:`folded_phases`: once constants are folded, ConvTranspose as convolutions (phase
+   decomposition), then the requantize / residual folds;
 3. :func:`legalize_map`: float convolutions, pools, quantize and fast math to the default
    kernels' compute (the rest through TOPI), then fusion of epilogues into them;
-4. :func:`schedule_phases`: tuned schedules from the database, then the default rule list;
+4. :func:`schedule_phases`: tuned schedules from the database, ConvTranspose's
+   depth-to-space, then the default rule list;
 5. VM lowering.
 
 The fused TIR functions of 1-3 (:func:`cpu_front_phases`) are what both the default
@@ -17,6 +19,7 @@ from ..phases import front_phases, vm_lowering_phases
 from ..records import BuildRecord
 from ..tuning_db import apply_tuned_pass
 from .isa import simd_floats
+from .rewrites.conv_transpose import conv_transpose_pass, d2s_schedule_pass
 from .rewrites.fast_math import make_fast_math_legalizers
 from .rewrites.nan_clamp import make_nan_clamp_legalizers, nan_clamp_pass
 from .rewrites.float_conv import make_conv2d_legalizer, make_maxpool_legalizer
@@ -41,16 +44,18 @@ def rewrite_phases(target, record: BuildRecord | None, kernels: dict) -> list:
 
 
 def folded_phases(record: BuildRecord | None, kernels: dict) -> list:
-    """After constants are folded: the requantizing epilogues folded into ``kernels``, then
-    the float clamps left re-emitted to keep NaN."""
-    return [requant_pass(kernels, record), nan_clamp_pass()]
+    """After constants are folded: ConvTranspose with constant weights as convolutions of the
+    input (the legalizer below gives them the conv kernels), the requantizing epilogues
+    folded into ``kernels``, then the float clamps left re-emitted to keep NaN."""
+    return [conv_transpose_pass(), requant_pass(kernels, record), nan_clamp_pass()]
 
 
 def schedule_phases(target, record: BuildRecord | None, tuning_db: str | None) -> list:
     """Every fused function gets the default rule list's schedule, except those for which
-    the tuning database ``tuning_db`` holds a schedule measured faster."""
+    the tuning database ``tuning_db`` holds a schedule measured faster and ConvTranspose's
+    depth-to-space functions (their own schedule)."""
     tuned = [apply_tuned_pass(target, tuning_db, record)] if tuning_db else []
-    return [*tuned, schedule_pass(target, record)]
+    return [*tuned, d2s_schedule_pass(target, record), schedule_pass(target, record)]
 
 
 def cpu_front_phases(target, record: BuildRecord | None = None) -> list:
