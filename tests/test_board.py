@@ -72,17 +72,25 @@ def test_check_bench_run_over_rpc(rpc_board, tiny, tmp_path, capsys):
     assert b["edgec_ms"] > 0 and b["ratio"] is None and b["emulated"]
 
 
-@pytest.mark.parametrize("target", ["rpi4", "rpi5"])
-def test_int8_on_the_board_within_one_step(rpc_board, tmp_path, target):
-    """aarch64 integer kernels (NEON; sdot on rpi5) against onnxruntime's exact QDQ."""
+@pytest.mark.parametrize("target,c,zx", [("rpi4", 16, 128), ("rpi5", 16, 128), ("rpi5", 3, 73)])
+def test_int8_on_the_board_within_one_step(rpc_board, tmp_path, target, c, zx):
+    """aarch64 integer kernels (NEON; sdot on rpi5) against onnxruntime's exact QDQ; with 3
+    input channels and a zero point below 128 the sdot kernel pads its 4-byte words with the
+    negative ``zx - 128`` (this failed to compile)."""
+    from onnx import numpy_helper
+
     from edgec.runtime.remote import RemoteSession
     from test_int8_kernels import qdq_conv
 
-    m, step = qdq_conv(np.random.default_rng(5), 1, 16, 24, 3, 1, 1, (1, 1, 1, 1), 10, 13)
+    m, step = qdq_conv(np.random.default_rng(5), 1, c, 24, 3, 1, 1, (1, 1, 1, 1), 10, 13)
+    for i, t in enumerate(m.graph.initializer):
+        if t.name == "zx":
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.array(zx, np.uint8),
+                                                                    "zx"))
     report = compile_to(m, tmp_path / "art", target=target)
     assert any("int8" in k for k in report["kernels"]["counts"]), report["kernels"]
     sess = RemoteSession(tmp_path / "art", rpc_board.address, "rpi4")
-    x = (np.random.default_rng(7).standard_normal((1, 16, 10, 13)) * 1.5).astype(np.float32)
+    x = (np.random.default_rng(7).standard_normal((1, c, 10, 13)) * 1.5).astype(np.float32)
     ref = OrtSession(m).run(None, {"x": x})[0]
     got = sess.run(None, {"x": x})[0]
     diff = np.abs(got - ref)

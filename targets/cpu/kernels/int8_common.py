@@ -15,11 +15,14 @@ _ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: x + M is M + round_half_even(x) for |x
 
 
 def pack_word(vals, bits: int):
-    """``D`` values of ``bits`` bits each, packed little-endian into one uint32."""
-    unsigned = "uint8" if bits == 8 else "uint16"
+    """``D`` values of ``bits`` bits each, packed little-endian into one uint32. Each value's
+    bit pattern is taken through int32 and a mask (a zero extension, as ``uint8`` would be):
+    a negative constant -- the padding value ``zx - 128`` of a uint8 input shifted to int8
+    -- cannot be cast to an unsigned type in TIR."""
+    mask = tirx.const((1 << bits) - 1, "int32")
     out = None
     for d, v in enumerate(vals):
-        e = v.astype(unsigned).astype("uint32")
+        e = (v.astype("int32") & mask).astype("uint32")
         e = e << tirx.const(bits * d, "uint32") if d else e
         out = e if out is None else out | e
     return out

@@ -19,7 +19,7 @@ MIN = tvm.ir.Op.get("relax.minimum")
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 QRANGE = {"uint8": (0, 255), "int8": (-128, 127)}  # 8-bit types: (min, max)
 
-RESIDUAL = "residual"  # kernels[RESIDUAL, name]: a requantizing kernel's residual re-emitter
+RESIDUAL = "residual"  # kernels[RESIDUAL, key]: a requantizing kernel's residual re-emitter
 
 
 class Skip(Exception):
@@ -28,6 +28,25 @@ class Skip(Exception):
 
 def const_value(expr):
     return expr.value.numpy() if isinstance(expr, tvm.ir.expr.Constant) else None
+
+
+def kernel_key(call) -> tuple:
+    """A ``call_tir`` of an emitted kernel, as the folds look it up: its function's name and
+    a digest of its constant arguments (weights, scales, corrections). Layers of one shape
+    share one function -- the builder deduplicates structurally equal PrimFuncs, the
+    constants being arguments -- so the name alone would give every such layer the last
+    one's scales."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha1()
+    for arg in call.args[1].fields:
+        v = const_value(arg)
+        if v is not None:
+            h.update(f"{v.dtype}{v.shape}".encode())
+            h.update(np.ascontiguousarray(v).tobytes())
+    return call.args[0].name_hint, h.hexdigest()
 
 
 def scalar_value(expr):

@@ -28,7 +28,7 @@ from ..kernels.int8_pixel import int8_conv1x1_px_te, pack_weight_px, px_tile
 from ..kernels.int8_winograd import int8_winograd_te, transform_weight_int8, wino8_applies
 from ..kernels.row_conv import q_dwconv_te
 from .common import (CONV, DQ, MATMUL, PERMUTE, POOL, RESIDUAL, Q, Skip, const_value,
-                     scalar_value, static_shape)
+                     kernel_key, scalar_value, static_shape)
 _KERNEL = {"op_pattern": 4}
 
 
@@ -227,7 +227,7 @@ class QdqRewriter(relax.PyExprMutator):
                 relax.const(wt2), zx, strides, pads, dil, bias=relax.const(b2),
                 primfunc_name_hint="dwconv2d_q_rq", primfunc_attrs=_KERNEL)
 
-        self.kernels[call.args[0].name_hint] = (remake, oc)
+        self.kernels[kernel_key(call)] = (remake, oc)
         return call
 
     # ------------------------------------------------------------------ emit
@@ -260,12 +260,12 @@ class QdqRewriter(relax.PyExprMutator):
 
             out = emit(bb, x_new, rq, "_rq")
             # (the residual fold re-emits it with a second, residual epilogue)
-            kernels[RESIDUAL, out.args[0].name_hint] = (
+            kernels[RESIDUAL, kernel_key(out)] = (
                 lambda bb_, x_, r, res: emit(bb_, x_, (*rq, res), "_res", residual=r),
                 len(scale))
             return out
 
-        kernels[call.args[0].name_hint] = (remake, len(scale))
+        kernels[kernel_key(call)] = (remake, len(scale))
         return call
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from .common import (ADD, CALL_TIR, MAX, MIN, QRANGE, RELU, Q, const_value, scalar_value,
-                     use_counts)
+from .common import (ADD, CALL_TIR, MAX, MIN, QRANGE, RELU, Q, const_value, kernel_key,
+                     scalar_value, use_counts)
 
 
 def clamp_of(val):
@@ -133,10 +133,9 @@ class _RequantFolder(FolderBase):
                 return None
             bias = b
             val = self._single(val.args[0])
-        if val is None or val.op != CALL_TIR or \
-                val.args[0].name_hint not in self.kernels:
+        if val is None or val.op != CALL_TIR or kernel_key(val) not in self.kernels:
             return None
-        remake, nch = self.kernels[val.args[0].name_hint]
+        remake, nch = self.kernels[kernel_key(val)]
         oty = val.ty
         rank = len(oty.shape.values) if oty.shape is not None else 0
         bvec = np.zeros(nch) if bias is None else bias_vector(bias, rank, nch)

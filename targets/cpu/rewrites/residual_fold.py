@@ -16,7 +16,8 @@ import tvm
 from tvm import relax
 
 from ...records import BuildRecord
-from .common import ADD, CALL_TIR, DQ, QRANGE, RESIDUAL, scalar_value, static_shape
+from .common import (ADD, CALL_TIR, DQ, QRANGE, RESIDUAL, kernel_key, scalar_value,
+                     static_shape)
 from .requant_fold import FolderBase, RequantFolder, clamp_range, run_folder
 
 
@@ -45,7 +46,7 @@ class _ResidualFolder(FolderBase):
                 continue
             k = self._single(dk.args[0])
             if k is None or k.op != CALL_TIR or \
-                    (RESIDUAL, k.args[0].name_hint) not in self.kernels:
+                    (RESIDUAL, kernel_key(k)) not in self.kernels:
                 continue
             scales = residual_operands(dk, dr, k)
             if scales is None:
@@ -53,7 +54,7 @@ class _ResidualFolder(FolderBase):
             sk, zk, sr, zr = scales
             a, b = sk * inv, sr * inv
             res = (a, b, zp - zk * a - zr * b, *clamp_range(clamps, inv, zp, dtype), dtype)
-            emit, _ = self.kernels[RESIDUAL, k.args[0].name_hint]
+            emit, _ = self.kernels[RESIDUAL, kernel_key(k)]
             return emit(self.builder_, self.visit_expr(k.args[1].fields[0]),
                         self.visit_expr(dr.args[0]), res)
         return None
