@@ -11,8 +11,9 @@ ReLU after, batch 1). Each is compiled twice for x86 (host CPU or ``--mcpu``): w
 ``EDGEC_NO_CONVT_REWRITE=1`` (the old path) and without; ``edgec.driver.bench.bench`` times
 each artifact against onnxruntime running the same ONNX file, each in its own fresh process,
 same thread count, medians (the old path, seconds per run: ``--before-repeat`` runs and no
-warm-up; the onnxruntime column is the one timed beside the new artifact). Prints a table (ms; ratio = onnxruntime ms / edgec ms, above 1:
-edgec faster) and the kernels the report lists. Does not write ``docs/results.md``.
+warm-up; the onnxruntime column is the one timed beside the new artifact). Prints a table
+(ms; ratio = onnxruntime ms / edgec ms, above 1: edgec faster) and the kernels the report
+lists. Does not write ``docs/results.md``.
 """
 
 from __future__ import annotations
