@@ -267,6 +267,29 @@ def test_grouped_conv_falls_back_correctly(tmp_path):
     assert "conv2d-packed" not in report["kernels"]["counts"]
 
 
+@pytest.mark.parametrize("mcpu", ["haswell", "host"])
+@pytest.mark.parametrize("c,k,groups,ksz,stride,hw,epi", [
+    (64, 64, 4, 3, 1, 14, "residual"), (48, 96, 3, 3, 2, 15, "relu"),
+    (128, 128, 8, 3, 1, 7, "none"), (32, 64, 2, 1, 1, 10, "relu6")])
+def test_grouped_conv_on_the_packed_kernel(tmp_path, mcpu, c, k, groups, ksz, stride, hw, epi):
+    """Grouped convolutions whose groups hold whole vectors of output channels (RegNet's
+    group width 16): the packed kernel, each channel block reading its group's inputs."""
+    opts = {} if mcpu == "host" else {"mcpu": mcpu}
+    rng = np.random.default_rng(groups)
+    inits = {"W": (rng.standard_normal((k, c // groups, ksz, ksz)) * 0.2).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], group=groups, strides=[stride] * 2,
+                              pads=[ksz // 2] * 4)]
+    o = _out(hw, ksz, stride, 1, ksz // 2, ksz // 2)
+    last = _epilogue(epi, "y", nodes, inits, "x", [1, c, hw, hw], [1, k, o, o])
+    m = make_model(nodes, [("x", [1, c, hw, hw])], [(last, [1, k, o, o])], inits)
+    report = compile_to(m, tmp_path / "art", target_options=opts)
+    assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
+    x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(Session(tmp_path / "art").run(None, {"x": x})[0], ref,
+                               rtol=1e-4, atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
 def test_fast_sigmoid_accuracy(tmp_path):
     x = np.linspace(-30, 30, 4001, dtype=np.float32).reshape(1, 4001)
     m = make_model([helper.make_node("Sigmoid", ["x"], ["y"])], [("x", [1, 4001])],

@@ -18,7 +18,7 @@ from tvm.relax.transform.legalize_ops.nn import _nn_max_pool2d as default_max_po
 
 from ..compute import conv_out, ints
 from ..isa import max_cols
-from ..kernels.packed_conv import conv_packed_te, pack_weight, padded_width
+from ..kernels.packed_conv import conv_packed_te, grouped_applies, pack_weight, padded_width
 from ..kernels.pixel_conv import conv1x1_px_te, conv_px_tile, pack_weight_px
 from ..kernels.row_conv import dwconv_te
 from ..kernels.winograd import transform_weight, winograd_te, winograd_tile
@@ -64,9 +64,9 @@ def _emit_conv(bb, call, w, lanes: int):
         return bb.call_te(functools.partial(conv1x1_px_te, tile=tile), data,
                           relax.const(pack_weight_px(w, tile[4])), oc,
                           primfunc_name_hint="conv2d_px", primfunc_attrs=_KERNEL)
-    if groups == 1:
+    if groups == 1 or (grouped_applies(oc, groups, lanes) and w.shape[1] > 1):
         ow = conv_out(wd, pads[1], pads[3], w.shape[3], strides[1], dil[1])
-        return bb.call_te(functools.partial(conv_packed_te,
+        return bb.call_te(functools.partial(conv_packed_te, groups=groups,
                                             ow_pad=padded_width(ow, max_cols(lanes))),
                           data, relax.const(pack_weight(w, lanes)), oc, strides, pads, dil,
                           primfunc_name_hint="conv2d_packed", primfunc_attrs=_KERNEL)
