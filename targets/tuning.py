@@ -113,6 +113,21 @@ def measure_default(func, target, repeat: int = 5, remote=None, cc: str | None =
     return float(np.median(timer(*args).results))
 
 
+def _task_loggers(logdir: Path, names: list[str]) -> list:
+    """MetaSchedule's per-task loggers. Its logging config names every handler already on
+    its global logger and fails on one without a name (pytest's log capture puts some
+    there once a first tuning has run in the process): those are set aside meanwhile."""
+    glob = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in glob.handlers if h.get_name() is None]
+    for h in unnamed:
+        glob.removeHandler(h)
+    try:
+        return ms.logging.get_loggers_from_work_dir(str(logdir), names)
+    finally:
+        for h in unnamed:
+            glob.addHandler(h)
+
+
 class _Deadline(Exception):
     pass
 
@@ -138,7 +153,7 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
         return {"tasks": 0, "db": str(path), "choices": {}, "where": where}
 
     logdir = path / "logs"
-    loggers = ms.logging.get_loggers_from_work_dir(str(logdir), names)
+    loggers = _task_loggers(logdir, names)
     tasks = []
     for (_key, func), name, lg, rs in zip(funcs, names, loggers,
                                           ms.utils.fork_seed(seed, n=len(funcs))):
