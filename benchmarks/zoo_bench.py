@@ -86,6 +86,8 @@ def main(argv=None) -> int:
                    help="comma-separated zoo names; 'broad': the broad zoo, 'default': "
                         + DEFAULT)
     p.add_argument("--target", default="x86")
+    p.add_argument("--mcpu", help="LLVM CPU for edgec's build (e.g. haswell: AVX2 kernels on "
+                   "an AVX-512 host; onnxruntime keeps the host's)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--batch", type=int, default=1)
@@ -109,8 +111,9 @@ def main(argv=None) -> int:
                 zoo.export(name, src, seed=0, batch=a.batch)
                 stage = "compile"
                 t0 = time.perf_counter()
-                compile_model(src, Path(tmp) / name, CompileOptions(target=a.target,
-                                                                    use_tuning_db=False))
+                compile_model(src, Path(tmp) / name, CompileOptions(
+                    target=a.target, use_tuning_db=False,
+                    target_options={"mcpu": a.mcpu} if a.mcpu else {}))
                 compile_s = time.perf_counter() - t0
                 stage = "bench"
                 r = bench(src, Path(tmp) / name, threads=a.threads, repeat=a.repeat, peak=False)
@@ -141,7 +144,9 @@ def main(argv=None) -> int:
                   f"{compile_s:.0f} s" + (f"  tuned {r['tuned_ms']:8.2f} ms ratio "
                                                f"{r['tuned_ratio']:.3f}" if a.tune_minutes
                                                else ""), flush=True)
-    print(f"\n{a.threads} threads, batch {a.batch}, target {a.target}; sgemm peak "
+    print(f"\n{a.threads} threads, batch {a.batch}, target {a.target}"
+          + (f" -mcpu {a.mcpu} (onnxruntime: the host's kernels)" if a.mcpu else "")
+          + "; sgemm peak "
           f"{peak:.1f} GFLOP/s" + (f"; tuning budget {a.tune_minutes} min/model"
                                    if a.tune_minutes else ""))
     head = (f"{'model':<26} {'GMAC':>6} {'ort ms':>8} {'edgec ms':>9} {'ort/edgec':>9} "
@@ -179,6 +184,9 @@ if __name__ == "__main__":
     from _results import arg_value, main_recorded
 
     sys.exit(main_recorded(
-        lambda a: "zoo_bench" + ("-tuned" if arg_value(a, "--tune-minutes") else ""),
+        lambda a: "zoo_bench" + (f"-{arg_value(a, '--mcpu')}" if arg_value(a, "--mcpu")
+                                 else "") + ("-tuned" if arg_value(a, "--tune-minutes") else ""),
         lambda a: "Zoo: onnxruntime vs edgec, fp32" + (", tuned" if arg_value(
-            a, "--tune-minutes") else ", untuned"), main))
+            a, "--tune-minutes") else ", untuned") + (
+            f", edgec built for -mcpu {arg_value(a, '--mcpu')}" if arg_value(a, "--mcpu")
+            else ""), main))
