@@ -122,6 +122,22 @@ class _VmRunner(_Runner):
     _vm: object
     _main: object
 
+    def _read(self, artifact) -> None:
+        self.path = Path(artifact)
+        self.manifest = read_manifest(self.path)
+        self.input_specs = self.manifest["inputs"]
+        self.output_specs = self.manifest["outputs"]
+
+    def _library(self) -> Path:
+        """``model.so``, checked before any of its native code runs (loading runs it): there,
+        of the sha256 the manifest records, a whole ELF of the manifest's architecture."""
+        lib_path = self.path / LIBRARY
+        if not lib_path.is_file():
+            raise EdgecError(f"artifact {self.path} has no {LIBRARY}")
+        verify_file(self.path, self.manifest, LIBRARY)
+        check_library(lib_path, self.manifest.get("host_arch"))
+        return lib_path
+
     @property
     def batch(self) -> int | None:
         shapes = [i["shape"] for i in self.input_specs]
@@ -182,11 +198,8 @@ class Session(_VmRunner):
 
     def __init__(self, artifact: str | os.PathLike, device_id: int = 0,
                  num_threads: int | None = None):
-        self.path = Path(artifact)
-        self.manifest = read_manifest(self.path)
+        self._read(artifact)
         num_threads = check_threads(num_threads)
-        self.input_specs = self.manifest["inputs"]
-        self.output_specs = self.manifest["outputs"]
         os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
         kind = self.manifest["device"]
         if num_threads:
@@ -211,12 +224,7 @@ class Session(_VmRunner):
             raise EdgecError(f"artifact {self.path} is a {host} library; this machine is "
                              f"{platform.machine()}: run it on the device (or over RPC, "
                              "--rpc HOST:PORT --key KEY)")
-        lib_path = self.path / LIBRARY
-        if not lib_path.is_file():
-            raise EdgecError(f"artifact {self.path} has no {LIBRARY}")
-        # Loading runs the library's native code: load only what the compile wrote.
-        verify_file(self.path, self.manifest, LIBRARY)
-        check_library(lib_path, self.manifest.get("host_arch"))
+        lib_path = self._library()
         try:
             lib = tvm.runtime.load_module(str(lib_path))
         except Exception as e:  # noqa: BLE001

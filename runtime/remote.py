@@ -12,12 +12,10 @@ uses TVM's time evaluator on the board.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from edgec.core.errors import EdgecError, one_line
 
 from . import LIBRARY, _VmRunner
-from .artifact import check_library, read_manifest, verify_file
 
 DESCRIBE = "edgec.board.describe"
 DEFAULT_SESSION_TIMEOUT = 1800
@@ -91,18 +89,11 @@ class RemoteSession(_VmRunner):
         import tvm
 
         self._tvm = tvm
-        self.path = Path(artifact)
-        self.manifest = read_manifest(self.path)
-        self.input_specs = self.manifest["inputs"]
-        self.output_specs = self.manifest["outputs"]
+        self._read(artifact)
         if self.manifest["device"] != "cpu":
             raise EdgecError(f"artifact {self.path} is for a {self.manifest['device']} device; "
                              "RPC runs CPU artifacts (arm64, rpi4, rpi5, x86)")
-        lib_path = self.path / LIBRARY
-        if not lib_path.is_file():
-            raise EdgecError(f"artifact {self.path} has no {LIBRARY}")
-        verify_file(self.path, self.manifest, LIBRARY)
-        check_library(lib_path, self.manifest.get("host_arch"))
+        lib_path = self._library()
         self.address, self.key = rpc, key
         self.remote = connect(rpc, key, session_timeout)
         self.board = describe(self.remote)

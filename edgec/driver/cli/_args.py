@@ -94,7 +94,8 @@ def add_threads(p: argparse.ArgumentParser) -> None:
 def add_board_args(p: argparse.ArgumentParser) -> None:
     """``--rpc HOST:PORT --key KEY``: run on a board registered with TVM's RPC tracker."""
     p.add_argument("--rpc", metavar="HOST:PORT",
-                   help="TVM RPC tracker: run the artifact on a board registered there")
+                   help="TVM RPC tracker: run (or, for tune, measure) on a board registered "
+                   "there")
     p.add_argument("--key", help="the board's key at the tracker (e.g. rpi4)")
 
 

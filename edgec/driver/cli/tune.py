@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from edgec.core.errors import EdgecError
 
-from ._args import add_pipeline, add_target, add_target_options, compile_options, target_options
+from ._args import (add_board_args, add_pipeline, add_target, add_target_options, board_of,
+                    compile_options, target_options)
 
 
 def add_parser(sub) -> None:
@@ -16,13 +17,7 @@ def add_parser(sub) -> None:
     add_target(u)
     u.add_argument("--trials", type=int, default=64, help="trials in all (default 64)")
     u.add_argument("--minutes", type=float, help="time budget; Ctrl-C also stops and keeps")
-    # the same flags (names, dest) as check/bench's board arguments
-    u.add_argument("--rpc", metavar="HOST:PORT", dest="rpc",
-                   help="measure on the boards registered with this RPC tracker (cross-built "
-                   "here; needed for a target this machine cannot run, e.g. rpi4)")
-    u.add_argument("--key", metavar="KEY", dest="key",
-                   help="with --rpc: the key the boards registered under (all of them measure "
-                   "in parallel)")
+    add_board_args(u)  # candidates measured on every board under the key, in parallel
     add_pipeline(u)
     add_target_options(u)
     u.add_argument("--no-progress", action="store_true")
@@ -47,8 +42,7 @@ def run(a) -> int:
         n = tuning.import_db(spec, a.import_file, options)
         print(f"imported {n} tuning records into {tuning.db_dir(spec, options)}")
         return 0
-    if a.key and not a.rpc:
-        raise EdgecError("--key goes with --rpc HOST:PORT (the tracker the boards registered with)")
+    board = board_of(a)
     if not a.model:
         raise EdgecError("edgec tune needs a MODEL (or --export/--import FILE)")
     prep = prepare(a.model, compile_options(a))
@@ -56,7 +50,7 @@ def run(a) -> int:
 
     backend.check_supported(prep.result.model)
     summary = tuning.tune(prep.result.model, spec, options, trials=a.trials,
-                          minutes=a.minutes, progress=not a.no_progress, rpc=a.rpc, key=a.key)
+                          minutes=a.minutes, progress=not a.no_progress, **(board or {}))
     print(f"tuned {summary['tasks']} tasks for {spec.name}; database {summary['db']}"
           + (f" ({summary['stopped']})" if summary.get("stopped") else ""))
     print(f"measured on {summary.get('where') or 'this machine'}")
