@@ -37,8 +37,6 @@ import gc
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,72 +50,6 @@ ZOO_CALIB = 16
 
 
 # ------------------------------------------------------------------ tracker + emulated board
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Boards:
-    """A tracker on a free loopback port and emulated boards registered with it (the logic of
-    tests/conftest.py's fixture)."""
-
-    def __init__(self):
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.procs = [subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
-             str(self.port), "--port-end", str(self.port + 1), "--silent"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-
-    def add(self, key: str, threads: int | None = None, timeout: float = 300.0) -> None:
-        from edgec.driver import board
-        from edgec.runtime.remote import boards
-
-        want = boards(self.address, key) + 1 if self._tracker_up() else 1
-        self.procs.append(board.serve(self.address, key, threads=threads, quiet=True))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.procs[-1].poll() is not None:
-                raise RuntimeError("the emulated board exited")
-            if self._tracker_up() and boards(self.address, key) >= want:
-                return
-            time.sleep(1.0)
-        raise RuntimeError(f"the emulated board did not register within {timeout} s")
-
-    def _tracker_up(self) -> bool:
-        from edgec.core.errors import EdgecError
-        from edgec.runtime.remote import tracker_summary
-
-        try:
-            tracker_summary(self.address)
-            return True
-        except EdgecError:
-            return False
-
-    def close(self) -> None:
-        """Kill the boards (and the session processes they forked) and the tracker."""
-        try:
-            import psutil
-        except ImportError:
-            psutil = None
-        for p in reversed(self.procs):
-            kids = []
-            if psutil is not None:
-                try:
-                    kids = psutil.Process(p.pid).children(recursive=True)
-                except psutil.Error:
-                    pass
-            p.kill()
-            for k in kids:
-                try:
-                    k.kill()
-                except psutil.Error:
-                    pass
-            p.wait()
-        self.procs = []
-
-
 # ------------------------------------------------------------------ compiling (worker process)
 def _compile_job(src: str, out: str, target: str, precision: str, calib_npz: str | None,
                  input_name: str) -> dict:
@@ -259,7 +191,7 @@ def main(argv=None) -> int:
 
     import onnx
 
-    from edgec.driver.board import missing_reason
+    from edgec.driver.board import LocalBoards, missing_reason
     from edgec.models import fashion_mnist, zoo
     from edgec.runtime import OrtSession, Session, run_batched
     from edgec.runtime.remote import RemoteSession
@@ -309,7 +241,7 @@ def main(argv=None) -> int:
             pending[(m, t, pr)] = pool.apply_async(_compile_job, (
                 str(data[m]["src"]), str(tmp / f"art-{m}-{t}-{pr}"), t, pr,
                 str(tmp / f"{m}-calib.npz"), data[m]["inp"]))
-        boards = Boards()
+        boards = LocalBoards()
         boards.add(KEY, threads=a.board_threads)
         print(f"tracker {boards.address}, one emulated board under key '{KEY}' for "
               f"{', '.join(targets)} (TVM_NUM_THREADS={a.board_threads})", flush=True)

@@ -10,6 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgec.driver.board import LocalBoards
+
 os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
 # The emulated aarch64 board (edgec board --install) lives in the user's cache, not the tests'.
 if "EDGEC_EMULATOR" not in os.environ:
@@ -87,60 +89,7 @@ def compile_to(model, out: Path, target="x86", **kw):
 
 # -- an RPC tracker and emulated aarch64 boards on loopback ---------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Boards:
-    """A tracker on a free loopback port and emulated boards registered with it."""
-
-    def __init__(self):
-        import subprocess
-        import sys
-
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.procs = [subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
-             str(self.port), "--port-end", str(self.port + 1), "--silent"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-
-    def add(self, key: str, timeout: float = 240.0) -> None:
-        """Start one more emulated board under ``key``; wait until the tracker has it."""
-        import time
-
-        from edgec.driver import board
-        from edgec.runtime.remote import boards
-
-        want = boards(self.address, key) + 1 if self._tracker_up() else 1
-        self.procs.append(board.serve(self.address, key, quiet=True))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.procs[-1].poll() is not None:
-                raise RuntimeError("the emulated board exited")
-            if self._tracker_up() and boards(self.address, key) >= want:
-                return
-            time.sleep(1.0)
-        raise RuntimeError(f"the emulated board did not register within {timeout} s")
-
-    def _tracker_up(self) -> bool:
-        from edgec.core.errors import EdgecError
-        from edgec.runtime.remote import tracker_summary
-
-        try:
-            tracker_summary(self.address)
-            return True
-        except EdgecError:
-            return False
-
-    def close(self) -> None:
-        for p in reversed(self.procs):
-            p.kill()
-            p.wait()
+Boards = LocalBoards  # (test_tune_rpc starts trackers of its own)
 
 
 def board_missing() -> str | None:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -252,3 +254,69 @@ def serve(tracker: str, key: str, root: str | os.PathLike | None = None,
                                         "--key", key), env=env,
                             stdout=subprocess.DEVNULL if quiet else None,
                             stderr=subprocess.DEVNULL if quiet else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalBoards:
+    """TVM's RPC tracker on a free loopback port and emulated boards registered with it (for
+    the tests and the benchmarks); ``close()`` kills the boards, the sessions they forked and
+    the tracker."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs = [subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+             str(self.port), "--port-end", str(self.port + 1), "--silent"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+
+    def add(self, key: str, threads: int | None = None, timeout: float = 300.0) -> None:
+        from edgec.runtime.remote import boards
+
+        want = boards(self.address, key) + 1 if self._tracker_up() else 1
+        self.procs.append(serve(self.address, key, threads=threads, quiet=True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[-1].poll() is not None:
+                raise RuntimeError("the emulated board exited")
+            if self._tracker_up() and boards(self.address, key) >= want:
+                return
+            time.sleep(1.0)
+        raise RuntimeError(f"the emulated board did not register within {timeout} s")
+
+    def _tracker_up(self) -> bool:
+        from edgec.core.errors import EdgecError
+        from edgec.runtime.remote import tracker_summary
+
+        try:
+            tracker_summary(self.address)
+            return True
+        except EdgecError:
+            return False
+
+    def close(self) -> None:
+        """Kill the boards (and the session processes they forked) and the tracker."""
+        try:
+            import psutil
+        except ImportError:
+            psutil = None
+        for p in reversed(self.procs):
+            kids = []
+            if psutil is not None:
+                try:
+                    kids = psutil.Process(p.pid).children(recursive=True)
+                except psutil.Error:
+                    pass
+            p.kill()
+            for k in kids:
+                try:
+                    k.kill()
+                except psutil.Error:
+                    pass
+            p.wait()
+        self.procs = []
