@@ -133,9 +133,11 @@ class _RequantFolder(FolderBase):
                 return None
             bias = b
             val = self._single(val.args[0])
-        if val is None or val.op != CALL_TIR or kernel_key(val) not in self.kernels:
+        entry = self.kernels.get(kernel_key(val)) \
+            if val is not None and val.op == CALL_TIR else None
+        if entry is None:
             return None
-        remake, nch = self.kernels[kernel_key(val)]
+        remake, nch = entry
         oty = val.ty
         rank = len(oty.shape.values) if oty.shape is not None else 0
         bvec = np.zeros(nch) if bias is None else bias_vector(bias, rank, nch)

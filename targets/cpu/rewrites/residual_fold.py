@@ -45,8 +45,9 @@ class _ResidualFolder(FolderBase):
                     isinstance(dr, relax.Call) and dr.op == DQ):
                 continue
             k = self._single(dk.args[0])
-            if k is None or k.op != CALL_TIR or \
-                    (RESIDUAL, kernel_key(k)) not in self.kernels:
+            entry = self.kernels.get((RESIDUAL, kernel_key(k))) \
+                if k is not None and k.op == CALL_TIR else None
+            if entry is None:
                 continue
             scales = residual_operands(dk, dr, k)
             if scales is None:
@@ -54,7 +55,7 @@ class _ResidualFolder(FolderBase):
             sk, zk, sr, zr = scales
             a, b = sk * inv, sr * inv
             res = (a, b, zp - zk * a - zr * b, *clamp_range(clamps, inv, zp, dtype), dtype)
-            emit, _ = self.kernels[RESIDUAL, kernel_key(k)]
+            emit, _ = entry
             return emit(self.builder_, self.visit_expr(k.args[1].fields[0]),
                         self.visit_expr(dr.args[0]), res)
         return None
