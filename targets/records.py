@@ -47,6 +47,28 @@ class Int8Stats:
         return out
 
 
+@dataclass
+class SparseLayer:
+    """One float Conv / MatMul with constant weights that had zeros: the kernel chosen
+    (sparse or dense) and why (the density against the measured break-even)."""
+
+    op: str                  # "conv2d" | "matmul"
+    weight_shape: tuple
+    shape_class: str         # "conv1x1" | "convkxk" | "gemm"
+    density: float
+    block: int               # output channels sharing a nonzero pattern (1: unstructured)
+    kernel: str              # "sparse" | "dense"
+    reason: str
+    weight_bytes: int = 0    # bytes the kernel's weights take in the library
+    dense_bytes: int = 0     # bytes of the dense float32 weight
+
+    def to_json(self) -> dict:
+        return {"op": self.op, "weight_shape": list(self.weight_shape),
+                "shape_class": self.shape_class, "density": round(self.density, 5),
+                "block": self.block, "kernel": self.kernel, "reason": self.reason,
+                "weight_bytes": self.weight_bytes, "dense_bytes": self.dense_bytes}
+
+
 # Schedules that are not a kernel: what a function with multiply-accumulates should not get.
 FALLBACK_KERNELS = frozenset({"generic", "reduce", "unscheduled"})
 
@@ -62,6 +84,7 @@ class BuildRecord:
     # function -> multiply-accumulates its loops execute (channels padded to the vector
     # width and a transposed convolution's inserted zeros included)
     macs: dict[str, int] = field(default_factory=dict)
+    sparse: list[SparseLayer] = field(default_factory=list)  # layers with zero weights
 
     def fallbacks(self) -> dict[str, dict]:
         """Functions with multiply-accumulates (a convolution, a matmul) that got only a
@@ -88,7 +111,8 @@ class BuildRecord:
                 "int8": self.int8.to_json() if self.int8 is not None else None,
                 "macs": dict(self.macs), "macs_executed": total, "fallbacks": fallbacks,
                 "fallback_mac_share": (sum(f["macs"] for f in fallbacks.values()) / total
-                                       if total else 0.0)}
+                                       if total else 0.0),
+                **({"sparse": [s.to_json() for s in self.sparse]} if self.sparse else {})}
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 1. :func:`rewrite_phases`: QDQ convolutions become integer kernels, before constants fold;
 2. :func:`folded_phases`: once constants are folded, ConvTranspose as convolutions (phase
-   decomposition), then the requantize / residual folds;
+   decomposition), the requantize / residual folds, then layers with mostly-zero weights
+   onto the sparse kernels;
 3. :func:`legalize_map`: float convolutions, pools, quantize and fast math to the default
    kernels' compute (the rest through TOPI), then fusion of epilogues into them;
 4. :func:`schedule_phases`: tuned schedules from the database, ConvTranspose's
@@ -26,6 +27,7 @@ from .rewrites.float_conv import make_conv2d_legalizer, make_maxpool_legalizer
 from .rewrites.qdq_conv import rewrite_pass
 from .rewrites.quantize_legalizer import make_quantize_legalizer
 from .rewrites.residual_fold import requant_pass
+from .rewrites.sparse import sparse_pass
 from .rules import schedule_pass
 
 
@@ -43,11 +45,13 @@ def rewrite_phases(target, record: BuildRecord | None, kernels: dict) -> list:
     return [rewrite_pass(target, record, kernels)]
 
 
-def folded_phases(record: BuildRecord | None, kernels: dict) -> list:
+def folded_phases(target, record: BuildRecord | None, kernels: dict) -> list:
     """After constants are folded: ConvTranspose with constant weights as convolutions of the
     input (the legalizer below gives them the conv kernels), the requantizing epilogues
-    folded into ``kernels``, then the float clamps left re-emitted to keep NaN."""
-    return [conv_transpose_pass(), requant_pass(kernels, record), nan_clamp_pass()]
+    folded into ``kernels``, float layers with mostly-zero weights onto the sparse kernels
+    (with their bias and clamps), then the float clamps left re-emitted to keep NaN."""
+    return [conv_transpose_pass(), requant_pass(kernels, record), sparse_pass(target, record),
+            nan_clamp_pass()]
 
 
 def schedule_phases(target, record: BuildRecord | None, tuning_db: str | None) -> list:
@@ -62,7 +66,7 @@ def cpu_front_phases(target, record: BuildRecord | None = None) -> list:
     """Legalization and fusion for LLVM CPU targets (steps 1-3)."""
     kernels: dict = {}  # integer kernels emitted, for folding their requantizing epilogues
     return front_phases(legalize_map(target), pre=rewrite_phases(target, record, kernels),
-                        folded=folded_phases(record, kernels))
+                        folded=folded_phases(target, record, kernels))
 
 
 def cpu_phases(target, record: BuildRecord | None = None, tuning_db: str | None = None) -> list:

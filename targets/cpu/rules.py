@@ -16,6 +16,7 @@ from ..records import BuildRecord
 from .isa import select_isa, simd_floats
 from .kernels import (generic, int8_conv, int8_pixel, int8_winograd, matmul, packed_conv,
                       pixel_conv, row_conv, winograd)
+from .kernels.sparse import KERNEL_ATTR, MACS_ATTR
 from .schedule import RuleContext, mac_count
 
 log = logging.getLogger("edgec.cpu")
@@ -58,10 +59,14 @@ def schedule_pass(target, record: BuildRecord | None = None):
         for gv, func in mod.functions.items():
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
+            own = func.attrs.get(KERNEL_ATTR) if func.attrs is not None else None
             if record is not None:
-                record.macs[gv.name_hint] = _macs(func)
+                record.macs[gv.name_hint] = (int(func.attrs[MACS_ATTR]) if own is not None
+                                             else _macs(func))
+                if own is not None:
+                    record.kernels[gv.name_hint] = str(own)
             if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
-                continue  # a tuned schedule was applied
+                continue  # a tuned schedule was applied, or a hand-scheduled kernel
             try:
                 updates[gv], kind = schedule_func(
                     func.with_attr("global_symbol", gv.name_hint), lanes, isa)

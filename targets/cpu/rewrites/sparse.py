@@ -1,0 +1,264 @@
+"""Float convolutions and matmuls whose constant weights are mostly zeros -> the sparse
+kernels (:mod:`..kernels.sparse`), with their bias and clamp epilogue.
+
+After constants are folded (the weights are constants), before legalization: every float32
+``conv2d`` (groups 1, NCHW / OIHW, static shapes) and ``matmul`` with a constant 2-D right
+operand whose weight has zeros is offered to :func:`..kernels.sparse.choose`; where the
+density is below the measured break-even of its shape class on the target's ISA:
+
+* 1x1 convolution, no padding: ``y = spmm(x)`` on the image flattened (a stride first
+  takes every ``s``-th pixel with a strided slice);
+* ``kh x kw`` convolution of stride 1 (any padding, dilation): the input padded once (one
+  extra zero row below, so the last row's taps past the right edge stay inside the image),
+  ``spmm`` over ``Hout x Wp`` positions, then the ``Wout`` real columns sliced out;
+* ``matmul(x, W[K, N])``: ``spmv`` over the ``prod(x.shape[:-1])`` rows.
+
+The chain that follows -- a per-channel constant bias ``add``, then a clamp (``relu``,
+``max`` then ``min`` with scalar constants: ReLU6) -- when each link has a single reader,
+is the kernel's epilogue. The kernels are hand-scheduled (``tirx.is_scheduled``) and opaque
+to fusion. Every layer with zero weights gets a :class:`~edgec.targets.records.SparseLayer`
+in the build record: the kernel it got and why. ``EDGEC_SPARSE=dense`` / ``=sparse``
+overrides the break-even (benchmarks compare both kernels on one model).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ...records import BuildRecord, SparseLayer
+from ..compute import ints
+from ..isa import simd_floats
+from ..kernels import sparse as K
+from .common import ADD, CONV, MATMUL, const_value, static_shape, use_counts
+from .requant_fold import clamp_of
+
+log = logging.getLogger("edgec.cpu")
+
+
+def force() -> str | None:
+    v = os.environ.get("EDGEC_SPARSE", "").strip().lower()
+    return v if v in ("sparse", "dense") else None
+
+
+class _Plan:
+    """A layer taking a sparse kernel: its anchor call, the compressed weight, the epilogue."""
+
+    def __init__(self, anchor, kind, w, shape_class):
+        self.anchor, self.kind, self.w, self.shape_class = anchor, kind, w, shape_class
+        self.end = anchor
+        self.bias = None
+        self.lo = self.hi = None
+
+
+def _per_channel(bias, oc: int, axis_from_end: int) -> bool:
+    """Whether ``bias`` is float32, ``oc`` values along the output channel axis
+    (``axis_from_end``: 3 for NCHW, 1 for a matmul's last axis), broadcast elsewhere."""
+    if bias is None or bias.dtype != np.float32 or bias.size != oc or \
+            bias.ndim < axis_from_end or bias.ndim > 4:
+        return False
+    return bias.shape[bias.ndim - axis_from_end] == oc
+
+
+@relax.expr_functor.mutator
+class SparseRewriter(relax.PyExprMutator):
+    def __init__(self, mod, lanes: int, isa: str, record: BuildRecord | None):
+        super().__init__(mod)
+        self.lanes, self.isa, self.record = lanes, isa, record
+        self.plans: list[_Plan] = []
+        self.count = 0
+
+    # ---------------------------------------------------------------------- which layers
+    def _candidate(self, call):
+        """``(kind, w2d-ready weight, shape class, reason-if-dense)`` of a float conv2d /
+        matmul with a constant weight that has zeros, else None."""
+        if not isinstance(call, relax.Call) or call.op not in (CONV, MATMUL):
+            return None
+        w = const_value(call.args[1])
+        if w is None or w.dtype != np.float32 or w.size == 0 or np.count_nonzero(w) == w.size:
+            return None
+        x = call.args[0]
+        xs, ys = static_shape(x), static_shape(call)
+        if xs is None or ys is None or str(x.ty.dtype) != "float32" or \
+                str(call.ty.dtype) != "float32":
+            return "dense", w, None, "dynamic shape or not float32"
+        if call.op == MATMUL:
+            if w.ndim != 2 or len(xs) < 1 or xs[-1] != w.shape[0]:
+                return "dense", w, "gemm", "batched or broadcast weight"
+            return "matmul", w, "gemm", None
+        a = call.attrs
+        if (a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
+                or int(a.groups) != 1):
+            return "dense", w, None, "grouped or not NCHW/OIHW (sparse kernels: groups = 1)"
+        kh, kw = w.shape[2:]
+        strides, pads = ints(a.strides), ints(a.padding)
+        if (kh, kw) == (1, 1) and not any(pads):
+            return "conv2d", w, "conv1x1", None
+        if strides != [1, 1]:
+            return "dense", w, "convkxk", \
+                f"stride {strides} (the sparse direct convolution is stride 1 only)"
+        return "conv2d", w, "convkxk", None
+
+    def scan(self, func):
+        """Plan every layer that takes a sparse kernel, with its epilogue chain."""
+        self.plans = []
+        counts = use_counts(func)
+        users: dict = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if isinstance(b.value, relax.Call):
+                    for arg in b.value.args:  # (a call_tir's operands are in a Tuple)
+                        for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
+                            if isinstance(v, relax.Var):
+                                users.setdefault(v, []).append((b.var, b.value))
+        for block in func.body.blocks:
+            for b in block.bindings:
+                cand = self._candidate(b.value)
+                if cand is None:
+                    continue
+                kind, w, shape_class, why = cand
+                w2d = self._w2d(kind, w)
+                if why is not None:
+                    self._note(b.value, kind, w, shape_class or "-", w2d, False, why)
+                    continue
+                choice = K.choose(w2d, shape_class, self.isa, force())
+                if not choice.sparse:
+                    self._note(b.value, kind, w, shape_class, w2d, False, choice.reason,
+                               choice.block)
+                    continue
+                plan = _Plan(b.value, kind, w, shape_class)
+                plan.choice, plan.w2d = choice, w2d
+                self._epilogue(plan, b.var, counts, users)
+                self.plans.append(plan)
+
+    @staticmethod
+    def _w2d(kind, w):
+        return w.reshape(w.shape[0], -1) if kind == "conv2d" else np.ascontiguousarray(w.T)
+
+    def _epilogue(self, plan, var, counts, users):
+        """Follow single readers: a per-channel bias add, then max / min clamps."""
+        oc = plan.w2d.shape[0]
+        while counts.get(var) == 1 and len(users.get(var, [])) == 1:
+            uvar, uval = users[var][0]
+            if (uval.op == ADD and plan.bias is None and plan.lo is None and plan.hi is None
+                    and uval.args[0].same_as(var)):
+                bias = const_value(uval.args[1])
+                if not _per_channel(bias, oc, 3 if plan.kind == "conv2d" else 1):
+                    break
+                plan.bias = bias.reshape(-1)
+            else:
+                found = clamp_of(uval)
+                if found is None or not found[2].same_as(var):
+                    break
+                k, value, _ = found
+                if k == "max" and plan.lo is None and plan.hi is None:
+                    plan.lo = value
+                elif k == "min" and plan.hi is None:
+                    plan.hi = value
+                else:
+                    break
+            plan.end, var = uval, uvar
+
+    def _note(self, call, kind, w, shape_class, w2d, sparse, reason, block=1, nbytes=0):
+        if self.record is None:
+            return
+        self.record.sparse.append(SparseLayer(
+            kind, tuple(int(d) for d in w.shape), shape_class,
+            float(np.count_nonzero(w) / w.size), block, "sparse" if sparse else "dense",
+            reason, nbytes or w.nbytes, w.nbytes))
+
+    # ---------------------------------------------------------------------- the rewrite
+    def visit_call_(self, call):
+        plan = next((p for p in self.plans if p.end.same_as(call)), None)
+        if plan is None:
+            return super().visit_call_(call)
+        out = self._emit(plan)
+        self.count += 1
+        return out
+
+    def _emit(self, plan):
+        bb = self.builder_
+        x = self.visit_expr(plan.anchor.args[0])
+        xs = static_shape(plan.anchor.args[0])
+        c = plan.choice
+        if plan.kind == "matmul":
+            kdim, n_out = plan.w.shape
+            comp = (K.compress(plan.w2d, c.block, np.arange(kdim)) if c.block > 1
+                    else K.compress_gather(plan.w2d))
+            ys = (*xs[:-1], n_out)
+            func = K.spmv_func(xs, ys, comp, plan.lo, plan.hi)
+            self._record(plan, comp)
+            return self._call(func, "sparse_matmul", x, comp, plan.bias, ys, final=True)
+        a = plan.anchor.attrs
+        n, ch, h, wd = xs
+        oc, _, kh, kw = plan.w.shape
+        strides, pads, dil = ints(a.strides), ints(a.padding), ints(a.dilation)
+        if plan.shape_class == "conv1x1":
+            if strides != [1, 1]:
+                x = bb.emit(relax.op.strided_slice(x, [2, 3], [0, 0], [h, wd], strides))
+                h, wd = -(-h // strides[0]), -(-wd // strides[1])
+            comp = K.compress(plan.w2d, c.block, np.arange(ch) * h * wd)
+            func = K.spmm_func((n, ch, h, wd), (n, oc, h, wd), comp, h * wd, self.lanes, ch,
+                               plan.lo, plan.hi)
+            self._record(plan, comp)
+            return self._call(func, "sparse_conv2d", x, comp, plan.bias, (n, oc, h, wd),
+                              final=True)
+        pt, pl, pb, pr = pads
+        hp, wp = h + pt + pb, wd + pl + pr
+        hout, wout = hp - dil[0] * (kh - 1), wp - dil[1] * (kw - 1)
+        xp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, pt, pb + 1, pl, pr]))
+        cc, ky, kx = np.meshgrid(np.arange(ch), np.arange(kh), np.arange(kw), indexing="ij")
+        offsets = (cc * (hp + 1) * wp + ky * dil[0] * wp + kx * dil[1]).reshape(-1)
+        comp = K.compress(plan.w2d, c.block, offsets)
+        func = K.spmm_func((n, ch, hp + 1, wp), (n, oc, hout, wp), comp, hout * wp,
+                           self.lanes, ch * kh, plan.lo, plan.hi)
+        self._record(plan, comp)
+        y = self._call(func, "sparse_conv2d", xp, comp, plan.bias, (n, oc, hout, wp))
+        return relax.op.strided_slice(y, [3], [0], [wout])
+
+    def _call(self, func, name, x, comp, bias, out_shape, final=False):
+        """The kernel's call_tir (``final``: returned unbound, to take the original
+        binding's variable)."""
+        nb = len(comp.ptr) - 1
+        b = np.zeros(nb * comp.block, np.float32)
+        if bias is not None:
+            b[: len(bias)] = bias
+        func = func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+        gv = self.builder_.add_func(func, name)
+        comp = K.nonempty(comp)
+        args = [x, relax.const(comp.vals), relax.const(comp.offs), relax.const(comp.ptr),
+                relax.const(b)]
+        call = relax.call_tir(gv, relax.Tuple(args),
+                              relax.TensorType([int(d) for d in out_shape], "float32"))
+        return call if final else self.builder_.emit(call)
+
+    def _record(self, plan, comp):
+        c = plan.choice
+        self._note(plan.anchor, plan.kind, plan.w, plan.shape_class, plan.w2d, True,
+                   c.reason, c.block, comp.nbytes)
+
+
+def sparse_pass(target, record: BuildRecord | None = None):
+    """Relax pass (constants folded): layers with mostly-zero constant weights -> the
+    sparse kernels (see the module docstring)."""
+    lanes = simd_floats(target)
+    arch = "aarch64" if "aarch64" in str(target.attrs.get("mtriple", "")) else "x86_64"
+    isa = K.isa_key(lanes, arch)
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgecSparse")
+    def _pass(mod, _ctx):
+        rw = SparseRewriter(mod, lanes, isa, record)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
+                rw.scan(func)
+                if rw.plans:
+                    rw.builder_.update_func(gv, rw.visit_expr(func))
+        if not rw.count:
+            return mod
+        return relax.transform.DeadCodeElimination()(rw.builder_.get())
+
+    return _pass
