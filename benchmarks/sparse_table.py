@@ -39,6 +39,31 @@ def accuracy(model, x, y, batch=500) -> float:
     return hits / len(x)
 
 
+def compiled_accuracy(model, x, y, batch=500) -> tuple[float, dict]:
+    """Accuracy of ``model`` compiled by edgec for this host (x86, no passes: the zeros are
+    already in it) over the test images; and the report's sparse-kernel counts."""
+    import tempfile
+
+    import onnx
+
+    from edgec.driver.compiler import CompileOptions, compile_model
+    from edgec.runtime import Session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "m.onnx"
+        onnx.save(model, src)
+        rep = compile_model(src, Path(tmp) / "art", CompileOptions(passes=[], progress=False))
+        s = Session(Path(tmp) / "art")
+        hits = 0
+        for i in range(0, len(x), batch):
+            hits += int((s.run(None, {"input": x[i:i + batch]})[0].argmax(1)
+                         == y[i:i + batch]).sum())
+    kinds = {}
+    for layer in rep["kernels"].get("sparse", []):
+        kinds[layer["kernel"]] = kinds.get(layer["kernel"], 0) + 1
+    return hits / len(x), kinds
+
+
 def fc_density(model) -> float:
     from onnx import numpy_helper
 
@@ -84,6 +109,7 @@ def main(argv=None) -> int:
              "seconds": time.perf_counter() - t0,
              "layers": {x["node"]: x["density_achieved"] for x in rep.details["layers"]}}
         r["drop"] = 100 * (base - r["accuracy"])
+        r["model"] = res.model
         rows.append(r)
         print(f"| {label} | {r['method']} | {r['conv_gemm_density']:.4f} | "
               f"{r['fc_density']:.4f} | {100 * r['accuracy']:.2f} % | {r['drop']:+.2f} | "
@@ -113,14 +139,25 @@ def main(argv=None) -> int:
     run(f"FC: density=0.04, include={FC}", {"density": "0.04", "include": FC}, True)
     run("FC1 only: density=0.04, include=/15/Gemm", {"density": "0.04", "include": "/15/Gemm"},
         True)
-    ok1 = g1["conv_gemm_density"] <= 0.3 + 1e-4 and g1["drop"] <= 1.0  # 1e-4: rounding
-    ok2 = g2["fc_density"] <= 0.04 + 1e-4 and g2["drop"] <= 1.0
+    print("\nThe goal rows compiled by edgec (x86, this host) and run on the 10 000 test "
+          "images:\n")
+    print("| setting | onnxruntime acc | edgec acc | edgec drop pt | layers: kernel |")
+    print("|---|---|---|---|---|")
+    for g in (g1, g2):
+        acc, kinds = compiled_accuracy(g["model"], xt, yt)
+        g["compiled_accuracy"], g["compiled_drop"] = acc, 100 * (base - acc)
+        print(f"| {g['setting']} | {100 * g['accuracy']:.2f} % | {100 * acc:.2f} % | "
+              f"{g['compiled_drop']:+.2f} | {kinds} |", flush=True)
+    ok1 = g1["conv_gemm_density"] <= 0.3 + 1e-4 and max(g1["drop"], g1["compiled_drop"]) <= 1.0
+    ok2 = g2["fc_density"] <= 0.04 + 1e-4 and max(g2["drop"], g2["compiled_drop"]) <= 1.0
     print(f"\nGoal 1, conv+gemm density <= 0.3 within 1 point: {'MET' if ok1 else 'NOT MET'} "
           f"(density {g1['conv_gemm_density']:.4f}, drop {g1['drop']:.2f} points).")
     print(f"Goal 2, fully connected layers at 1/25 within 1 point: {'MET' if ok2 else 'NOT MET'}"
           f" (FC density {g2['fc_density']:.4f}, drop {g2['drop']:.2f} points; one budget for "
           f"both Gemms: per layer {g2['layers']}).")
     if a.json:
+        for r in rows:
+            r.pop("model", None)
         Path(a.json).write_text(json.dumps({"base": base, "rows": rows}, indent=2) + "\n")
     return 0
 

@@ -190,3 +190,78 @@ def test_breakeven_table_is_measured_for_x86():
             for pat in ("unstructured", "block"):
                 assert 0.0 < table["isa"][isa][cls][pat] <= 1.0
     assert "neon" not in table["isa"] or table["isa"]["neon"].get("host")
+
+
+def _three_layers(rng):
+    """A sparse 1x1 conv (ReLU6), a sparse 3x3 conv and a sparse Gemm in one model."""
+    w1 = rng.standard_normal((24, 16, 1, 1)).astype(np.float32) * _mask(rng, (24, 16, 1, 1),
+                                                                         0.2, 1)
+    w3 = rng.standard_normal((20, 24, 3, 3)).astype(np.float32) * _mask(rng, (20, 24, 3, 3),
+                                                                         0.1, 4)
+    g = rng.standard_normal((10, 20 * 6 * 10)).astype(np.float32) * _mask(rng, (10, 1200),
+                                                                            0.05, 1)
+    inits = {"A": w1, "B": w3, "G": g, "lo": np.array(0, np.float32),
+             "hi": np.array(6, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "A"], ["a"]),
+             helper.make_node("Clip", ["a", "lo", "hi"], ["b"]),
+             helper.make_node("Conv", ["b", "B"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("Gemm", ["f", "G"], ["y"], transB=1)]
+    return make_model(nodes, [("x", [1, 16, 6, 10])], [("y", [1, 10])], inits, opset=14)
+
+
+@pytest.mark.parametrize("target", ["rpi4", "rpi5", "arm64"])
+def test_sparse_kernels_build_for_aarch64(tmp_path, monkeypatch, target):
+    monkeypatch.setenv("EDGEC_SPARSE", "sparse")
+    report = compile_to(_three_layers(np.random.default_rng(6)), tmp_path / "a",
+                        target=target)
+    kinds = report["kernels"]["counts"]
+    assert kinds.get("sparse-px(B=1)") == 1 and kinds.get("sparse-px(B=4)") == 1, kinds
+    assert kinds.get("sparse-gather(B=1)") == 1, kinds
+    assert all(layer["kernel"] == "sparse" for layer in report["kernels"]["sparse"])
+
+
+def test_sparse_kernels_on_the_board(rpc_board, tmp_path, monkeypatch):
+    """The aarch64 (NEON) sparse kernels run on the emulated board and match onnxruntime."""
+    from edgec.runtime.remote import RemoteSession
+
+    monkeypatch.setenv("EDGEC_SPARSE", "sparse")
+    rng = np.random.default_rng(8)
+    m = _three_layers(rng)
+    compile_to(m, tmp_path / "art", target="rpi4")
+    x = rng.standard_normal((1, 16, 6, 10)).astype(np.float32)
+    got = RemoteSession(tmp_path / "art", rpc_board.address, "rpi4").run(None, {"x": x})[0]
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("passes", [["prune", "lowrank", "sparse"],
+                                    ["prune", "lowrank", "sparse", "quantize"]])
+def test_composes_with_prune_lowrank_quantize_and_builds(tmp_path, passes):
+    """All four passes in one compile, built and run: float layers the break-even picks take
+    the sparse kernels; after quantize (int8 kernels, which are dense) the artifact still
+    matches onnxruntime's exact run of its own model.onnx."""
+    import onnxruntime as ort
+
+    from test_sparse_pass import _calib, layered
+
+    rng = np.random.default_rng(11)
+    m = layered(rng, k=3, batch=1)
+    sets = ["prune.ratio=0.25", "lowrank.rank_ratio=0.5", "sparse.density=0.1",
+            "sparse.min_weights=0"]
+    out = tmp_path / "art"
+    rep = compile_to(m, out, passes=passes, sets=sets, calib=_calib(rng, 32), progress=False)
+    assert [p["name"] for p in rep["passes"]][-len(passes):] == passes
+    x = rng.standard_normal((1, 6, 10, 10)).astype(np.float32)
+    got = Session(out).run(None, {"x": x})[0]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref = ort.InferenceSession(str(out / "model.onnx"), so,
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    scale = np.abs(ref).max()
+    if "quantize" in passes:
+        assert np.abs(got - ref).max() <= 0.05 * scale
+    else:
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * scale)
+        assert any(x["kernel"] == "sparse" for x in rep["kernels"]["sparse"]), \
+            rep["kernels"]["sparse"]
