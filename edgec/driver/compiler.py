@@ -41,6 +41,13 @@ class CompileOptions:
     tune_minutes: float | None = None
     use_tuning_db: bool = True         # apply the target's tuning database if it exists
     progress: bool = True
+    extra_files: dict = field(default_factory=dict)   # relative path -> bytes (the search's)
+    report_extra: dict = field(default_factory=dict)  # merged into report.json
+
+
+# Passes that change the model's function (the estimated-drop line follows them)
+COMPRESSING = ("prune", "lowrank", "sparse", "quantize", "fp16")
+DEFAULT_BUDGET = 1.0   # points of top-1 agreement on held-out calibration rows
 
 
 def validate_calib(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -110,6 +117,7 @@ class Prepared:
     result: object
     before: object
     timings: dict
+    estimate: dict | None = None
 
 
 def prepare(model_path: str | Path, opts: CompileOptions, pass_names: list[str] | None = None
@@ -124,12 +132,58 @@ def prepare(model_path: str | Path, opts: CompileOptions, pass_names: list[str] 
     model, notes = normalize(source, opts.input_shapes)
     timings["import_s"] = time.perf_counter() - t0
     calib = validate_calib(model, opts.calib) if opts.calib is not None else None
+    held = None
+    if calib is not None and any(p in COMPRESSING for p in pass_names):
+        calib, held = split_calib(calib)
     before = model_stats(model)
     t0 = time.perf_counter()
     result = Pipeline(pass_names, sets, verify=opts.verify, calib=calib,
                       target=target_info(opts)).run(model)
     timings["passes_s"] = time.perf_counter() - t0
-    return Prepared(notes, result, before, timings)
+    prep = Prepared(notes, result, before, timings)
+    if held is not None and any(r.modified and r.name in COMPRESSING for r in result.reports):
+        t0 = time.perf_counter()
+        prep.estimate = estimate_drop(model, result.model, held,
+                                      defaults=[p for p in pass_names if p in COMPRESSING
+                                                and p not in sets])
+        if prep.estimate is not None:
+            prep.estimate["held_out"] = next(iter(calib.values())).shape[0] < \
+                next(iter(opts.calib.values())).shape[0]
+        timings["estimate_s"] = time.perf_counter() - t0
+    return prep
+
+
+def split_calib(calib: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """Hold out the last fifth of the calibration rows (at least 50 rows kept for the passes,
+    at most 1000 held out) to estimate the drop on rows the passes did not fit on; with fewer
+    than 100 rows the estimate uses the calibration rows themselves."""
+    n = next(iter(calib.values())).shape[0]
+    if n < 100:
+        return calib, dict(calib)
+    k = min(n // 5, 1000)
+    return ({a: v[: n - k] for a, v in calib.items()}, {a: v[n - k:] for a, v in calib.items()})
+
+
+def estimate_drop(model: onnx.ModelProto, new: onnx.ModelProto, held: dict[str, np.ndarray],
+                  defaults: list[str] = ()) -> dict | None:
+    """Top-1 disagreement of ``new`` with ``model`` on the held-out rows (first output, when it
+    is class scores [N, C]) and its 90 % Wilson upper bound, in points."""
+    from edgec.driver.search import wilson_upper
+    from edgec.passes._calib import fixed_batch
+    from edgec.runtime import OrtSession, run_batched
+
+    try:
+        ref = run_batched(OrtSession(model), held, fixed_batch(model))[0]
+        got = run_batched(OrtSession(new), held, fixed_batch(new))[0]
+    except EdgecError:
+        return None
+    n = ref.shape[0]
+    if ref.ndim != 2 or ref.shape[1] < 2:
+        rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
+        return {"rows": n, "relative_error": rel}
+    k = int(np.sum(ref.argmax(1) != got.argmax(1)))
+    return {"rows": n, "disagreement": 100 * k / n, "upper_90": wilson_upper(k, n, 1.2816),
+            "budget": DEFAULT_BUDGET, "default_settings": list(defaults)}
 
 
 def write_plots(pass_reports: list[dict], folder: Path) -> list[str]:
@@ -224,11 +278,19 @@ def compile_model(model_path: str | Path, out_dir: str | Path, opts: CompileOpti
         "verification": result.verification,
         "timings": timings,
     }
+    if prep.estimate is not None:
+        report["estimate"] = prep.estimate
+    report.update(opts.report_extra)
     if tuning is not None:
         report["tuning"] = tuning
     with staging(out_dir) as tmp:
         onnx.save_model(final, str(tmp / ONNX))
         report["plots"] = write_plots(report["passes"], tmp)
+        for rel, data in opts.extra_files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+            if rel.startswith("plots/"):
+                report["plots"].append(rel)
         manifest = {
             "format": FORMAT,
             "target": spec.name,

@@ -28,6 +28,16 @@ def add_parser(sub) -> None:
     c.add_argument("--tune-minutes", type=float, metavar="M", help="tuning time budget")
     c.add_argument("--no-tuning-db", action="store_true",
                    help="ignore the target's tuning database (default kernels only)")
+    s = c.add_argument_group("search (--max-drop)")
+    s.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="search the passes' settings for the smallest model whose drop on "
+                   "--val stays within POINTS (a confidence bound; needs --calib and --val)")
+    s.add_argument("--val", metavar="FILE.npz", help="validation data for --max-drop: one array "
+                   "per input, optional 'labels' (else top-1 agreement with the original)")
+    s.add_argument("--objective", choices=("macs", "size", "latency"), default="macs",
+                   help="what the search minimizes (default macs; latency: not yet)")
+    s.add_argument("--search-minutes", type=float, default=10.0, metavar="M",
+                   help="time budget of the search (default 10); Ctrl-C keeps the best so far")
     c.set_defaults(fn=run)
 
 
@@ -46,7 +56,29 @@ def run(a) -> int:
         use_tuning_db=not a.no_tuning_db,
         progress=sys.stderr.isatty(),
     )
-    report = compiler.compile_model(a.model, out, opts)
+    if a.max_drop is None:
+        for flag, v in (("--val", a.val), ("--objective", a.objective != "macs" or None),
+                        ("--search-minutes", a.search_minutes != 10.0 or None)):
+            if v:
+                raise EdgecError(f"{flag} belongs to the search: give --max-drop POINTS too")
+        report = compiler.compile_model(a.model, out, opts)
+    else:
+        from edgec.driver.search import run_search
+        from edgec.runtime import load_npz
+
+        if not a.val:
+            raise EdgecError("--max-drop needs --val FILE.npz (validation data, kept apart from "
+                             "--calib)")
+        if a.calib and Path(a.calib).resolve() == Path(a.val).resolve():
+            raise EdgecError("--val and --calib are the same file: the budget must be checked "
+                             "on data the passes did not fit on")
+        if a.preset is not None:
+            raise EdgecError("--preset and --max-drop: the search chooses the passes (restrict "
+                             "them with --passes)")
+        if a.set:
+            raise EdgecError("--set and --max-drop: the search chooses the settings")
+        report = run_search(a.model, out, opts, load_npz(a.val), a.max_drop, a.objective,
+                            a.search_minutes, search_passes=opts.passes)
     print_report(report, a.model, out)
     return 0
 
@@ -77,6 +109,34 @@ def print_report(report: dict, model: str, out: Path) -> None:
             print(f"  int8 ({q['isa']}): {q['conv2d']} integer convs, {q.get('matmul', 0)} "
                   f"integer matmuls, {q['dwconv2d']} depthwise on 8-bit input"
                   + (f"; left float: {floats}" if floats else ""))
+    se = report.get("search")
+    if se:
+        c = se["chosen"]
+        base = se["base"]
+        print(f"  search ({se['metric']}, {se['evaluated']} configurations, {se['seconds']:.0f}s, "
+              f"{se['stopped']}): conv+gemm MACs x{base['macs'] / max(c['macs'], 1):.2f} "
+              f"(nonzero x{base['macs_effective'] / max(c['macs_effective'], 1):.2f}), model.onnx "
+              f"x{base['size'] / max(c['size'], 1):.2f} smaller")
+        print(f"  drop on --val {c['drop']:.2f} points, upper bound {c['bound']:.2f} <= "
+              f"{se['max_drop']} ({100 * se['confidence']:.0f} % one-sided confidence: the "
+              "margin); search.json, plots/tradeoff.png")
+        r = se["reproduce"]
+        print("  reproduce: --passes " + ",".join(r["passes"]) +
+              "".join(f" --set {x}" for x in r["sets"]) if r["passes"] else
+              "  reproduce: no compressing pass fits the budget (the original model)")
+    est = report.get("estimate")
+    if est and "disagreement" in est:
+        where = (f"{est['rows']} held-out calibration rows" if est.get("held_out") else
+                 f"the {est['rows']} calibration rows (under 100: none held out)")
+        print(f"  estimated drop: top-1 disagreement with the original {est['disagreement']:.2f} "
+              f"% on {where} (90 % bound {est['upper_90']:.2f})")
+        if est["upper_90"] > est["budget"] and est.get("default_settings"):
+            print(f"  warning: above the default budget of {est['budget']:g} point with default "
+                  f"settings of {', '.join(est['default_settings'])}: set them (--set) or search "
+                  "with --max-drop and --val")
+    elif est:
+        print(f"  estimated error: relative output error {est['relative_error']:.3g} on "
+              f"{est['rows']} calibration rows")
     t = report["timings"]
     print(f"  total {t.get('total_s', 0):.1f}s (import {t.get('import_s', 0):.1f}s, passes "
           f"{t.get('passes_s', 0):.1f}s, tvm build {t.get('tvm_build_s', 0):.1f}s)")
