@@ -173,3 +173,16 @@ def test_lowrank_without_settings_or_data_refuses():
 
     with pytest.raises(EdgecError, match="calib"):
         run_pass("lowrank", _model(), make_config("lowrank"), PassContext())
+
+
+def test_compressing_compile_with_calib_reports_an_estimated_drop(task):
+    from conftest import compile_to
+
+    src, calib, _, _, tmp = task
+    rep = compile_to(src, tmp / "est", passes=["prune"], calib=calib, build=False,
+                     progress=False)
+    est = rep["estimate"]
+    assert est["rows"] == 40 and est["held_out"] and est["default_settings"] == ["prune"]
+    assert 0 <= est["disagreement"] <= est["upper_90"]
+    rep = compile_to(src, tmp / "est2", passes=[], calib=calib, build=False, progress=False)
+    assert "estimate" not in rep

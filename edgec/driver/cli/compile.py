@@ -130,7 +130,7 @@ def print_report(report: dict, model: str, out: Path) -> None:
                  f"the {est['rows']} calibration rows (under 100: none held out)")
         print(f"  estimated drop: top-1 disagreement with the original {est['disagreement']:.2f} "
               f"% on {where} (90 % bound {est['upper_90']:.2f})")
-        if est["upper_90"] > est["budget"] and est.get("default_settings"):
+        if est["upper_90"] > est["budget"] and est.get("default_settings") and not se:
             print(f"  warning: above the default budget of {est['budget']:g} point with default "
                   f"settings of {', '.join(est['default_settings'])}: set them (--set) or search "
                   "with --max-drop and --val")
