@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-drop", type=float, default=1.0)
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--calib", type=int, default=2000)
+    p.add_argument("--no-build", action="store_true",
+                   help="no TVM build: judge the rewritten model.onnx in onnxruntime only")
+    p.add_argument("--keep", help="copy the artifact folder here")
     p.add_argument("--json")
     a = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "art"
         opts = CompileOptions(passes=passes, calib={"input": xc},
-                              input_shapes={"input": (100, 1, 28, 28)}, progress=False)
+                              input_shapes={"input": (100, 1, 28, 28)}, progress=False,
+                              build=not a.no_build)
         t0 = time.perf_counter()
         rep = run_search(src, out, opts, val, a.max_drop, a.objective, a.minutes,
                          search_passes=passes)
@@ -69,11 +73,17 @@ def main(argv=None) -> int:
         base = _acc(lambda x: orig.run(None, {"input": x})[0], xj, yj)
         ort = OrtSession(onnx.load(out / "model.onnx"))
         got_ort = _acc(lambda x: ort.run(None, {"input": x})[0], xj, yj)
-        lib = Session(out)
-        got_lib = _acc(lambda x: lib.run(None, {"input": x})[0], xj, yj)
+        got_lib = None
+        if not a.no_build:
+            lib = Session(out)
+            got_lib = _acc(lambda x: lib.run(None, {"input": x})[0], xj, yj)
         size0 = src.stat().st_size
         size1 = (out / "model.onnx").stat().st_size
         plot = (out / "plots" / "tradeoff.png").exists()
+        if a.keep:
+            import shutil
+
+            shutil.copytree(out, a.keep, dirs_exist_ok=True)
     c = se["chosen"]
     b = se["base"]
     print(f"search over {', '.join(passes)}, objective {a.objective}, --max-drop "
@@ -87,7 +97,7 @@ def main(argv=None) -> int:
           f"x{b['macs_effective'] / c['macs_effective']:.2f}"
           f" | {size1 / 1024:.0f} KiB = 1/{size0 / size1:.1f} of {size0 / 1024:.0f} KiB | "
           f"{c['drop']:.2f} | {c['bound']:.2f} | {100 * (base - got_ort):.2f} | "
-          f"{100 * (base - got_lib):.2f} |")
+          + (f"{100 * (base - got_lib):.2f} |" if got_lib is not None else "not built |"))
     print("| README hand-set prune,lowrank,quantize | x2.97 | | | | | -1.07 (all 10 000) | |")
     print(f"\noriginal: {100 * base:.2f} % on the 8000 judged images; chosen settings: "
           f"`--passes {','.join(se['reproduce']['passes'])} "
