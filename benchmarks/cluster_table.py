@@ -8,10 +8,12 @@ Calibration = the first ``--calib`` training images (the passes use up to their
 normalized first as ``edgec compile`` does (BatchNorm folded into the convs). No retraining.
 
 * cluster: bits 1..4 (and ternary), one codebook per layer over every Conv/Gemm (the first
-  conv included), plain k-means (no --calib) and data-aware (H-weighted k-means + least-squares
-  codebook refit). "distinct products" = distinct (weight value, input element) pairs per
-  image over all clustered layers, as a fraction of their multiplies (the reuse-lookup
-  kernel's multiplies).
+  conv included), plain k-means (no --calib) and data-aware: H-weighted k-means +
+  least-squares codebook refit on the original model's inputs ("one shot":
+  ``sequential=false, refit_bias=false``), or layer by layer on the clustered model's inputs
+  with the bias refit (the default). "distinct products" = distinct (weight value, input
+  element) pairs per image over all clustered layers, as a fraction of their multiplies (the
+  reuse-lookup kernel's multiplies).
 * template: the first conv (32 filters, 1 input channel), ``count`` filters replaced by HLAC
   or LBC templates, with the reader (/3/Conv) refitted on the calibration images.
 * The seed's metric for layer 1 (SEEDS.md 002): distinct (weight value, input *value*) pairs,
@@ -106,15 +108,17 @@ def main(argv=None) -> int:
           "(all layers) | layer 1, seed metric | s |")
     print("|---|---|---|---|---|---|---|---|")
     for bits in ("1", "2", "3", "4", "ternary"):
-        for data in (False, True):
+        for data, seq in ((False, False), (True, False), (True, True)):
             sets = {"ternary": "true"} if bits == "ternary" else {"bits": bits}
+            if data and not seq:
+                sets.update(sequential="false", refit_bias="false")
             t0 = time.perf_counter()
             res = Pipeline(["cluster"], {"cluster": sets},
                            calib={"input": xc} if data else None).run(model)
             rep = res.reports[0]
             acc = accuracy(res.model, xt, yt)
             W1, _ = first_conv(res.model)
-            r = {"bits": bits, "data_aware": data, "accuracy": acc,
+            r = {"bits": bits, "data_aware": data, "sequential": seq, "accuracy": acc,
                  "drop": 100 * (base - acc),
                  "distinct_products_fraction": rep.details["distinct_products_fraction"],
                  "seed_metric_layer1": seed_metric(W1, imgs),
@@ -125,7 +129,9 @@ def main(argv=None) -> int:
                             for x in rep.details["layers"]},
                  "seconds": time.perf_counter() - t0}
             out["cluster"].append(r)
-            print(f"| {bits} | {'data-aware + refit' if data else 'k-means'} | {r['values']} | "
+            how = ("data-aware, sequential + bias" if seq else "data-aware, one shot") if data \
+                else "k-means"
+            print(f"| {bits} | {how} | {r['values']} | "
                   f"{100 * acc:.2f} % | {r['drop']:+.2f} | "
                   f"{100 * r['distinct_products_fraction']:.2f} % | "
                   f"{100 * r['seed_metric_layer1']:.2f} % | {r['seconds']:.0f} |", flush=True)

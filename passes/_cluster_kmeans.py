@@ -86,13 +86,18 @@ def ternary(v: np.ndarray, w: np.ndarray, iters: int = 100) -> tuple[np.ndarray,
 
 
 def normal_equations(idx: np.ndarray, W: np.ndarray, H: np.ndarray, k: int,
-                     chunk_elems: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+                     G: np.ndarray | None = None, chunk_elems: int = 1 << 22
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Per output row o: ``A_o [k, k]`` and ``b_o [k]`` of ``min_c (w_o - q_o)^T H (w_o - q_o)``
     with ``q_o = sum_v c_v e_{o,v}`` (``e_{o,v}`` the indicator of ``idx[o] == v``): the outputs
     ``X q_o`` are linear in the codebook values, so this is least squares in k unknowns.
 
     ``A_o[u, v] = e_u^T H e_v`` and ``b_o[u] = e_u^T H w_o`` are formed from the segment sums
-    ``E_o H`` (a sparse one-hot times H: out x in x in multiply-adds in all)."""
+    ``E_o H`` (a sparse one-hot times H: out x in x in multiply-adds in all).
+
+    With ``G = X^T X0 / n`` (the layer's current inputs X against the original model's X0)
+    the target is the original output instead: ``min ||X q_o - X0 w_o||^2``, i.e.
+    ``b_o[u] = e_u^T G w_o``."""
     out, n_in = W.shape
     A = np.zeros((out, k, k))
     b = np.zeros((out, k))
@@ -108,6 +113,8 @@ def normal_equations(idx: np.ndarray, W: np.ndarray, H: np.ndarray, k: int,
         O = np.zeros((r, k, n_in))
         O[np.arange(r)[:, None], ii, np.arange(n_in)[None, :]] = 1.0
         A[lo:hi] = np.matmul(T, O.transpose(0, 2, 1))
+        if G is not None:
+            T = np.asarray(S @ G).reshape(r, k, n_in)
         b[lo:hi] = np.einsum("ouk,ok->ou", T, W[lo:hi])
     return A, b
 

@@ -17,16 +17,21 @@ layer])`` (``n_init`` seedings, the lowest weighted squared error kept), Lloyd i
 the sorted distinct values (exact, deterministic). A group with at most ``2^bits`` distinct
 values already keeps them exactly (identity). Without calibration every weight counts the
 same; with ``--calib`` (``data_aware``) weight ``W[o, k]`` counts with ``H[k, k]``, the second
-moment of input column k (``H = X^T X / n`` over sampled im2col rows / input rows of the
-original model): the diagonal of the output error ``(w_o - q_o)^T H (w_o - q_o)``. Then the
-codebook is refitted (``refit``): the outputs are linear in the codebook values, ``X q_o =
-sum_v c_v X e_{o,v}``, so ``min_c sum_o (w_o - q_o)^T H (w_o - q_o)`` with the full H is a
-least-squares problem in ``2^bits`` unknowns per codebook (ternary: one, ``a``), pulled to the
-k-means values by ``damp`` x the mean diagonal. Every layer is clustered against the
-original model's inputs (not sequentially).
+moment of input column k (``H = X^T X / n`` over sampled im2col rows / input rows): the
+diagonal of the output error ``(w_o - q_o)^T H (w_o - q_o)``. Layers are processed in graph
+order on the inputs X the already clustered layers produce (``sequential``; X0: the original
+model's inputs at the same positions, ``G = X^T X0 / n``): what is clustered there is the
+dense weight that maps X onto the original outputs, ``W' = W G^T (H + 0.01 mean diag I)^-1``
+(as the sparse pass's refit). Then the codebook is refitted (``refit``): the outputs are linear
+in the codebook values, ``X q_o = sum_v c_v X e_{o,v}``, so ``min_c sum_o ||X q_o - X0
+w_o||^2`` (with the full H and G) is a least-squares problem in ``2^bits`` unknowns per
+codebook (ternary: one, ``a``), pulled to the k-means values by ``damp`` x the mean
+diagonal, kept where it lowers the error. Last, the bias absorbs the mean output shift
+``alpha (mu0 W^T - mu Q^T)`` (``refit_bias``; Conv and Gemm, not a bias-less MatMul).
 
 Report, per layer: bits, granularity, codebook size and distinct values stored, the weight
-relative error, with calib the output relative error (from H) before/after the refit,
+relative error, with calib the output relative error against the original model's layer
+output (from the moments) of the k-means codebook and after the refit,
 ``multiplies_dense`` (MACs per image) and ``distinct_products`` (distinct (value, input
 element) pairs per image: what a lookup kernel multiplies; see ``_cluster_common``).
 """
@@ -60,6 +65,9 @@ class ClusterConfig:
     exclude: tuple[str, ...] = ()       # never these nodes
     data_aware: bool = True             # weight by the input second moments with --calib
     refit: bool = True                  # ... and refit the codebook on the outputs
+    sequential: bool = True             # ... on the inputs the clustered layers above produce,
+    #                                     to the original model's outputs
+    refit_bias: bool = True             # ... and the bias absorbs the mean output shift
     n_init: int = 4                     # k-means++ seedings per codebook (best kept)
     damp: float = 1e-6                  # refit ridge, relative to its mean diagonal
     calib_samples: int = 1024           # calibration rows (images) used at most
@@ -89,25 +97,36 @@ def cluster(model: onnx.ModelProto, config: ClusterConfig, ctx: PassContext):
     report = PassReport(PASS)
     targets = select(m, config, report, PASS)
     data = bool(ctx.calib) and config.data_aware and bool(targets)
-    H = {}
+    rows0: dict[str, np.ndarray] = {}
     if data:
         got = calibrate(m, list(enumerate(t.L for t in targets)), ctx.calib, config, ctx.seed)
-        for name, X in got.items():
-            X = X.reshape(len(X), -1).astype(np.float64)
-            if len(X) >= 16:
-                H[name] = X.T @ X / len(X)
+        rows0 = {k: v.reshape(len(v), -1) for k, v in got.items() if len(v) >= 16}
     w = Writer(m, PASS)
     table = []
+    changed = False
     for li, t in enumerate(targets):
-        Hl = H.get(t.name)
-        row = _cluster_layer(t, Hl, np.random.default_rng([ctx.seed, li]), config)
+        X0 = rows0.get(t.name)
+        mom = None
+        if X0 is not None:
+            X0 = X0.astype(np.float64)
+            X = X0
+            if config.sequential and changed:
+                got = calibrate(m, [(li, t.L)], ctx.calib, config, ctx.seed).get(t.name)
+                if got is not None and len(got) == len(X0):
+                    X = got.reshape(len(got), -1).astype(np.float64)
+            mom = _Moments(X, X0)
+        row = _cluster_layer(t, mom, np.random.default_rng([ctx.seed, li]), config)
         if row is None:
             report.skip(t.L.node, f"every codebook group already holds <= {config.k} distinct "
                         "values: kept exactly")
             continue
         Wq = row.pop("_Wq")
+        shift = row.pop("_bias_shift", None)
         w.set_input(t.name, 1, t.to_stored(Wq), "shared", "weights shared",
                     values=row["distinct_values"], granularity=config.granularity)
+        if shift is not None:
+            _add_bias(w, m, t, shift, row)
+        changed = True
         report.rewrite(t.L.node, f"{row['distinct_values']} distinct weight values "
                        f"({config.granularity} codebooks of <= {config.k})",
                        **{k: v for k, v in row.items() if k not in ("node", "op")})
@@ -125,8 +144,56 @@ def cluster(model: onnx.ModelProto, config: ClusterConfig, ctx: PassContext):
     return w.finish(), report
 
 
-def _cluster_layer(t, H, rng, config: ClusterConfig) -> dict | None:
+class _Moments:
+    """Second moments of a layer's current input rows X and the original model's X0 (the
+    same positions): ``H = X^T X / n``, ``G = X^T X0 / n``, ``H0 = X0^T X0 / n``."""
+
+    def __init__(self, X: np.ndarray, X0: np.ndarray):
+        n = len(X)
+        self.same = X is X0
+        self.H = X.T @ X / n
+        self.G = self.H if self.same else X.T @ X0 / n
+        self.H0 = self.H if self.same else X0.T @ X0 / n
+        self.mu, self.mu0 = X.mean(axis=0), X0.mean(axis=0)
+
+    def error(self, W: np.ndarray, Q: np.ndarray) -> float:
+        """``||X Q^T - X0 W^T|| / ||X0 W^T||`` from the moments."""
+        if self.same:
+            return output_error(W, Q, self.H)
+        ref = float(np.sum((W @ self.H0) * W))
+        num = float(np.sum((Q @ self.H) * Q)) - 2 * float(np.sum((Q @ self.G) * W)) + ref
+        return float(np.sqrt(max(num, 0.0) / max(ref, 1e-30)))
+
+
+def _add_bias(w: Writer, m, t, shift: np.ndarray, row: dict) -> None:
+    """Add ``shift`` to the layer's bias (Conv/Gemm with a constant or no bias; a MatMul
+    has none: left as it is)."""
+    from edgec.core.graph import attr
+
+    from ._toolkit import bias_vector
+
+    node = w.node(t.name)
+    if node.op_type == "MatMul":
+        row["bias_refit"] = "no (MatMul has no bias input)"
+        return
+    inits = {x.name: x for x in m.graph.initializer}
+    has = len(node.input) > 2 and node.input[2]
+    if has and node.input[2] not in inits:
+        row["bias_refit"] = "no (bias is not an initializer)"
+        return
+    beta = float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
+    b0 = bias_vector(inits, node.input[2] if has else None, beta, len(shift))
+    w.set_input(t.name, 2, (b0 + shift).astype(t.stored.dtype), "shared",
+                "weights shared; bias absorbs the mean shift")
+    for a in list(node.attribute):
+        if a.name == "beta":
+            node.attribute.remove(a)
+    row["bias_refit"] = True
+
+
+def _cluster_layer(t, mom, rng, config: ClusterConfig) -> dict | None:
     """The clustered weight matrix and the report row of one layer (None: unchanged)."""
+    H = None if mom is None else mom.H
     Wm = t.Wm
     out, n_in = Wm.shape
     dt = t.stored.dtype
@@ -138,8 +205,16 @@ def _cluster_layer(t, H, rng, config: ClusterConfig) -> dict | None:
     idx = np.zeros(Wm.shape, dtype=np.int64)
     books: list[np.ndarray] = []
     changed = []
+    Wc = Wm
+    if mom is not None and not mom.same and config.refit:
+        # the dense weight that maps the current inputs onto the original outputs is what
+        # gets clustered: W' = W G^T H^-1 (ridge 0.01 x mean diagonal, as in sparse)
+        lam = 0.01 * max(float(np.trace(H)) / len(H), 1e-30)
+        Wc = np.linalg.solve(H + lam * np.eye(len(H)), mom.G @ Wm.T).T
     for gi, rows in enumerate(groups):
         v = Wm[rows].reshape(-1)
+        if len(np.unique(v)) > k:
+            v = Wc[rows].reshape(-1)
         if len(np.unique(v)) <= k:                    # identity: the values kept exactly
             c, ix = np.unique(v, return_inverse=True)
             same = True
@@ -160,10 +235,11 @@ def _cluster_layer(t, H, rng, config: ClusterConfig) -> dict | None:
            "codebook": k, "codebooks": len(groups), "weights": int(Wm.size)}
     Q = Q0
     if H is not None:
-        row["output_error_kmeans"] = round(output_error(Wm, Q0, H), 6)
+        row["sequential"] = not mom.same
+        row["output_error_kmeans"] = round(mom.error(Wm, Q0), 6)
         if config.refit:
             kmax = max(len(c) for c in books)
-            A, b = normal_equations(idx, Wm, H, kmax)
+            A, b = normal_equations(idx, Wm, H, kmax, None if mom.same else mom.G)
             B = np.array([[-1.0], [0.0], [1.0]]) if config.ternary else None
             new = []
             for rows, c, ch in zip(groups, books, changed):
@@ -175,12 +251,14 @@ def _cluster_layer(t, H, rng, config: ClusterConfig) -> dict | None:
                 Bg = B if (B is not None and n == 3) else None
                 new.append(refit_codebook(Ag, bg, c, Bg, config.damp))
             Q1 = _weights(idx, new, groups, dt)
-            e1 = output_error(Wm, Q1, H)
+            e1 = mom.error(Wm, Q1)
             if e1 < row["output_error_kmeans"]:
                 Q, books = Q1, new
                 row["refit"] = True
             row["output_error_refit"] = round(e1, 6)
-        row["output_error"] = round(output_error(Wm, Q, H), 6)
+        row["output_error"] = round(mom.error(Wm, Q), 6)
+        if config.refit_bias:
+            row["_bias_shift"] = t.alpha * (mom.mu0 @ Wm.T - mom.mu @ Q.T)
     row["distinct_values"] = int(len(np.unique(Q.astype(dt))))
     row["weight_error"] = round(weight_error(Wm, Q), 6)
     if config.granularity == "layer":
