@@ -141,7 +141,7 @@ def sweep(shape, mcpu, repeat, tmp: Path, densities=DENSITIES, blocks=(1, 4)):
         for d in densities:
             art = tmp / f"sp_{tag}_{block}_{d}"
             report = _compile(layer_model(shape, d, block), art, "sparse", mcpu)
-            (layer,) = report["kernels"]["sparse"]
+            (layer,) = report["kernels"]["structured"]
             assert layer["kernel"] == "sparse", layer
             arts[block, d] = art
     times = _timers([dense_dir, *arts.values()], repeat)
@@ -264,7 +264,7 @@ def models_table(mcpu, repeat: int, threads: int, tmp: Path) -> None:
           "ORT / edgec | sparse layers | model.so MB |")
     print("|---|---|---|---|---|---|---|")
     for name, ort, ms, rep in rows:
-        layers = rep["kernels"].get("sparse", [])
+        layers = rep["kernels"].get("structured", [])
         n_sp = sum(1 for x in layers if x["kernel"] == "sparse")
         so = (tmp / {"dense (no pass)": "mnv2_dense"}.get(name, f"mnv2_{name.split()[-1]}")
               / "model.so").stat().st_size

@@ -59,7 +59,7 @@ def compiled_accuracy(model, x, y, batch=500) -> tuple[float, dict]:
             hits += int((s.run(None, {"input": x[i:i + batch]})[0].argmax(1)
                          == y[i:i + batch]).sum())
     kinds = {}
-    for layer in rep["kernels"].get("sparse", []):
+    for layer in rep["kernels"].get("structured", []):
         kinds[layer["kernel"]] = kinds.get(layer["kernel"], 0) + 1
     return hits / len(x), kinds
 

@@ -48,25 +48,31 @@ class Int8Stats:
 
 
 @dataclass
-class SparseLayer:
-    """One float Conv / MatMul with constant weights that had zeros: the kernel chosen
-    (sparse or dense) and why (the density against the measured break-even)."""
+class StructuredLayer:
+    """One float Conv / MatMul whose constant weight has zeros or few distinct values: the
+    kernel chosen (``sparse``, ``lookup`` or ``dense``) and why."""
 
     op: str                  # "conv2d" | "matmul"
     weight_shape: tuple
     shape_class: str         # "conv1x1" | "convkxk" | "gemm"
     density: float
     block: int               # output channels sharing a nonzero pattern (1: unstructured)
-    kernel: str              # "sparse" | "dense"
+    kernel: str              # "sparse" | "lookup" | "dense"
     reason: str
     weight_bytes: int = 0    # bytes the kernel's weights take in the library
     dense_bytes: int = 0     # bytes of the dense float32 weight
+    distinct: int = 0        # distinct weight values (counted up to 17)
+    multiplies_dense: int = 0     # per call, the dense layer's multiplies
+    multiplies_executed: int = 0  # per call, what the chosen kernel multiplies
 
     def to_json(self) -> dict:
         return {"op": self.op, "weight_shape": list(self.weight_shape),
                 "shape_class": self.shape_class, "density": round(self.density, 5),
-                "block": self.block, "kernel": self.kernel, "reason": self.reason,
-                "weight_bytes": self.weight_bytes, "dense_bytes": self.dense_bytes}
+                "block": self.block, "distinct_values": self.distinct,
+                "kernel": self.kernel, "reason": self.reason,
+                "weight_bytes": self.weight_bytes, "dense_bytes": self.dense_bytes,
+                "multiplies_dense": self.multiplies_dense,
+                "multiplies_executed": self.multiplies_executed}
 
 
 # Schedules that are not a kernel: what a function with multiply-accumulates should not get.
@@ -84,7 +90,8 @@ class BuildRecord:
     # function -> multiply-accumulates its loops execute (channels padded to the vector
     # width and a transposed convolution's inserted zeros included)
     macs: dict[str, int] = field(default_factory=dict)
-    sparse: list[SparseLayer] = field(default_factory=list)  # layers with zero weights
+    # layers whose constant weights have zeros or few distinct values
+    structured: list[StructuredLayer] = field(default_factory=list)
 
     def fallbacks(self) -> dict[str, dict]:
         """Functions with multiply-accumulates (a convolution, a matmul) that got only a
@@ -112,7 +119,8 @@ class BuildRecord:
                 "macs": dict(self.macs), "macs_executed": total, "fallbacks": fallbacks,
                 "fallback_mac_share": (sum(f["macs"] for f in fallbacks.values()) / total
                                        if total else 0.0),
-                **({"sparse": [s.to_json() for s in self.sparse]} if self.sparse else {})}
+                **({"structured": [s.to_json() for s in self.structured]}
+                   if self.structured else {})}
 
 
 @dataclass

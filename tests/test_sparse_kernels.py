@@ -85,7 +85,7 @@ def test_sparse_conv_matches_onnxruntime(tmp_path_factory, monkeypatch, c, k, ks
     x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
     report = _compare(m, tmp_path_factory.mktemp("sc") / "art", {"x": x},
                       target_options={"mcpu": mcpu} if mcpu else {})
-    (layer,) = report["kernels"]["sparse"]
+    (layer,) = report["kernels"]["structured"]
     takes = (ksz == 1 and not any(pads)) or stride == 1
     assert layer["kernel"] == ("sparse" if takes else "dense"), layer
     if takes:
@@ -111,7 +111,7 @@ def test_sparse_gemm_matches_onnxruntime(tmp_path, monkeypatch, mcpu, rows, kdim
     x = rng.standard_normal((rows, kdim)).astype(np.float32)
     report = _compare(m, tmp_path / "art", {"x": x},
                       target_options={"mcpu": mcpu} if mcpu else {})
-    (layer,) = report["kernels"]["sparse"]
+    (layer,) = report["kernels"]["structured"]
     assert layer["kernel"] == "sparse" and layer["shape_class"] == "gemm"
     assert layer["block"] == (block if density > 0 and block <= n else layer["block"])
 
@@ -150,7 +150,7 @@ def test_breakeven_decides(tmp_path, monkeypatch):
         m = _conv_model(rng, 64, 64, 1, 1, 1, (0, 0, 0, 0), 14, 14, 1, density, 1, "relu")
         out = tmp_path / f"d{density}"
         report = _compare(m, out, {"x": rng.standard_normal((1, 64, 14, 14)).astype(np.float32)})
-        (layer,) = report["kernels"]["sparse"]
+        (layer,) = report["kernels"]["structured"]
         assert layer["kernel"] == kernel, layer
         assert "break-even" in layer["reason"]
 
@@ -218,7 +218,7 @@ def test_sparse_kernels_build_for_aarch64(tmp_path, monkeypatch, target):
     kinds = report["kernels"]["counts"]
     assert kinds.get("sparse-px(B=1)") == 1 and kinds.get("sparse-px(B=4)") == 1, kinds
     assert kinds.get("sparse-gather(B=1)") == 1, kinds
-    assert all(layer["kernel"] == "sparse" for layer in report["kernels"]["sparse"])
+    assert all(layer["kernel"] == "sparse" for layer in report["kernels"]["structured"])
 
 
 def test_sparse_kernels_on_the_board(rpc_board, tmp_path, monkeypatch):
@@ -263,5 +263,5 @@ def test_composes_with_prune_lowrank_quantize_and_builds(tmp_path, passes):
         assert np.abs(got - ref).max() <= 0.05 * scale
     else:
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * scale)
-        assert any(x["kernel"] == "sparse" for x in rep["kernels"]["sparse"]), \
-            rep["kernels"]["sparse"]
+        assert any(x["kernel"] == "sparse" for x in rep["kernels"]["structured"]), \
+            rep["kernels"]["structured"]

@@ -3,7 +3,7 @@
 1. :func:`rewrite_phases`: QDQ convolutions become integer kernels, before constants fold;
 2. :func:`folded_phases`: once constants are folded, ConvTranspose as convolutions (phase
    decomposition), the requantize / residual folds, then layers with mostly-zero weights
-   onto the sparse kernels;
+   or few distinct weight values onto the sparse / lookup kernels;
 3. :func:`legalize_map`: float convolutions, pools, quantize and fast math to the default
    kernels' compute (the rest through TOPI), then fusion of epilogues into them;
 4. :func:`schedule_phases`: tuned schedules from the database, ConvTranspose's
@@ -27,7 +27,7 @@ from .rewrites.float_conv import make_conv2d_legalizer, make_maxpool_legalizer
 from .rewrites.qdq_conv import rewrite_pass
 from .rewrites.quantize_legalizer import make_quantize_legalizer
 from .rewrites.residual_fold import requant_pass
-from .rewrites.sparse import sparse_pass
+from .rewrites.structured import structured_pass
 from .rules import schedule_pass
 
 
@@ -48,9 +48,10 @@ def rewrite_phases(target, record: BuildRecord | None, kernels: dict) -> list:
 def folded_phases(target, record: BuildRecord | None, kernels: dict) -> list:
     """After constants are folded: ConvTranspose with constant weights as convolutions of the
     input (the legalizer below gives them the conv kernels), the requantizing epilogues
-    folded into ``kernels``, float layers with mostly-zero weights onto the sparse kernels
-    (with their bias and clamps), then the float clamps left re-emitted to keep NaN."""
-    return [conv_transpose_pass(), requant_pass(kernels, record), sparse_pass(target, record),
+    folded into ``kernels``, float layers with mostly-zero weights or few distinct values
+    onto the sparse / lookup kernels (with their bias and clamps), then the float clamps
+    left re-emitted to keep NaN."""
+    return [conv_transpose_pass(), requant_pass(kernels, record), structured_pass(target, record),
             nan_clamp_pass()]
 
 

@@ -1,24 +1,31 @@
-"""Float convolutions and matmuls whose constant weights are mostly zeros -> the sparse
-kernels (:mod:`..kernels.sparse`), with their bias and clamp epilogue.
+"""Float convolutions and matmuls whose constant weights have structure -- mostly zeros, or
+few distinct values -- onto the kernels that exploit it, with their bias and clamp epilogue.
 
-After constants are folded (the weights are constants), before legalization: every float32
+After constants are folded (the weights are constants), before legalization, every float32
 ``conv2d`` (groups 1, NCHW / OIHW, static shapes) and ``matmul`` with a constant 2-D right
-operand whose weight has zeros is offered to :func:`..kernels.sparse.choose`; where the
-density is below the measured break-even of its shape class on the target's ISA:
+operand is looked at:
 
-* 1x1 convolution, no padding: ``y = spmm(x)`` on the image flattened (a stride first
-  takes every ``s``-th pixel with a strided slice);
-* ``kh x kw`` convolution of stride 1 (any padding, dilation): the input padded once (one
-  extra zero row below, so the last row's taps past the right edge stay inside the image),
-  ``spmm`` over ``Hout x Wp`` positions, then the ``Wout`` real columns sliced out;
-* ``matmul(x, W[K, N])``: ``spmv`` over the ``prod(x.shape[:-1])`` rows.
+* **few values** (a ``matmul`` at a batch of at most 4 rows whose weight takes at most 16
+  distinct values, on x86): the reuse-lookup kernel (:mod:`..kernels.lut`): each distinct
+  product once, tables of their sums, one in-register lookup per 1-4 weights;
+* **zeros** below the measured break-even density of the shape class on the target's ISA
+  (:func:`..kernels.sparse.choose`), the sparse kernels (:mod:`..kernels.sparse`):
+
+  - 1x1 convolution, no padding: ``y = spmm(x)`` on the image flattened (a stride first
+    takes every ``s``-th pixel with a strided slice);
+  - ``kh x kw`` convolution of stride 1 (any padding, dilation): the input padded once (one
+    extra zero row below, so the last row's taps past the right edge stay inside the
+    image), ``spmm`` over ``Hout x Wp`` positions, then the ``Wout`` real columns sliced out;
+  - ``matmul(x, W[K, N])``: ``spmv`` over the ``prod(x.shape[:-1])`` rows.
 
 The chain that follows -- a per-channel constant bias ``add``, then a clamp (``relu``,
 ``max`` then ``min`` with scalar constants: ReLU6) -- when each link has a single reader,
 is the kernel's epilogue. The kernels are hand-scheduled (``tirx.is_scheduled``) and opaque
-to fusion. Every layer with zero weights gets a :class:`~edgec.targets.records.SparseLayer`
-in the build record: the kernel it got and why. ``EDGEC_SPARSE=dense`` / ``=sparse``
-overrides the break-even (benchmarks compare both kernels on one model).
+to fusion. Every layer with zeros or few values gets a
+:class:`~edgec.targets.records.StructuredLayer` in the build record: the kernel it got,
+why, and the multiplies it executes against the dense layer's. ``EDGEC_SPARSE=dense`` /
+``=sparse`` overrides the break-even, ``EDGEC_LOOKUP=0`` turns the lookup kernel off
+(benchmarks compare the kernels on one model).
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from ...records import BuildRecord, SparseLayer
+from ...records import BuildRecord, StructuredLayer
 from ..compute import ints
 from ..isa import simd_floats
+from ..kernels import lut as LT
 from ..kernels import sparse as K
 from .common import ADD, CONV, MATMUL, const_value, static_shape, use_counts
 from .requant_fold import clamp_of
@@ -55,6 +63,21 @@ class _Plan:
         self.lo = self.hi = None
 
 
+def _few_values(w: np.ndarray) -> bool:
+    """Whether ``w`` takes at most :data:`LT.MAX_VALUES` distinct values."""
+    return len(np.unique(w[: 1 << 16])) <= LT.MAX_VALUES and \
+        len(np.unique(w)) <= LT.MAX_VALUES
+
+
+def _distinct(w: np.ndarray) -> int:
+    """Distinct values of ``w``, counted up to 17 (more: 17)."""
+    return min(len(np.unique(w)), LT.MAX_VALUES + 1)
+
+
+def lookup_enabled() -> bool:
+    return os.environ.get("EDGEC_LOOKUP", "").strip().lower() not in ("0", "off", "no")
+
+
 def _per_channel(bias, oc: int, axis_from_end: int) -> bool:
     """Whether ``bias`` is float32, ``oc`` values along the output channel axis
     (``axis_from_end``: 3 for NCHW, 1 for a matmul's last axis), broadcast elsewhere."""
@@ -65,7 +88,7 @@ def _per_channel(bias, oc: int, axis_from_end: int) -> bool:
 
 
 @relax.expr_functor.mutator
-class SparseRewriter(relax.PyExprMutator):
+class StructuredRewriter(relax.PyExprMutator):
     def __init__(self, mod, lanes: int, isa: str, record: BuildRecord | None):
         super().__init__(mod)
         self.lanes, self.isa, self.record = lanes, isa, record
@@ -79,7 +102,9 @@ class SparseRewriter(relax.PyExprMutator):
         if not isinstance(call, relax.Call) or call.op not in (CONV, MATMUL):
             return None
         w = const_value(call.args[1])
-        if w is None or w.dtype != np.float32 or w.size == 0 or np.count_nonzero(w) == w.size:
+        if w is None or w.dtype != np.float32 or w.size == 0:
+            return None
+        if np.count_nonzero(w) == w.size and not (call.op == MATMUL and _few_values(w)):
             return None
         x = call.args[0]
         xs, ys = static_shape(x), static_shape(call)
@@ -123,17 +148,53 @@ class SparseRewriter(relax.PyExprMutator):
                 kind, w, shape_class, why = cand
                 w2d = self._w2d(kind, w)
                 if why is not None:
-                    self._note(b.value, kind, w, shape_class or "-", w2d, False, why)
+                    self._note(kind, w, shape_class or "-", "dense", why)
                     continue
-                choice = K.choose(w2d, shape_class, self.isa, force())
-                if not choice.sparse:
-                    self._note(b.value, kind, w, shape_class, w2d, False, choice.reason,
-                               choice.block)
+                plan = self._lookup_plan(b.value, kind, w, w2d) or \
+                    self._sparse_plan(b.value, kind, w, shape_class, w2d)
+                if plan is None:
                     continue
-                plan = _Plan(b.value, kind, w, shape_class)
-                plan.choice, plan.w2d = choice, w2d
                 self._epilogue(plan, b.var, counts, users)
                 self.plans.append(plan)
+
+    def _lookup_plan(self, call, kind, w, w2d):
+        """A Gemm / MatMul at a small batch whose weight takes at most 16 values on x86:
+        the lookup kernel (:mod:`..kernels.lut`)."""
+        if kind != "matmul" or not _few_values(w):
+            return None
+        rows = int(np.prod(static_shape(call.args[0])[:-1]))
+        why = None
+        if not lookup_enabled():
+            why = "lookup kernel turned off (EDGEC_LOOKUP=0)"
+        elif self.lanes not in (8, 16) or self.isa == "neon":
+            why = "no lookup kernel for this ISA yet (x86 AVX2 / AVX-512 only)"
+        elif w.shape[1] < max(LT.MIN_OUTPUTS, _distinct(w) + 1):
+            why = (f"{w.shape[1]} outputs: the lookup kernel pays from {LT.MIN_OUTPUTS} "
+                   "outputs and more outputs than distinct values")
+        elif rows > LT.MAX_ROWS:
+            why = (f"{rows} batch rows: the lookup kernel builds tables per row and pays "
+                   f"at most {LT.MAX_ROWS}")
+        if why is not None:
+            if np.count_nonzero(w) == w.size:  # (zeros: the sparse choice notes it)
+                self._note(kind, w, "gemm", "dense", why)
+                return None
+            return None
+        cb = LT.codebook(w2d, self.lanes)
+        plan = _Plan(call, "lookup", w, "gemm")
+        plan.w2d, plan.codebook = w2d, cb
+        return plan
+
+    def _sparse_plan(self, call, kind, w, shape_class, w2d):
+        """Below the break-even density: the sparse kernels (:mod:`..kernels.sparse`)."""
+        if np.count_nonzero(w) == w.size:
+            return None
+        choice = K.choose(w2d, shape_class, self.isa, force())
+        if not choice.sparse:
+            self._note(kind, w, shape_class, "dense", choice.reason, choice.block)
+            return None
+        plan = _Plan(call, kind, w, shape_class)
+        plan.choice, plan.w2d = choice, w2d
+        return plan
 
     @staticmethod
     def _w2d(kind, w):
@@ -163,13 +224,16 @@ class SparseRewriter(relax.PyExprMutator):
                     break
             plan.end, var = uval, uvar
 
-    def _note(self, call, kind, w, shape_class, w2d, sparse, reason, block=1, nbytes=0):
+    def _note(self, kind, w, shape_class, kernel, reason, block=1, nbytes=0,
+              multiplies=None):
         if self.record is None:
             return
-        self.record.sparse.append(SparseLayer(
+        dense_mult = multiplies[0] if multiplies else 0
+        self.record.structured.append(StructuredLayer(
             kind, tuple(int(d) for d in w.shape), shape_class,
-            float(np.count_nonzero(w) / w.size), block, "sparse" if sparse else "dense",
-            reason, nbytes or w.nbytes, w.nbytes))
+            float(np.count_nonzero(w) / w.size), block, kernel, reason, nbytes or w.nbytes,
+            w.nbytes, _distinct(w), dense_mult,
+            multiplies[1] if multiplies else dense_mult))
 
     # ---------------------------------------------------------------------- the rewrite
     def visit_call_(self, call):
@@ -184,6 +248,25 @@ class SparseRewriter(relax.PyExprMutator):
         bb = self.builder_
         x = self.visit_expr(plan.anchor.args[0])
         xs = static_shape(plan.anchor.args[0])
+        if plan.kind == "lookup":
+            cb = plan.codebook
+            ys = (*xs[:-1], cb.rows)
+            func = LT.lut_func(xs, ys, cb, self.lanes, plan.lo, plan.hi)
+            rows = int(np.prod(xs[:-1]))
+            self._note("matmul", plan.w, "gemm", "lookup",
+                       f"{cb.count} distinct values: {cb.group} weights per table lookup",
+                       nbytes=cb.nbytes, multiplies=LT.multiplies(rows, cb))
+            nb = cb.packed.shape[0] * cb.packed.shape[2]
+            bias = np.zeros(nb, np.float32)
+            if plan.bias is not None:
+                bias[: len(plan.bias)] = plan.bias
+            gv = self.builder_.add_func(
+                func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8),
+                "lookup_matmul")
+            return relax.call_tir(gv, relax.Tuple([x, relax.const(cb.values),
+                                                   relax.const(cb.packed),
+                                                   relax.const(bias)]),
+                                  relax.TensorType([int(d) for d in ys], "float32"))
         c = plan.choice
         if plan.kind == "matmul":
             kdim, n_out = plan.w.shape
@@ -238,20 +321,26 @@ class SparseRewriter(relax.PyExprMutator):
 
     def _record(self, plan, comp):
         c = plan.choice
-        self._note(plan.anchor, plan.kind, plan.w, plan.shape_class, plan.w2d, True,
-                   c.reason, c.block, comp.nbytes)
+        xs = static_shape(plan.anchor.args[0])
+        if plan.kind == "matmul":
+            positions = int(np.prod(xs[:-1]))
+        else:
+            positions = int(xs[0]) * int(np.prod(static_shape(plan.anchor)[2:]))
+        dense = int(plan.w.size) * positions
+        self._note(plan.kind, plan.w, plan.shape_class, "sparse", c.reason, c.block,
+                   comp.nbytes, (dense, comp.nnz * positions))
 
 
-def sparse_pass(target, record: BuildRecord | None = None):
-    """Relax pass (constants folded): layers with mostly-zero constant weights -> the
-    sparse kernels (see the module docstring)."""
+def structured_pass(target, record: BuildRecord | None = None):
+    """Relax pass (constants folded): layers whose constant weights are mostly zeros or take
+    few values -> the sparse / lookup kernels (see the module docstring)."""
     lanes = simd_floats(target)
     arch = "aarch64" if "aarch64" in str(target.attrs.get("mtriple", "")) else "x86_64"
     isa = K.isa_key(lanes, arch)
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgecSparse")
+    @tvm.transform.module_pass(opt_level=0, name="EdgecStructuredWeights")
     def _pass(mod, _ctx):
-        rw = SparseRewriter(mod, lanes, isa, record)
+        rw = StructuredRewriter(mod, lanes, isa, record)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
                 rw.scan(func)

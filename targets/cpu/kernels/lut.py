@@ -1,0 +1,171 @@
+"""Reuse-lookup matmul for weights that take few distinct values (float32, x86).
+
+A Gemm / MatMul weight ``W[O x K]`` (outputs x inputs) whose values are a codebook of
+``Kc <= 16`` values (``cluster``'s output: ``W[o, k] = c[idx[o, k]]``) is computed without a
+multiply per weight. Per batch row:
+
+1. the distinct products ``P[k, v] = c[v] * x[k]`` (``Kc * K`` multiplies: every product the
+   layer needs, each computed once);
+2. per group of ``g`` inputs (``Kc ** g <= 16``: ``g = 4, 2, 2, 1`` for 2, 3-4, ..., 16
+   values) a table of the 16 sums ``T[j, e] = sum_i P[j*g + i, digit_i(e)]`` (additions);
+3. each output adds one table entry per group: ``y[o] = sum_j T[j, e(o, j)]``, with
+   ``e(o, j)`` the ``g`` weight indices of the group as one 4-bit number. The 16-entry
+   table sits in one vector register and 16 outputs look their entries up at once with one
+   in-register permute -- ``vpermps`` zmm on AVX-512, two ``vpermps`` ymm and a blend on
+   AVX2 -- then add: ``g`` weights per lookup, no multiply.
+
+The indices are stored as nibbles, two groups per byte, in the order the kernel reads them
+(``[output tile, group pair, outputs of the tile]``): ``Kc <= 4`` takes 2 bits per weight
+in the library (``g = 2``), 1 bit with 2 values, against 32 (fp32) or 8 (int8). This is
+T-MAC's idea (EuroSys 2025: table lookups instead of multiplies for low-bit weights) with
+float tables and a codebook instead of bit planes, so any ``Kc <= 16`` values work, not
+only uniform levels. aarch64 (NEON ``tbl`` works on bytes) has no form yet: there the
+layer stays on the dense kernel and the report says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm.script import tirx as T
+
+from .sparse import KERNEL_ATTR, MACS_ATTR, _clamp
+
+MAX_VALUES = 16
+MAX_ROWS = 4        # batch rows: each row builds its own tables; past this the dense kernel
+MIN_OUTPUTS = 8     # fewer outputs: the products computed once are not fewer than dense
+VO = 4              # output vectors per task (independent accumulator chains)
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """``W[O x K]`` as ``values[idx]``; ``packed``: the kernel's nibble layout."""
+
+    values: np.ndarray   # float32 [16] (the Kc values, then zeros)
+    count: int           # Kc
+    group: int           # g: inputs per lookup
+    packed: np.ndarray   # uint8 [tiles, group pairs, lanes * VO]
+    rows: int            # O
+    inputs: int          # K
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.packed.nbytes
+
+
+def group_size(count: int) -> int:
+    """Inputs per lookup: the most ``g`` (at most 4) with ``count ** g <= 16``."""
+    g = 1
+    while g < 4 and max(count, 2) ** (g + 1) <= MAX_VALUES:
+        g += 1
+    return g
+
+
+def codebook(w2d: np.ndarray, lanes: int) -> Codebook | None:
+    """The codebook form of ``w2d`` (outputs x inputs), or None with more than 16 distinct
+    values."""
+    values, idx = np.unique(w2d, return_inverse=True)
+    if len(values) > MAX_VALUES or len(values) < 1:
+        return None
+    idx = idx.reshape(w2d.shape)
+    o, k = w2d.shape
+    kc = len(values)
+    g = group_size(kc)
+    groups = -(-k // g)
+    pairs = -(-groups // 2)
+    tile = lanes * VO
+    tiles = -(-o // tile)
+    code = np.zeros((2 * pairs, tiles * tile), np.int64)  # [group, output]
+    for i in range(g):
+        cols = np.arange(groups) * g + i
+        ok = cols < k
+        code[:groups][ok, :o] += idx[:, cols[ok]].T * kc ** i
+    packed = (code[0::2] | (code[1::2] << 4)).astype(np.uint8)          # [pairs, outputs]
+    packed = np.ascontiguousarray(packed.reshape(pairs, tiles, tile).transpose(1, 0, 2))
+    vals = np.zeros(MAX_VALUES, np.float32)
+    vals[:kc] = values
+    return Codebook(vals, kc, g, packed, o, k)
+
+
+def lut_func(x_shape, y_shape, cb: Codebook, lanes: int, lo: float | None = None,
+             hi: float | None = None):
+    """``y = clamp(x @ W^T + bias)`` for ``x`` (``x_shape``, seen as ``[rows, K]``) and the
+    codebook weight; arguments ``(x, values[16], packed, bias[tiles * lanes * VO], y)``."""
+    if lanes not in (8, 16):
+        raise ValueError("the lookup kernel needs AVX2 or AVX-512")
+    K, O, Kc, g = cb.inputs, cb.rows, cb.count, cb.group
+    R = int(np.prod(x_shape[:-1]))
+    NT, G2, W = cb.packed.shape
+    G = 2 * G2
+    L = lanes
+    x_shape, y_shape = tuple(int(d) for d in x_shape), tuple(int(d) for d in y_shape)
+    epi = _clamp(lo, hi)
+    f32 = "float32"
+
+    def entry(prod, r, j, e):
+        """``T[j, e]``: the sum of the group's products picked by ``e``'s digits."""
+        out = T.float32(0)
+        for i in range(g):
+            kk = j * g + i
+            val = prod[r, T.min(kk, K - 1), (e // (Kc ** i)) % Kc]
+            out = out + (val if (G * g) <= K else T.if_then_else(kk < K, val, T.float32(0)))
+        return out
+
+    if L == 16:
+        def lookup(table, r, j, w):
+            return T.call_llvm_pure_intrin(
+                "float32x16", "llvm.x86.avx512.permvar.sf.512",
+                table[r, j, T.ramp(0, 1, 16)], w)
+    else:
+        def lookup(table, r, j, w):
+            lo8 = T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps",
+                                          table[r, j, T.ramp(0, 1, 8)], w)
+            hi8 = T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps",
+                                          table[r, j, T.ramp(8, 1, 8)], w)
+            high = T.bitwise_and(w, T.Broadcast(T.int32(8), 8)) != T.Broadcast(T.int32(0), 8)
+            return T.Select(high, hi8, lo8)
+
+    vec = f"int32x{L}"
+
+    @T.prim_func(private=True)
+    def lut(x_: T.Buffer(x_shape, f32), values: T.Buffer((16,), f32),
+            idx: T.Buffer((NT, G2, W), "uint8"), bias: T.Buffer((NT * W,), f32),
+            y_: T.Buffer(y_shape, f32)):
+        T.func_attr({"tirx.noalias": True})
+        x = T.decl_buffer((R, K), f32, data=x_.data)
+        y = T.decl_buffer((R, O), f32, data=y_.data)
+        prod = T.alloc_buffer((R, K, Kc), f32)
+        table = T.alloc_buffer((R, G, 16), f32)
+        for r in range(R):
+            for k in T.parallel(K):
+                for v in T.unroll(Kc):
+                    prod[r, k, v] = values[v] * x[r, k]      # the distinct products
+            for j in T.parallel(G):
+                for e in T.unroll(16):
+                    table[r, j, e] = entry(prod, r, j, e)
+        for t in T.parallel(R * NT):
+            acc = T.alloc_buffer((VO, L), f32, scope="local")
+            r = t // NT
+            for v in T.unroll(VO):
+                for lane in T.vectorized(L):
+                    acc[v, lane] = bias[t % NT * W + v * L + lane]
+            for j2 in range(G2):
+                for v in T.unroll(VO):
+                    w = T.Cast(vec, idx[t % NT, j2, T.ramp(v * L, 1, L)])
+                    acc[v, T.ramp(0, 1, L)] = acc[v, T.ramp(0, 1, L)] + \
+                        lookup(table, r, 2 * j2, w) + \
+                        lookup(table, r, 2 * j2 + 1,
+                               T.shift_right(w, T.Broadcast(T.int32(4), L)))
+            for v in T.unroll(VO):
+                for lane in T.vectorized(L):
+                    if t % NT * W + v * L + lane < O:
+                        y[r, t % NT * W + v * L + lane] = epi(acc[v, lane])
+
+    return lut.with_attr(KERNEL_ATTR, f"lookup({Kc} values, {g} per lookup)").with_attr(
+        MACS_ATTR, int(R * Kc * K))
+
+
+def multiplies(rows: int, cb: Codebook) -> tuple[int, int]:
+    """``(multiplies of the dense layer, multiplies the lookup kernel executes)``."""
+    return rows * cb.rows * cb.inputs, rows * cb.count * cb.inputs

@@ -1,0 +1,129 @@
+"""The reuse-lookup kernel (targets/cpu/kernels/lut.py): Gemm / MatMul whose weights take at
+most 16 distinct values, against onnxruntime on the same model, AVX-512 and AVX2 by -mcpu."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from onnx import helper
+
+from conftest import compile_to, make_model
+from edgec.runtime import OrtSession, Session
+from edgec.targets.cpu.kernels import lut as LT
+
+SETTINGS = settings(max_examples=15, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+def _gemm(rng, rows, k, n, values, trans_b=1, relu=False, bias=True):
+    code = rng.standard_normal(values).astype(np.float32)
+    w = code[rng.integers(0, values, (n, k))]
+    inits = {"G": w if trans_b else np.ascontiguousarray(w.T)}
+    ins = ["x", "G"]
+    if bias:
+        inits["C"] = rng.standard_normal(n).astype(np.float32)
+        ins.append("C")
+    nodes = [helper.make_node("Gemm", ins, ["y"], transB=trans_b)]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["y"], ["z"]))
+    return make_model(nodes, [("x", [rows, k])], [("z" if relu else "y", [rows, n])], inits)
+
+
+def _check(m, out, x, **kw):
+    report = compile_to(m, out, **kw)
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    got = Session(out).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(ref).max()))
+    return report
+
+
+@SETTINGS
+@given(rows=st.integers(1, 4), k=st.integers(1, 70), n=st.integers(1, 90),
+       values=st.integers(1, 16), trans_b=st.integers(0, 1), relu=st.booleans(),
+       bias=st.booleans(), mcpu=st.sampled_from([None, "haswell"]))
+def test_lookup_matches_onnxruntime(tmp_path_factory, rows, k, n, values, trans_b, relu, bias,
+                                    mcpu):
+    rng = np.random.default_rng(rows * 131 + k * 7 + n)
+    m = _gemm(rng, rows, k, n, values, trans_b, relu, bias)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    report = _check(m, tmp_path_factory.mktemp("lut") / "art", x,
+                    target_options={"mcpu": mcpu} if mcpu else {})
+    (layer,) = report["kernels"]["structured"]
+    if n < max(LT.MIN_OUTPUTS, layer["distinct_values"] + 1):
+        assert layer["kernel"] == "dense" and "outputs" in layer["reason"], layer
+    else:
+        assert layer["kernel"] == "lookup", layer
+        assert layer["multiplies_executed"] < layer["multiplies_dense"]
+
+
+def test_multiplies_and_size(tmp_path):
+    """1024 x 1024 with 4 values: 4 * 1024 distinct products instead of 1024 * 1024
+    multiplies, 2 bits per weight in the library."""
+    rng = np.random.default_rng(0)
+    m = _gemm(rng, 1, 1024, 1024, 4)
+    report = _check(m, tmp_path / "art", rng.standard_normal((1, 1024)).astype(np.float32))
+    (layer,) = report["kernels"]["structured"]
+    assert layer["multiplies_dense"] == 1024 * 1024
+    assert layer["multiplies_executed"] == 4 * 1024
+    assert layer["weight_bytes"] <= layer["dense_bytes"] / 15
+    assert "lookup" in "".join(report["kernels"]["functions"].values())
+
+
+def test_matmul_3d_and_what_stays_dense(tmp_path):
+    rng = np.random.default_rng(1)
+    code = rng.standard_normal(3).astype(np.float32)
+    w = code[rng.integers(0, 3, (24, 10))]
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", [1, 3, 24])],
+                   [("y", [1, 3, 10])], {"W": w})
+    x = rng.standard_normal((1, 3, 24)).astype(np.float32)
+    (layer,) = _check(m, tmp_path / "a", x)["kernels"]["structured"]
+    assert layer["kernel"] == "lookup"
+    # more rows than the kernel pays for, 17 values, an aarch64 target: dense, with reasons
+    big = _gemm(rng, 8, 32, 16, 4)
+    (layer,) = _check(big, tmp_path / "b", rng.standard_normal((8, 32)).astype(np.float32)
+                      )["kernels"]["structured"]
+    assert layer["kernel"] == "dense" and "batch rows" in layer["reason"]
+    many = _gemm(rng, 1, 64, 16, 17)
+    rep = _check(many, tmp_path / "c", rng.standard_normal((1, 64)).astype(np.float32))
+    assert "structured" not in rep["kernels"]
+    arm = compile_to(_gemm(rng, 1, 32, 16, 4), tmp_path / "d", target="rpi4")
+    (layer,) = arm["kernels"]["structured"]
+    assert layer["kernel"] == "dense" and "ISA" in layer["reason"]
+
+
+def test_codebook_packing_roundtrip():
+    rng = np.random.default_rng(2)
+    for kc in (1, 2, 3, 4, 5, 16):
+        code = rng.standard_normal(kc).astype(np.float32)
+        w = code[rng.integers(0, kc, (37, 23))]
+        cb = LT.codebook(w, 16)
+        assert cb.count == len(np.unique(w)) and kc ** cb.group <= 16 or kc == 1
+        vals = np.sort(np.unique(w))
+        tiles, pairs, width = cb.packed.shape
+        codes = np.zeros((2 * pairs, tiles * width), np.int64)
+        flat = cb.packed.transpose(1, 0, 2).reshape(pairs, -1).astype(np.int64)
+        codes[0::2], codes[1::2] = flat & 15, flat >> 4
+        for o in range(37):
+            for k in range(23):
+                j, i = divmod(k, cb.group)
+                digit = (codes[j, o] // cb.count ** i) % cb.count
+                assert vals[digit] == w[o, k]
+    assert LT.codebook(rng.standard_normal((4, 5)).astype(np.float32), 16) is None or True
+    assert LT.codebook(np.arange(17, dtype=np.float32).reshape(1, 17), 16) is None
+
+
+@pytest.mark.parametrize("values", [2, 4])
+def test_lookup_with_relu6_and_zero_codeword(tmp_path, values):
+    """A codebook that holds 0 (weights both sparse and shared): the lookup kernel, exact."""
+    rng = np.random.default_rng(3)
+    code = np.concatenate([[0.0], rng.standard_normal(values - 1)]).astype(np.float32)
+    w = code[rng.integers(0, values, (40, 50))]
+    inits = {"G": w, "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    m = make_model([helper.make_node("Gemm", ["x", "G"], ["y"], transB=1),
+                    helper.make_node("Clip", ["y", "lo", "hi"], ["z"])],
+                   [("x", [2, 50])], [("z", [2, 40])], inits, opset=14)
+    rep = _check(m, tmp_path / "a", rng.standard_normal((2, 50)).astype(np.float32) * 3)
+    (layer,) = rep["kernels"]["structured"]
+    assert layer["kernel"] == "lookup"
