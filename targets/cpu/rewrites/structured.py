@@ -74,6 +74,17 @@ def _distinct(w: np.ndarray) -> int:
     return min(len(np.unique(w)), LT.MAX_VALUES + 1)
 
 
+def _positions(kind: str, call) -> int:
+    """Where each weight is applied: batch rows of a matmul, images x output pixels of a
+    convolution (0 when a shape is not static)."""
+    xs, ys = static_shape(call.args[0]), static_shape(call)
+    if xs is None or ys is None:
+        return 0
+    if kind == "matmul":
+        return int(np.prod(xs[:-1]))
+    return int(ys[0]) * int(np.prod(ys[2:]))
+
+
 def lookup_enabled() -> bool:
     return os.environ.get("EDGEC_LOOKUP", "").strip().lower() not in ("0", "off", "no")
 
@@ -98,33 +109,38 @@ class StructuredRewriter(relax.PyExprMutator):
     # ---------------------------------------------------------------------- which layers
     def _candidate(self, call):
         """``(kind, w2d-ready weight, shape class, reason-if-dense)`` of a float conv2d /
-        matmul with a constant weight that has zeros, else None."""
+        matmul with a constant weight that has zeros or few distinct values, else None."""
         if not isinstance(call, relax.Call) or call.op not in (CONV, MATMUL):
             return None
         w = const_value(call.args[1])
         if w is None or w.dtype != np.float32 or w.size == 0:
             return None
-        if np.count_nonzero(w) == w.size and not (call.op == MATMUL and _few_values(w)):
+        if np.count_nonzero(w) == w.size and not _few_values(w):
             return None
+        op = "matmul" if call.op == MATMUL else "conv2d"
         x = call.args[0]
         xs, ys = static_shape(x), static_shape(call)
         if xs is None or ys is None or str(x.ty.dtype) != "float32" or \
                 str(call.ty.dtype) != "float32":
-            return "dense", w, None, "dynamic shape or not float32"
+            return op, w, None, "dynamic shape or not float32"
         if call.op == MATMUL:
             if w.ndim != 2 or len(xs) < 1 or xs[-1] != w.shape[0]:
-                return "dense", w, "gemm", "batched or broadcast weight"
+                return op, w, "gemm", "batched or broadcast weight"
             return "matmul", w, "gemm", None
         a = call.attrs
         if (a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
                 or int(a.groups) != 1):
-            return "dense", w, None, "grouped or not NCHW/OIHW (sparse kernels: groups = 1)"
+            return op, w, None, "grouped or not NCHW/OIHW (sparse kernels: groups = 1)"
         kh, kw = w.shape[2:]
         strides, pads = ints(a.strides), ints(a.padding)
+        if np.count_nonzero(w) == w.size:  # few values, no zeros
+            return op, w, "conv1x1" if (kh, kw) == (1, 1) else "convkxk", \
+                ("few distinct values: the lookup kernel is for Gemm/MatMul (one input row "
+                 "feeds every output); a convolution's products differ per pixel")
         if (kh, kw) == (1, 1) and not any(pads):
             return "conv2d", w, "conv1x1", None
         if strides != [1, 1]:
-            return "dense", w, "convkxk", \
+            return op, w, "convkxk", \
                 f"stride {strides} (the sparse direct convolution is stride 1 only)"
         return "conv2d", w, "convkxk", None
 
@@ -148,7 +164,7 @@ class StructuredRewriter(relax.PyExprMutator):
                 kind, w, shape_class, why = cand
                 w2d = self._w2d(kind, w)
                 if why is not None:
-                    self._note(kind, w, shape_class or "-", "dense", why)
+                    self._note(kind, w, shape_class or "-", "dense", why, call=b.value)
                     continue
                 plan = self._lookup_plan(b.value, kind, w, w2d) or \
                     self._sparse_plan(b.value, kind, w, shape_class, w2d)
@@ -176,7 +192,7 @@ class StructuredRewriter(relax.PyExprMutator):
                    f"at most {LT.MAX_ROWS}")
         if why is not None:
             if np.count_nonzero(w) == w.size:  # (zeros: the sparse choice notes it)
-                self._note(kind, w, "gemm", "dense", why)
+                self._note(kind, w, "gemm", "dense", why, call=call)
                 return None
             return None
         cb = LT.codebook(w2d, self.lanes)
@@ -190,7 +206,7 @@ class StructuredRewriter(relax.PyExprMutator):
             return None
         choice = K.choose(w2d, shape_class, self.isa, force())
         if not choice.sparse:
-            self._note(kind, w, shape_class, "dense", choice.reason, choice.block)
+            self._note(kind, w, shape_class, "dense", choice.reason, choice.block, call=call)
             return None
         plan = _Plan(call, kind, w, shape_class)
         plan.choice, plan.w2d = choice, w2d
@@ -225,10 +241,11 @@ class StructuredRewriter(relax.PyExprMutator):
             plan.end, var = uval, uvar
 
     def _note(self, kind, w, shape_class, kernel, reason, block=1, nbytes=0,
-              multiplies=None):
+              multiplies=None, call=None):
         if self.record is None:
             return
-        dense_mult = multiplies[0] if multiplies else 0
+        dense_mult = multiplies[0] if multiplies else \
+            (int(w.size) * _positions(kind, call) if call is not None else 0)
         self.record.structured.append(StructuredLayer(
             kind, tuple(int(d) for d in w.shape), shape_class,
             float(np.count_nonzero(w) / w.size), block, kernel, reason, nbytes or w.nbytes,
@@ -321,11 +338,7 @@ class StructuredRewriter(relax.PyExprMutator):
 
     def _record(self, plan, comp):
         c = plan.choice
-        xs = static_shape(plan.anchor.args[0])
-        if plan.kind == "matmul":
-            positions = int(np.prod(xs[:-1]))
-        else:
-            positions = int(xs[0]) * int(np.prod(static_shape(plan.anchor)[2:]))
+        positions = _positions(plan.kind, plan.anchor)
         dense = int(plan.w.size) * positions
         self._note(plan.kind, plan.w, plan.shape_class, "sparse", c.reason, c.block,
                    comp.nbytes, (dense, comp.nnz * positions))
