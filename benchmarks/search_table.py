@@ -120,5 +120,15 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _results import main_recorded
 
-    sys.exit(main_recorded("search_table", "--max-drop search on the trained Fashion-MNIST CNN",
-                           main))
+    from _results import arg_value
+
+    def _name(argv):  # one section per pass list (the default list: "search_table")
+        p = arg_value(argv, "--passes")
+        return "search_table" if p in (None, "prune,lowrank,quantize") else \
+            "search_table_" + p.replace(",", "_")
+
+    def _title(argv):
+        return ("--max-drop search on the trained Fashion-MNIST CNN ("
+                + (arg_value(argv, "--passes") or "prune,lowrank,quantize") + ")")
+
+    sys.exit(main_recorded(_name, _title, main))
