@@ -184,9 +184,6 @@ class StructuredRewriter(relax.PyExprMutator):
             why = "lookup kernel turned off (EDGEC_LOOKUP=0)"
         elif self.lanes not in (8, 16) or self.isa == "neon":
             why = "no lookup kernel for this ISA yet (x86 AVX2 / AVX-512 only)"
-        elif w.shape[1] < max(LT.MIN_OUTPUTS, _distinct(w) + 1):
-            why = (f"{w.shape[1]} outputs: the lookup kernel pays from {LT.MIN_OUTPUTS} "
-                   "outputs and more outputs than distinct values")
         elif rows > LT.MAX_ROWS:
             why = (f"{rows} batch rows: the lookup kernel builds tables per row and pays "
                    f"at most {LT.MAX_ROWS}")
@@ -196,6 +193,14 @@ class StructuredRewriter(relax.PyExprMutator):
                 return None
             return None
         cb = LT.codebook(w2d, self.lanes)
+        dense, executed = LT.multiplies(rows, cb)
+        if executed * LT.MIN_SAVING > dense:
+            if np.count_nonzero(w) == w.size:
+                self._note(kind, w, "gemm", "dense",
+                           f"{w.shape[1]} outputs: the lookup tables' {executed} multiplies "
+                           f"are not {LT.MIN_SAVING}x fewer than the dense layer's {dense}",
+                           call=call)
+            return None
         plan = _Plan(call, "lookup", w, "gemm")
         plan.w2d, plan.codebook = w2d, cb
         return plan
@@ -280,7 +285,7 @@ class StructuredRewriter(relax.PyExprMutator):
             gv = self.builder_.add_func(
                 func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8),
                 "lookup_matmul")
-            return relax.call_tir(gv, relax.Tuple([x, relax.const(cb.values),
+            return relax.call_tir(gv, relax.Tuple([x, relax.const(cb.coef),
                                                    relax.const(cb.packed),
                                                    relax.const(bias)]),
                                   relax.TensorType([int(d) for d in ys], "float32"))
