@@ -18,80 +18,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgec.core.graph import all_names, attr, set_provenance, unique_name, value_shapes
+from edgec.core.graph import all_names, set_provenance, unique_name
 
-from ._lowrank_layer import Layer, _explicit_pads
-from .sparse import _constant, _Target
-from ._toolkit import producers
+from ._weight_layers import WeightLayer, select  # noqa: F401 - (select: the passes' entry)
 
 
-def candidate(node, m, inits, prod, shapes, config, pass_name: str,
-              ops=("Conv", "Gemm", "MatMul")) -> tuple[_Target | None, str | None]:
-    """The layer view of ``node`` (weight matrix ``[out, in]``, float64), or why it is left
-    alone (None, None: not a candidate at all). ``config`` has include/exclude/min_weights."""
-    if node.op_type not in ops:
-        return None, None
-    if config.include and node.name not in config.include:
-        return None, f"not in {pass_name}.include"
-    if node.name in config.exclude:
-        return None, f"in {pass_name}.exclude"
-    if len(node.input) < 2:
-        return None, "no weight input"
-    W = _constant(m, node.input[1], inits, prod)
-    if W is None:
-        return None, "weight is not a constant"
-    if not np.issubdtype(W.dtype, np.floating):
-        return None, f"weight is {W.dtype}, not floating point"
-    if not np.all(np.isfinite(W)):
-        return None, "weight holds NaN or infinity"
-    if W.size < config.min_weights:
-        return None, f"{W.size} weights < {pass_name}.min_weights={config.min_weights}"
-    xs, ys = shapes.get(node.input[0]), shapes.get(node.output[0])
-    if node.op_type == "Conv":
-        if attr(node, "group", 1) != 1:
-            return None, f"grouped/depthwise conv (group={attr(node, 'group', 1)})"
-        if W.ndim != 4:
-            return None, f"{W.ndim - 2}-D conv: only 2-D convs are handled"
-        if not xs or not ys or len(xs) != 4 or any(not d for d in xs[1:]) or \
-                any(not d for d in ys[1:]):
-            return None, "input/output shapes are not known"
-        L = Layer(node, "conv", W, W.dtype, xs, ys, tuple(attr(node, "strides", [1, 1])),
-                  tuple(attr(node, "dilations", [1, 1])), _explicit_pads(node, xs, W))
-        return _Target(L, W.reshape(W.shape[0], -1).astype(np.float64), W), None
-    if _constant(m, node.input[0], inits, prod) is not None:
-        return None, "first operand is a constant too"
-    if W.ndim != 2:
-        return None, f"weight has rank {W.ndim}: only 2-D weights are handled"
-    if node.op_type == "Gemm":
-        Wm = W if attr(node, "transB", 0) else W.T
-        L = Layer(node, "gemm", Wm, W.dtype, xs or (), ys or (),
-                  trans_a=int(attr(node, "transA", 0)))
-        return _Target(L, Wm.astype(np.float64), W, float(attr(node, "alpha", 1.0))), None
-    L = Layer(node, "matmul", W.T, W.dtype, xs or (), ys or ())
-    return _Target(L, W.T.astype(np.float64), W), None
-
-
-def select(m, config, report, pass_name: str, ops=("Conv", "Gemm", "MatMul")
-           ) -> list[_Target]:
-    from edgec.core.importer import infer_shapes
-
-    inits = {t.name: t for t in m.graph.initializer}
-    prod = producers(m)
-    try:
-        shapes = value_shapes(infer_shapes(m))
-    except Exception:  # noqa: BLE001 - shapes unknown: convs are skipped with the reason
-        shapes = value_shapes(m)
-    out = []
-    for node in m.graph.node:
-        t, why = candidate(node, m, inits, prod, shapes, config, pass_name, ops)
-        if why:
-            report.skip(node, why)
-        elif t is not None:
-            out.append(t)
-    return out
-
-
-def out_pixels(t: _Target) -> int:
+def out_pixels(t: WeightLayer) -> int:
     """Output positions per image that each apply the whole weight."""
     L = t.L
     if L.kind == "conv":
@@ -101,7 +33,7 @@ def out_pixels(t: _Target) -> int:
     return 1
 
 
-def multiplies_dense(t: _Target) -> int:
+def multiplies_dense(t: WeightLayer) -> int:
     return int(out_pixels(t) * t.Wm.size)
 
 
@@ -115,7 +47,7 @@ def _touched(n_in: int, n_out: int, k: int, stride: int, dil: int, pad: int) -> 
     return out
 
 
-def distinct_products(t: _Target, Wm: np.ndarray, rows: np.ndarray | None = None) -> int:
+def distinct_products(t: WeightLayer, Wm: np.ndarray, rows: np.ndarray | None = None) -> int:
     """Distinct (nonzero weight value, input element) pairs per image of the layer with the
     weight matrix ``Wm`` (only its output rows ``rows`` when given); see the module doc."""
     W = Wm if rows is None else Wm[rows]

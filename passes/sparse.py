@@ -47,13 +47,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgec.core.graph import all_names, attr, set_provenance, unique_name, value_shapes
+from edgec.core.graph import all_names, attr, set_provenance, unique_name
 
 from . import PassContext, PassReport, Tolerance, copy_model, register_pass
-from ._lowrank_layer import Layer, _explicit_pads, calibrate
+from ._lowrank_layer import calibrate
 from ._sparse_obs import (allocate, curve, inverse_factor, keep_count, magnitude, obs,
                           output_error, refit, weight_error)
 from ._toolkit import bias_vector, producers
+from ._weight_layers import WeightLayer, constant, select
 from ._toolkit import output_error as rows_error
 
 PASS = "sparse"
@@ -126,119 +127,16 @@ class SparseConfig:
         return self.block if self.pattern == "block" else None
 
 
-@dataclass
-class _Target:
-    """One layer to sparsify: the lowrank layer view (for row sampling) and how its weight
-    is stored."""
-
-    L: Layer
-    Wm: np.ndarray        # [out, in] float64
-    stored: np.ndarray    # the weight as stored (dtype, layout)
-    alpha: float = 1.0
-
-    @property
-    def name(self) -> str:
-        return self.L.node.name
-
-    def to_stored(self, Wm: np.ndarray) -> np.ndarray:
-        if self.L.kind == "conv":
-            out = Wm.reshape(self.stored.shape)
-        elif self.L.kind == "gemm" and attr(self.L.node, "transB", 0):
-            out = Wm
-        else:
-            out = Wm.T
-        return np.ascontiguousarray(out).astype(self.stored.dtype)
-
-
-def _constant(m: onnx.ModelProto, name: str, inits: dict, prod: dict) -> np.ndarray | None:
-    """The value of tensor ``name`` if it is a constant: an initializer (also one listed as a
-    graph input) or a ``Constant`` node's ``value``."""
-    if name in inits:
-        return numpy_helper.to_array(inits[name])
-    p = prod.get(name)
-    if p is not None and p.op_type == "Constant":
-        for a in p.attribute:
-            if a.name == "value":
-                return numpy_helper.to_array(a.t)
-    return None
-
-
-def _candidate(node, m, inits, prod, shapes, config: SparseConfig
-               ) -> tuple[_Target | None, str | None]:
-    """The layer view of ``node``, or the reason it is left dense (None, None: not a
-    candidate at all)."""
-    if node.op_type not in ("Conv", "Gemm", "MatMul"):
-        return None, None
-    if config.include and node.name not in config.include:
-        return None, "not in sparse.include"
-    if node.name in config.exclude:
-        return None, "in sparse.exclude"
-    if node.op_type == "Conv" and not config.conv:
-        return None, "convs disabled (sparse.conv=false)"
-    if node.op_type != "Conv" and not config.gemm:
-        return None, "Gemm/MatMul disabled (sparse.gemm=false)"
-    if len(node.input) < 2:
-        return None, "no weight input"
-    W = _constant(m, node.input[1], inits, prod)
-    if W is None:
-        return None, "weight is not a constant"
-    if not np.issubdtype(W.dtype, np.floating):
-        return None, f"weight is {W.dtype}, not floating point"
-    if not np.all(np.isfinite(W)):
-        return None, "weight holds NaN or infinity"
-    if W.size < config.min_weights:
-        return None, f"{W.size} weights < sparse.min_weights={config.min_weights}"
-    xs, ys = shapes.get(node.input[0]), shapes.get(node.output[0])
-    if node.op_type == "Conv":
-        if attr(node, "group", 1) != 1:
-            return None, f"grouped/depthwise conv (group={attr(node, 'group', 1)})"
-        if W.ndim != 4:
-            return None, f"{W.ndim - 2}-D conv: only 2-D convs are sparsified"
-        if not xs or not ys or len(xs) != 4 or any(not d for d in xs[1:]) or \
-                any(not d for d in ys[1:]):
-            return None, "input/output shapes are not known"
-        L = Layer(node, "conv", W, W.dtype, xs, ys, tuple(attr(node, "strides", [1, 1])),
-                  tuple(attr(node, "dilations", [1, 1])), _explicit_pads(node, xs, W))
-        return _Target(L, W.reshape(W.shape[0], -1).astype(np.float64), W), None
-    if _constant(m, node.input[0], inits, prod) is not None:
-        return None, "first operand is a constant too"
-    if W.ndim != 2:
-        return None, f"weight has rank {W.ndim}: only 2-D weights are sparsified"
-    if node.op_type == "Gemm":
-        Wm = W if attr(node, "transB", 0) else W.T
-        L = Layer(node, "gemm", Wm, W.dtype, xs or (), ys or (),
-                  trans_a=int(attr(node, "transA", 0)))
-        return _Target(L, Wm.astype(np.float64), W, float(attr(node, "alpha", 1.0))), None
-    L = Layer(node, "matmul", W.T, W.dtype, xs or (), ys or ())
-    return _Target(L, W.T.astype(np.float64), W), None
-
-
-def _select(m, config: SparseConfig, report: PassReport) -> list[_Target]:
-    from edgec.core.importer import infer_shapes
-
-    inits = {t.name: t for t in m.graph.initializer}
-    prod = producers(m)
-    try:
-        shapes = value_shapes(infer_shapes(m))
-    except Exception:  # noqa: BLE001 - shapes unknown: convs are skipped with the reason
-        shapes = value_shapes(m)
-    out = []
-    for node in m.graph.node:
-        t, why = _candidate(node, m, inits, prod, shapes, config)
-        if why:
-            report.skip(node, why)
-        elif t is not None:
-            out.append(t)
-    return out
-
-
 # ----------------------------------------------------------------------------- the pass
 
 @register_pass(PASS, SparseConfig, tolerance=Tolerance(rtol=0.0, atol=0.0, min_cosine=0.9))
 def sparse(model: onnx.ModelProto, config: SparseConfig, ctx: PassContext):
     m = copy_model(model)
     report = PassReport(PASS)
-    targets = _select(m, config, report)
+    disabled = {**({} if config.conv else {"Conv": "convs disabled (sparse.conv=false)"}),
+                **({} if config.gemm else {op: "Gemm/MatMul disabled (sparse.gemm=false)"
+                                           for op in ("Gemm", "MatMul")})}
+    targets = select(m, config, report, PASS, disabled=disabled)
     data = bool(ctx.calib) and config.data_aware and bool(targets)
     method = "obs" if data else "magnitude"
     H0, rows0, rw = {}, {}, {}
@@ -291,7 +189,7 @@ def sparse(model: onnx.ModelProto, config: SparseConfig, ctx: PassContext):
     return w.finish(), report
 
 
-def _rows(m, items: list[tuple[int, _Target]], ctx, config) -> dict[str, np.ndarray]:
+def _rows(m, items: list[tuple[int, WeightLayer]], ctx, config) -> dict[str, np.ndarray]:
     """Input rows [n, in] per layer; the positions depend on (seed, layer index, batch)
     only, so a capture from the sparsified model samples the same ones."""
     got = calibrate(m, [(i, t.L) for i, t in items], ctx.calib, config, ctx.seed)
@@ -350,7 +248,7 @@ def _grid():
     return np.array(GRID)
 
 
-def _obs_layer(m, t: _Target, i: int, d: float, rows0, H0, rw, changed: set, ctx, config,
+def _obs_layer(m, t: WeightLayer, i: int, d: float, rows0, H0, rw, changed: set, ctx, config,
                row):
     """(sparse weight matrix, bias shift or None) of one layer by OBS on the inputs the
     already sparsified layers produce; errors into ``row``."""
@@ -406,7 +304,7 @@ def _conv_gemm_density(m) -> float:
     nz = tot = 0
     for node in m.graph.node:
         if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
-            W = _constant(m, node.input[1], inits, prod)
+            W = constant(m, node.input[1], inits, prod)
             if W is not None and np.issubdtype(W.dtype, np.floating):
                 nz += int(np.count_nonzero(W))
                 tot += int(W.size)
@@ -430,7 +328,7 @@ class _Writer:
         self.m.graph.initializer.append(numpy_helper.from_array(arr, name))
         return name
 
-    def set_weight(self, t: _Target, Wp: np.ndarray, bias_shift, density: float) -> None:
+    def set_weight(self, t: WeightLayer, Wp: np.ndarray, bias_shift, density: float) -> None:
         node = self._node(t.name)
         self.old.add(node.input[1])
         node.input[1] = self._init(f"{node.input[1]}_sparse", t.to_stored(Wp))
