@@ -20,6 +20,7 @@ from onnx import numpy_helper
 
 from edgec.core.graph import all_names, set_provenance, unique_name
 
+from ._toolkit import drop_replaced
 from ._weight_layers import WeightLayer, select  # noqa: F401 - (select: the passes' entry)
 
 
@@ -108,19 +109,4 @@ class Writer:
         set_provenance(node, self.pass_name, node.name, changed=changed, **prov)
 
     def finish(self) -> onnx.ModelProto:
-        m = self.m
-        used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-        gone = self.old - used
-        keep = [x for x in m.graph.initializer if x.name not in gone]
-        del m.graph.initializer[:]
-        m.graph.initializer.extend(keep)
-        keep_in = [x for x in m.graph.input if x.name not in gone]
-        if len(keep_in) != len(m.graph.input):
-            del m.graph.input[:]
-            m.graph.input.extend(keep_in)
-        nodes = [n for n in m.graph.node
-                 if not (n.op_type == "Constant" and n.output[0] in gone)]
-        if len(nodes) != len(m.graph.node):
-            del m.graph.node[:]
-            m.graph.node.extend(nodes)
-        return m
+        return drop_replaced(self.m, self.old)

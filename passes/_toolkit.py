@@ -41,6 +41,23 @@ def drop_unused_initializers(m: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def drop_replaced(m: onnx.ModelProto, old: set[str]) -> onnx.ModelProto:
+    """Remove the tensors of ``old`` (weights a pass replaced) that nothing reads any more:
+    initializers, their graph-input entries and the Constant nodes producing them (in
+    place); returns ``m``."""
+    used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    gone = old - used
+    set_initializers(m, [x for x in m.graph.initializer if x.name not in gone])
+    keep_in = [x for x in m.graph.input if x.name not in gone]
+    if len(keep_in) != len(m.graph.input):
+        del m.graph.input[:]
+        m.graph.input.extend(keep_in)
+    nodes = [n for n in m.graph.node if not (n.op_type == "Constant" and n.output[0] in gone)]
+    if len(nodes) != len(m.graph.node):
+        set_nodes(m, nodes)
+    return m
+
+
 def splice(m: onnx.ModelProto, new_nodes: dict[str, list[onnx.NodeProto]],
            new_inits: Iterable[onnx.TensorProto] = ()) -> None:
     """Put ``new_nodes[name]`` where the node ``name`` stands (in place), append

@@ -53,7 +53,7 @@ from . import PassContext, PassReport, Tolerance, copy_model, register_pass
 from ._lowrank_layer import calibrate
 from ._sparse_obs import (allocate, curve, inverse_factor, keep_count, magnitude, obs,
                           output_error, refit, weight_error)
-from ._toolkit import bias_vector, producers
+from ._toolkit import bias_vector, drop_replaced, producers
 from ._weight_layers import WeightLayer, constant, select
 from ._toolkit import output_error as rows_error
 
@@ -368,22 +368,7 @@ class _Writer:
     def finish(self) -> onnx.ModelProto:
         """Drop the replaced weights no node reads any more (with their graph-input entry,
         and Constant nodes that produced them)."""
-        m = self.m
-        used = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
-        gone = self.old - used
-        keep = [x for x in m.graph.initializer if x.name not in gone]
-        del m.graph.initializer[:]
-        m.graph.initializer.extend(keep)
-        keep_in = [x for x in m.graph.input if x.name not in gone]
-        if len(keep_in) != len(m.graph.input):
-            del m.graph.input[:]
-            m.graph.input.extend(keep_in)
-        nodes = [n for n in m.graph.node
-                 if not (n.op_type == "Constant" and n.output[0] in gone)]
-        if len(nodes) != len(m.graph.node):
-            del m.graph.node[:]
-            m.graph.node.extend(nodes)
-        return m
+        return drop_replaced(self.m, self.old)
 
 
 __all__ = ["SparseConfig", "sparse", "keep_count"]
