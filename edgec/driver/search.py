@@ -118,20 +118,25 @@ def _z(confidence: float) -> float:
 
 
 def effective_macs(model: onnx.ModelProto) -> int:
-    """Conv/Gemm/MatMul MACs counting only nonzero constant weights."""
+    """Conv/Gemm/MatMul MACs counting only nonzero constant weights (float, or integer behind
+    a DequantizeLinear)."""
     from edgec.core.graph import value_shapes
     from edgec.core.stats import node_macs
 
     shapes = value_shapes(model)
     inits = {t.name: t for t in model.graph.initializer}
+    # a quantized weight reaches its layer through DequantizeLinear: count its integer zeros
+    # (zero points are 0 for int8 weights, so a zero weight stays an exact zero)
+    dq = {n.output[0]: n.input[0] for n in model.graph.node
+          if n.op_type == "DequantizeLinear" and n.input[0] in inits}
     total = 0
     for node in model.graph.node:
         m = node_macs(node, shapes)
         if not m:
             continue
         w = node.input[1] if len(node.input) > 1 else ""
-        if node.op_type in ("Conv", "Gemm", "MatMul") and w in inits and \
-                inits[w].data_type == onnx.TensorProto.FLOAT:
+        w = dq.get(w, w)
+        if node.op_type in ("Conv", "Gemm", "MatMul") and w in inits:
             a = numpy_helper.to_array(inits[w])
             if a.size:
                 m = m * np.count_nonzero(a) / a.size
