@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from tvm.script import tirx as T
 
-from .sparse import KERNEL_ATTR, MACS_ATTR, _clamp
+from .sparse import KERNEL_ATTR, MACS_ATTR, clamp_epilogue
 
 MAX_VALUES = 16
 MAX_ROWS = 4        # batch rows: each row builds its own tables; past this the dense kernel
@@ -104,7 +104,7 @@ def lut_func(x_shape, y_shape, cb: Codebook, lanes: int, lo: float | None = None
     G = 2 * G2
     L = lanes
     x_shape, y_shape = tuple(int(d) for d in x_shape), tuple(int(d) for d in y_shape)
-    epi = _clamp(lo, hi)
+    epi = clamp_epilogue(lo, hi)
     f32 = "float32"
 
     def column(coef, x, r, j, i):

@@ -219,7 +219,7 @@ def _hsum(acc, n: int):
     return terms[0]
 
 
-def _clamp(lo, hi):
+def clamp_epilogue(lo, hi):
     """The epilogue on a float32 value: ``min(max(v, lo), hi)`` keeping NaN (the comparisons
     with NaN are false), as :mod:`..rewrites.nan_clamp`."""
     def f(v):
@@ -252,7 +252,7 @@ def spmm_func(x_shape, y_shape, c: Compressed, positions: int, lanes: int, chann
     CH = _chunks(n * NT, NB)
     CB = -(-NB // CH)
     CH = -(-NB // CB)
-    epi = _clamp(lo, hi)
+    epi = clamp_epilogue(lo, hi)
     f32, i32 = "float32", "int32"
 
     # the last tile of a row is shifted left to end at P (it overlaps the one before and
@@ -308,7 +308,7 @@ def spmv_func(x_shape, y_shape, c: Compressed, lo: float | None = None,
     CB = -(-NB // CH)
     CH = -(-NB // CB)
     G = GATHER
-    epi = _clamp(lo, hi)
+    epi = clamp_epilogue(lo, hi)
     f32, i32 = "float32", "int32"
 
     if B > 1:
