@@ -152,9 +152,9 @@ def fashion_table(mcpu, tmp: Path) -> None:
         gshare = (sum(x["multiplies_executed"] for x in gem) /
                   max(1, sum(x["multiplies_dense"] for x in gem)))
         kinds = sorted({x["kernel"] for x in layers})
-        print(f"| {bits or 'dense'} | {100 * hits / len(xt):.1f} % | "
-              f"{100 * gshare:.2f} % | {100 * done / max(dense, 1):.1f} % | "
-              f"{', '.join(kinds) or '-'} |")
+        share = (lambda v: f"{100 * v:.2f} %") if layers else (lambda v: "- (dense)")
+        print(f"| {bits or 'dense'} | {100 * hits / len(xt):.1f} % | {share(gshare)} | "
+              f"{share(done / max(dense, 1))} | {', '.join(kinds) or '-'} |")
     print()
 
 

@@ -92,7 +92,8 @@ def magnitude(w: np.ndarray, density: float, block: int) -> np.ndarray:
     return (flat * mask).reshape(w.shape).astype(np.float32)
 
 
-def _compile(model, out: Path, mode: str, mcpu: str | None, passes=None, settings=None):
+def _compile(model, out: Path, mode: str, mcpu: str | None, passes=None, settings=None,
+             shapes=None):
     """Compile for x86 (``mcpu``: the host's CPU when None) with ``EDGEC_SPARSE=mode``
     (``""``: the break-even decides); ``settings``: ``--set`` pairs."""
     from edgec.driver.compiler import CompileOptions, compile_model
@@ -106,7 +107,7 @@ def _compile(model, out: Path, mode: str, mcpu: str | None, passes=None, setting
         return compile_model(src, out, CompileOptions(
             target="x86", target_options={"mcpu": mcpu} if mcpu else {},
             passes=passes or [], sets=[f"{k}={v}" for k, v in (settings or {}).items()],
-            progress=False))
+            input_shapes=shapes or {}, progress=False))
     finally:
         os.environ.pop("EDGEC_SPARSE", None)
 
@@ -283,7 +284,7 @@ def fashion_sizes(mcpu, tmp: Path) -> None:
         art = tmp / f"fashion_{d}"
         settings = {"sparse.density": str(d), "sparse.min_weights": "0"} if d < 1 else {}
         _compile(onnx.load(src), art, "", mcpu, passes=["sparse"] if d < 1 else [],
-                 settings=settings)
+                 settings=settings, shapes={"input": (1, 1, 28, 28)})
         sizes[d] = (art / "model.so").stat().st_size
     print(f"model.so: dense {sizes[1.0] / 1e3:.0f} kB, density 0.1 {sizes[0.1] / 1e3:.0f} kB "
           f"({sizes[0.1] / sizes[1.0]:.2f}x)\n")
