@@ -145,7 +145,8 @@ class StructuredRewriter(relax.PyExprMutator):
         return "conv2d", w, "convkxk", None
 
     def scan(self, func):
-        """Plan every layer that takes a sparse kernel, with its epilogue chain."""
+        """Plan every layer that takes the lookup or a sparse kernel, with its epilogue
+        chain; note the others that have zeros or few values, with the reason."""
         self.plans = []
         counts = use_counts(func)
         users: dict = {}
@@ -188,9 +189,8 @@ class StructuredRewriter(relax.PyExprMutator):
             why = (f"{rows} batch rows: the lookup kernel builds tables per row and pays "
                    f"at most {LT.MAX_ROWS}")
         if why is not None:
-            if np.count_nonzero(w) == w.size:  # (zeros: the sparse choice notes it)
+            if np.count_nonzero(w) == w.size:  # (with zeros the sparse choice notes it)
                 self._note(kind, w, "gemm", "dense", why, call=call)
-                return None
             return None
         cb = LT.codebook(w2d, self.lanes)
         dense, executed = LT.multiplies(rows, cb)
