@@ -31,17 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from _fashion import accuracy, setup  # noqa: E402 - (benchmarks/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def accuracy(model, x, y, batch=500) -> float:
-    from edgec.runtime import OrtSession
-
-    s = OrtSession(model)
-    hits = 0
-    for i in range(0, len(x), batch):
-        hits += int((s.run(None, {"input": x[i:i + batch]})[0].argmax(1) == y[i:i + batch]).sum())
-    return hits / len(x)
 
 
 def first_conv(model) -> tuple[np.ndarray, np.ndarray]:
@@ -87,15 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     a = p.parse_args(argv)
 
-    from edgec.core.importer import load_model, normalize
-    from edgec.driver.pipeline import NORMALIZE, Pipeline
-    from edgec.models import fashion_mnist
+    from edgec.driver.pipeline import Pipeline
 
-    xt, yt = fashion_mnist.load("test")
-    xc, _ = fashion_mnist.load("train", a.calib)
-    model, _ = normalize(load_model(ROOT / "models" / "fashion_mnist_cnn.onnx"),
-                         {"input": (500, 1, 28, 28)})
-    model = Pipeline(NORMALIZE).run(model).model
+    model, xt, yt, xc = setup(a.calib)
     base = accuracy(model, xt, yt)
     imgs = xt[:100]
     W0, _ = first_conv(model)

@@ -24,31 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from _fashion import accuracy, setup  # noqa: E402 - (benchmarks/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = {"model_mac_ratio": "0.4"}
 
 
-def accuracy(model, x, y, batch=500) -> float:
-    from edgec.runtime import OrtSession
-
-    s = OrtSession(model)
-    hits = 0
-    for i in range(0, len(x), batch):
-        hits += int((s.run(None, {"input": x[i:i + batch]})[0].argmax(1) == y[i:i + batch]).sum())
-    return hits / len(x)
-
-
 def fashion_table(n_calib: int) -> tuple[list[dict], dict]:
-    from edgec.core.importer import load_model, normalize
-    from edgec.models import fashion_mnist
-    from edgec.driver.pipeline import NORMALIZE, Pipeline
+    from edgec.driver.pipeline import Pipeline
 
-    xt, yt = fashion_mnist.load("test")
-    xc, _ = fashion_mnist.load("train", n_calib)
-    model, _ = normalize(load_model(ROOT / "models" / "fashion_mnist_cnn.onnx"),
-                         {"input": (500, 1, 28, 28)})
-    model = Pipeline(NORMALIZE).run(model).model
+    model, xt, yt, xc = setup(n_calib)
     base_acc = accuracy(model, xt, yt)
     from edgec.core.stats import model_stats
 

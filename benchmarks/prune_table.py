@@ -23,18 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _fashion import accuracy, setup  # noqa: E402 - (benchmarks/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = {"alpha": "0.995"}
-
-
-def accuracy(model, x, y, batch=500) -> float:
-    from edgec.runtime import OrtSession
-
-    s = OrtSession(model)
-    hits = 0
-    for i in range(0, len(x), batch):
-        hits += int((s.run(None, {"input": x[i:i + batch]})[0].argmax(1) == y[i:i + batch]).sum())
-    return hits / len(x)
 
 
 def _row(r: dict, base: dict) -> str:
@@ -46,16 +38,10 @@ def _row(r: dict, base: dict) -> str:
 
 
 def fashion_table(n_calib: int) -> dict:
-    from edgec.core.importer import load_model, normalize
-    from edgec.models import fashion_mnist
-    from edgec.driver.pipeline import NORMALIZE, Pipeline
+    from edgec.driver.pipeline import Pipeline
     from edgec.core.stats import model_stats
 
-    xt, yt = fashion_mnist.load("test")
-    xc, _ = fashion_mnist.load("train", n_calib)
-    model, _ = normalize(load_model(ROOT / "models" / "fashion_mnist_cnn.onnx"),
-                         {"input": (500, 1, 28, 28)})
-    model = Pipeline(NORMALIZE).run(model).model
+    model, xt, yt, xc = setup(n_calib)
     st = model_stats(model)
     base = {"criterion": "original", "reconstruct": "-", "macs": st.macs // 500,
             "params": st.params, "accuracy": accuracy(model, xt, yt)}

@@ -25,18 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from _fashion import accuracy, setup  # noqa: E402 - (benchmarks/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 FC = "/15/Gemm,/18/Gemm"
-
-
-def accuracy(model, x, y, batch=500) -> float:
-    from edgec.runtime import OrtSession
-
-    s = OrtSession(model)
-    hits = 0
-    for i in range(0, len(x), batch):
-        hits += int((s.run(None, {"input": x[i:i + batch]})[0].argmax(1) == y[i:i + batch]).sum())
-    return hits / len(x)
 
 
 def compiled_accuracy(model, x, y, batch=500) -> tuple[float, dict]:
@@ -53,15 +45,11 @@ def compiled_accuracy(model, x, y, batch=500) -> tuple[float, dict]:
         src = Path(tmp) / "m.onnx"
         onnx.save(model, src)
         rep = compile_model(src, Path(tmp) / "art", CompileOptions(passes=[], progress=False))
-        s = Session(Path(tmp) / "art")
-        hits = 0
-        for i in range(0, len(x), batch):
-            hits += int((s.run(None, {"input": x[i:i + batch]})[0].argmax(1)
-                         == y[i:i + batch]).sum())
+        acc = accuracy(None, x, y, batch, session=Session(Path(tmp) / "art"))
     kinds = {}
     for layer in rep["kernels"].get("structured", []):
         kinds[layer["kernel"]] = kinds.get(layer["kernel"], 0) + 1
-    return hits / len(x), kinds
+    return acc, kinds
 
 
 def fc_density(model) -> float:
@@ -79,15 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     a = p.parse_args(argv)
 
-    from edgec.core.importer import load_model, normalize
-    from edgec.driver.pipeline import NORMALIZE, Pipeline
-    from edgec.models import fashion_mnist
+    from edgec.driver.pipeline import Pipeline
 
-    xt, yt = fashion_mnist.load("test")
-    xc, _ = fashion_mnist.load("train", a.calib)
-    model, _ = normalize(load_model(ROOT / "models" / "fashion_mnist_cnn.onnx"),
-                         {"input": (500, 1, 28, 28)})
-    model = Pipeline(NORMALIZE).run(model).model
+    model, xt, yt, xc = setup(a.calib)
     base = accuracy(model, xt, yt)
     print(f"dense model: {100 * base:.2f} % on the 10 000 test images; calibration: the first "
           f"{a.calib} training images\n")
