@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -57,21 +58,37 @@ class _Plan:
     """A layer taking a sparse kernel: its anchor call, the compressed weight, the epilogue."""
 
     def __init__(self, anchor, kind, w, shape_class):
-        self.anchor, self.kind, self.w, self.shape_class = anchor, kind, w, shape_class
+        self.anchor, self.kind, self.shape_class = anchor, kind, shape_class
+        self.wt, self.w = w, w.value
         self.end = anchor
         self.bias = None
         self.lo = self.hi = None
 
 
-def _few_values(w: np.ndarray) -> bool:
-    """Whether ``w`` takes at most :data:`LT.MAX_VALUES` distinct values."""
-    return len(np.unique(w[: 1 << 16])) <= LT.MAX_VALUES and \
-        len(np.unique(w)) <= LT.MAX_VALUES
+@dataclass(frozen=True)
+class _Weight:
+    """A constant weight and what the kernel choice reads of it, counted once."""
+
+    value: np.ndarray
+    nonzero: int
+    distinct: int      # distinct values, counted up to MAX_VALUES + 1
+
+    @property
+    def zeros(self) -> bool:
+        return self.nonzero < self.value.size
+
+    @property
+    def few(self) -> bool:
+        """At most :data:`LT.MAX_VALUES` distinct values (the lookup kernel's)."""
+        return self.distinct <= LT.MAX_VALUES
 
 
-def _distinct(w: np.ndarray) -> int:
-    """Distinct values of ``w``, counted up to 17 (more: 17)."""
-    return min(len(np.unique(w)), LT.MAX_VALUES + 1)
+def _weight(w: np.ndarray) -> _Weight:
+    """``w``'s nonzero count and distinct values (the first 64 Ki values first: a weight with
+    many values is told apart without sorting all of it)."""
+    head = len(np.unique(w.reshape(-1)[: 1 << 16]))
+    distinct = head if head > LT.MAX_VALUES else len(np.unique(w))
+    return _Weight(w, int(np.count_nonzero(w)), min(distinct, LT.MAX_VALUES + 1))
 
 
 def _positions(kind: str, call) -> int:
@@ -115,34 +132,35 @@ class StructuredRewriter(relax.PyExprMutator):
         w = const_value(call.args[1])
         if w is None or w.dtype != np.float32 or w.size == 0:
             return None
-        if np.count_nonzero(w) == w.size and not _few_values(w):
+        wt = _weight(w)
+        if not wt.zeros and not wt.few:
             return None
         op = "matmul" if call.op == MATMUL else "conv2d"
         x = call.args[0]
         xs, ys = static_shape(x), static_shape(call)
         if xs is None or ys is None or str(x.ty.dtype) != "float32" or \
                 str(call.ty.dtype) != "float32":
-            return op, w, None, "dynamic shape or not float32"
+            return op, wt, None, "dynamic shape or not float32"
         if call.op == MATMUL:
             if w.ndim != 2 or len(xs) < 1 or xs[-1] != w.shape[0]:
-                return op, w, "gemm", "batched or broadcast weight"
-            return "matmul", w, "gemm", None
+                return op, wt, "gemm", "batched or broadcast weight"
+            return "matmul", wt, "gemm", None
         a = call.attrs
         if (a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
                 or int(a.groups) != 1):
-            return op, w, None, "grouped or not NCHW/OIHW (sparse kernels: groups = 1)"
+            return op, wt, None, "grouped or not NCHW/OIHW (sparse kernels: groups = 1)"
         kh, kw = w.shape[2:]
         strides, pads = ints(a.strides), ints(a.padding)
-        if np.count_nonzero(w) == w.size:  # few values, no zeros
-            return op, w, "conv1x1" if (kh, kw) == (1, 1) else "convkxk", \
+        if not wt.zeros:  # few values, no zeros
+            return op, wt, "conv1x1" if (kh, kw) == (1, 1) else "convkxk", \
                 ("few distinct values: the lookup kernel is for Gemm/MatMul (one input row "
                  "feeds every output); a convolution's products differ per pixel")
         if (kh, kw) == (1, 1) and not any(pads):
-            return "conv2d", w, "conv1x1", None
+            return "conv2d", wt, "conv1x1", None
         if strides != [1, 1]:
-            return op, w, "convkxk", \
+            return op, wt, "convkxk", \
                 f"stride {strides} (the sparse direct convolution is stride 1 only)"
-        return "conv2d", w, "convkxk", None
+        return "conv2d", wt, "convkxk", None
 
     def scan(self, func):
         """Plan every layer that takes the lookup or a sparse kernel, with its epilogue
@@ -162,22 +180,22 @@ class StructuredRewriter(relax.PyExprMutator):
                 cand = self._candidate(b.value)
                 if cand is None:
                     continue
-                kind, w, shape_class, why = cand
-                w2d = self._w2d(kind, w)
+                kind, wt, shape_class, why = cand
+                w2d = self._w2d(kind, wt.value)
                 if why is not None:
-                    self._note(kind, w, shape_class or "-", "dense", why, call=b.value)
+                    self._note(kind, wt, shape_class or "-", "dense", why, call=b.value)
                     continue
-                plan = self._lookup_plan(b.value, kind, w, w2d) or \
-                    self._sparse_plan(b.value, kind, w, shape_class, w2d)
+                plan = self._lookup_plan(b.value, kind, wt, w2d) or \
+                    self._sparse_plan(b.value, kind, wt, shape_class, w2d)
                 if plan is None:
                     continue
                 self._epilogue(plan, b.var, counts, users)
                 self.plans.append(plan)
 
-    def _lookup_plan(self, call, kind, w, w2d):
+    def _lookup_plan(self, call, kind, wt, w2d):
         """A Gemm / MatMul at a small batch whose weight takes at most 16 values on x86:
         the lookup kernel (:mod:`..kernels.lut`)."""
-        if kind != "matmul" or not _few_values(w):
+        if kind != "matmul" or not wt.few:
             return None
         rows = int(np.prod(static_shape(call.args[0])[:-1]))
         why = None
@@ -189,31 +207,31 @@ class StructuredRewriter(relax.PyExprMutator):
             why = (f"{rows} batch rows: the lookup kernel builds tables per row and pays "
                    f"at most {LT.MAX_ROWS}")
         if why is not None:
-            if np.count_nonzero(w) == w.size:  # (with zeros the sparse choice notes it)
-                self._note(kind, w, "gemm", "dense", why, call=call)
+            if not wt.zeros:  # (with zeros the sparse choice notes it)
+                self._note(kind, wt, "gemm", "dense", why, call=call)
             return None
         cb = LT.codebook(w2d, self.lanes)
         dense, executed = LT.multiplies(rows, cb)
         if executed * LT.MIN_SAVING > dense:
-            if np.count_nonzero(w) == w.size:
-                self._note(kind, w, "gemm", "dense",
-                           f"{w.shape[1]} outputs: the lookup tables' {executed} multiplies "
+            if not wt.zeros:
+                self._note(kind, wt, "gemm", "dense",
+                           f"{wt.value.shape[1]} outputs: the lookup tables' {executed} multiplies "
                            f"are not {LT.MIN_SAVING}x fewer than the dense layer's {dense}",
                            call=call)
             return None
-        plan = _Plan(call, "lookup", w, "gemm")
+        plan = _Plan(call, "lookup", wt, "gemm")
         plan.w2d, plan.codebook = w2d, cb
         return plan
 
-    def _sparse_plan(self, call, kind, w, shape_class, w2d):
+    def _sparse_plan(self, call, kind, wt, shape_class, w2d):
         """Below the break-even density: the sparse kernels (:mod:`..kernels.sparse`)."""
-        if np.count_nonzero(w) == w.size:
+        if not wt.zeros:
             return None
         choice = K.choose(w2d, shape_class, self.isa, force())
         if not choice.sparse:
-            self._note(kind, w, shape_class, "dense", choice.reason, choice.block, call=call)
+            self._note(kind, wt, shape_class, "dense", choice.reason, choice.block, call=call)
             return None
-        plan = _Plan(call, kind, w, shape_class)
+        plan = _Plan(call, kind, wt, shape_class)
         plan.choice, plan.w2d = choice, w2d
         return plan
 
@@ -245,16 +263,17 @@ class StructuredRewriter(relax.PyExprMutator):
                     break
             plan.end, var = uval, uvar
 
-    def _note(self, kind, w, shape_class, kernel, reason, block=1, nbytes=0,
+    def _note(self, kind, wt, shape_class, kernel, reason, block=1, nbytes=0,
               multiplies=None, call=None):
         if self.record is None:
             return
+        w = wt.value
         dense_mult = multiplies[0] if multiplies else \
             (int(w.size) * _positions(kind, call) if call is not None else 0)
         self.record.structured.append(StructuredLayer(
             kind, tuple(int(d) for d in w.shape), shape_class,
-            float(np.count_nonzero(w) / w.size), block, kernel, reason, nbytes or w.nbytes,
-            w.nbytes, _distinct(w), dense_mult,
+            wt.nonzero / w.size, block, kernel, reason, nbytes or w.nbytes,
+            w.nbytes, wt.distinct, dense_mult,
             multiplies[1] if multiplies else dense_mult))
 
     # ---------------------------------------------------------------------- the rewrite
@@ -275,7 +294,7 @@ class StructuredRewriter(relax.PyExprMutator):
             ys = (*xs[:-1], cb.rows)
             func = LT.lut_func(xs, ys, cb, self.lanes, plan.lo, plan.hi)
             rows = int(np.prod(xs[:-1]))
-            self._note("matmul", plan.w, "gemm", "lookup",
+            self._note("matmul", plan.wt, "gemm", "lookup",
                        f"{cb.count} distinct values: {cb.group} weights per table lookup",
                        nbytes=cb.nbytes, multiplies=LT.multiplies(rows, cb))
             nb = cb.packed.shape[0] * cb.packed.shape[2]
@@ -345,7 +364,7 @@ class StructuredRewriter(relax.PyExprMutator):
         c = plan.choice
         positions = _positions(plan.kind, plan.anchor)
         dense = int(plan.w.size) * positions
-        self._note(plan.kind, plan.w, plan.shape_class, "sparse", c.reason, c.block,
+        self._note(plan.kind, plan.wt, plan.shape_class, "sparse", c.reason, c.block,
                    comp.nbytes, (dense, comp.nnz * positions))
 
 
