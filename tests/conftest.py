@@ -87,6 +87,22 @@ def compile_to(model, out: Path, target="x86", **kw):
     return compile_model(path, out, CompileOptions(target=target, **kw))
 
 
+def assert_compile_refuses(src: Path, args: list[str], needle: str, out: Path) -> None:
+    """``edgec compile src args --no-build -o out`` in a child process fails as the CLI
+    promises for bad options: exit 2, one ``edgec: error:`` line naming ``needle``, no
+    artifact."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "edgec.driver.cli", "compile", str(src), *args,
+                          "--no-build", "-o", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1, (res.returncode, res.stderr)
+    assert lines[0].startswith("edgec: error: ") and needle in lines[0], lines[0]
+    assert not out.exists()
+
+
 # -- an RPC tracker and emulated aarch64 boards on loopback ---------------------------------------
 
 Boards = LocalBoards  # (test_tune_rpc starts trackers of its own)
