@@ -41,6 +41,20 @@ def drop_unused_initializers(m: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def ancestors(node: onnx.NodeProto, producer: dict) -> set[str]:
+    """Names of every node ``node`` reads from, directly or not (``producer``: tensor ->
+    its producing node, as :func:`producers` gives)."""
+    seen: set[str] = set()
+    stack = [i for i in node.input if i in producer]
+    while stack:
+        p = producer[stack.pop()]
+        if p.name in seen:
+            continue
+        seen.add(p.name)
+        stack += [i for i in p.input if i in producer]
+    return seen
+
+
 def drop_replaced(m: onnx.ModelProto, old: set[str]) -> onnx.ModelProto:
     """Remove the tensors of ``old`` (weights a pass replaced) that nothing reads any more:
     initializers, their graph-input entries and the Constant nodes producing them (in

@@ -46,7 +46,7 @@ from ._lowrank_factor import (allocate, energy_rank, factor, factored_error, fac
                               image_spectrum, layer_output, rank_for, refit_second, round_rank,
                               spectrum)
 from ._lowrank_layer import PASS, Layer, calibrate, candidate
-from ._toolkit import bias_vector, producers, relative_error, splice
+from ._toolkit import ancestors, bias_vector, producers, relative_error, splice
 
 CRITERIA = ("sigma_threshold", "energy", "max_error", "rank_ratio", "mac_ratio",
             "model_mac_ratio")
@@ -296,7 +296,7 @@ class _Fit:
             return f, W1, W2, None
         Y = layer_output(L, A)
         X = A
-        upstream = _ancestors(L.node, self.producer) & set(self.new_nodes)
+        upstream = ancestors(L.node, self.producer) & set(self.new_nodes)
         if config.sequential and upstream:
             cur = _with_rewrites(self.m, self.new_nodes, self.new_inits)
             X = calibrate(cur, [(self.index[L.node.name], L)], self.ctx.calib, config,
@@ -314,18 +314,6 @@ class _Fit:
             if e_after < e_before:  # keep the refit only where it helps
                 W2, bias_shift = W2_fit, db
         return f, W1, W2, bias_shift
-
-
-def _ancestors(node: onnx.NodeProto, producer: dict) -> set[str]:
-    seen: set[str] = set()
-    stack = [i for i in node.input if i in producer]
-    while stack:
-        p = producer[stack.pop()]
-        if p.name in seen:
-            continue
-        seen.add(p.name)
-        stack += [i for i in p.input if i in producer]
-    return seen
 
 
 def _with_rewrites(m: onnx.ModelProto, new_nodes: dict, new_inits: list) -> onnx.ModelProto:

@@ -53,7 +53,7 @@ from . import PassContext, PassReport, Tolerance, copy_model, register_pass
 from ._lowrank_layer import calibrate
 from ._sparse_obs import (allocate, curve, inverse_factor, keep_count, magnitude, obs,
                           output_error, refit, weight_error)
-from ._toolkit import bias_vector, drop_replaced, producers
+from ._toolkit import ancestors, bias_vector, drop_replaced, producers
 from ._weight_layers import WeightLayer, constant, select
 from ._toolkit import output_error as rows_error
 
@@ -254,7 +254,7 @@ def _obs_layer(m, t: WeightLayer, i: int, d: float, rows0, H0, rw, changed: set,
     already sparsified layers produce; errors into ``row``."""
     X0 = rows0[t.name]
     X, H, W = X0, H0[t.name], t.Wm
-    if config.sequential and changed & _ancestors(m, t.L.node):
+    if config.sequential and changed & ancestors(t.L.node, producers(m)):
         X = _rows(m, [(i, t)], ctx, config).get(t.name)
         if X is None or len(X) != len(X0):
             X = X0
@@ -282,19 +282,6 @@ def _obs_layer(m, t: WeightLayer, i: int, d: float, rows0, H0, rw, changed: set,
             row["bias_refit"] = True
             return Wp, (Y0 - Y).mean(axis=0)
     return Wp, None
-
-
-def _ancestors(m, node) -> set[str]:
-    prod = producers(m)
-    seen: set[str] = set()
-    stack = [i for i in node.input if i in prod]
-    while stack:
-        p = prod[stack.pop()]
-        if p.name in seen:
-            continue
-        seen.add(p.name)
-        stack += [i for i in p.input if i in prod]
-    return seen
 
 
 def _conv_gemm_density(m) -> float:
