@@ -13,7 +13,7 @@ from edgec.core.graph import value_shapes
 
 from . import copy_model
 from ._calib import sample_patches, sample_rows
-from ._toolkit import (bias_vector, chunking, drop_unused_initializers, output_error,
+from ._toolkit import (bias_vector, chunking, drop_unused_initializers, output_error, set_bias,
                        ridge_solve, rows_per_batch, stream_activations)
 
 PASS = "prune"
@@ -144,11 +144,6 @@ def _set_weight_and_bias(m, node_name: str, W: np.ndarray, db: np.ndarray, dtype
                          else None, beta, K)
         bname = unique_name(names, f"{node_name}_refit_bias")
         m.graph.initializer.append(numpy_helper.from_array((b0 + db).astype(dtype), bname))
-        while len(node.input) < 3:
-            node.input.append("")
-        node.input[2] = bname
-        for a in list(node.attribute):
-            if a.name == "beta":
-                node.attribute.remove(a)
+        set_bias(node, bname)
     set_provenance(node, PASS, node_name, changed="reconstructed")
     return drop_unused_initializers(m)

@@ -55,6 +55,17 @@ def ancestors(node: onnx.NodeProto, producer: dict) -> set[str]:
     return seen
 
 
+def set_bias(node: onnx.NodeProto, name: str) -> None:
+    """Make tensor ``name`` the bias (input 2) of a Conv / Gemm, dropping a Gemm's ``beta``
+    (the new bias already holds it)."""
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+    for a in list(node.attribute):
+        if a.name == "beta":
+            node.attribute.remove(a)
+
+
 def drop_replaced(m: onnx.ModelProto, old: set[str]) -> onnx.ModelProto:
     """Remove the tensors of ``old`` (weights a pass replaced) that nothing reads any more:
     initializers, their graph-input entries and the Constant nodes producing them (in

@@ -53,7 +53,7 @@ from . import PassContext, PassReport, Tolerance, copy_model, register_pass
 from ._lowrank_layer import calibrate
 from ._sparse_obs import (allocate, curve, inverse_factor, keep_count, magnitude, obs,
                           output_error, refit, weight_error)
-from ._toolkit import ancestors, bias_vector, drop_replaced, producers
+from ._toolkit import ancestors, bias_vector, drop_replaced, producers, set_bias
 from ._weight_layers import WeightLayer, constant, select
 from ._toolkit import output_error as rows_error
 
@@ -345,12 +345,7 @@ class _Writer:
             self.old.add(node.input[2])
         b0 = bias_vector(inits, node.input[2] if has else None, beta, K)
         bname = self._init(f"{node.name}_sparse_bias", (b0 + bias_shift).astype(dt))
-        while len(node.input) < 3:
-            node.input.append("")
-        node.input[2] = bname
-        for a in list(node.attribute):
-            if a.name == "beta":
-                node.attribute.remove(a)
+        set_bias(node, bname)
 
     def finish(self) -> onnx.ModelProto:
         """Drop the replaced weights no node reads any more (with their graph-input entry,
