@@ -245,17 +245,37 @@ def test_depthwise_conv(tmp_path_factory, c, ksz, stride, dil, pads, h, w, epi):
     assert report["kernels"]["unscheduled"] == {}
 
 
-@pytest.mark.parametrize("m_,k_,n_", [(1, 64, 10), (1, 1280, 1000), (3, 33, 17), (8, 512, 128)])
+@pytest.mark.parametrize("m_,k_,n_", [(1, 64, 10), (1, 1280, 1000), (3, 33, 17), (8, 512, 128),
+                                      (6, 20, 70), (1, 7, 1)])
 @pytest.mark.parametrize("trans_b", [0, 1])
-def test_gemm(tmp_path, m_, k_, n_, trans_b):
+@pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
+def test_gemm(tmp_path, m_, k_, n_, trans_b, mcpu):
+    """Gemm by a constant weight on the packed dense kernel (tiles of up to 4 vectors of
+    outputs, a last partial tile, rows in register tiles of up to 4), bias and ReLU fused."""
     rng = np.random.default_rng(0)
     B = rng.standard_normal((n_, k_) if trans_b else (k_, n_)).astype(np.float32)
     inits = {"B": B, "C": rng.standard_normal(n_).astype(np.float32)}
     nodes = [helper.make_node("Gemm", ["x", "B", "C"], ["y"], transB=trans_b),
              helper.make_node("Relu", ["y"], ["z"])]
     m = make_model(nodes, [("x", [m_, k_])], [("z", [m_, n_])], inits)
+    out = tmp_path / "art"
+    report = compile_to(m, out, target_options={"mcpu": mcpu} if mcpu else {})
+    assert report["kernels"]["counts"] == {"dense-packed": 1}, report["kernels"]
+    x = rng.standard_normal((m_, k_)).astype(np.float32)
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
+                               atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+def test_matmul_without_constant_weight(tmp_path):
+    """Two activations (or a batched constant) keep TOPI's matmul with the generic tile."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"]),
+             helper.make_node("MatMul", ["y", "W"], ["z"])]
+    m = make_model(nodes, [("a", [2, 5, 12]), ("b", [2, 12, 9])], [("z", [2, 5, 4])],
+                   {"W": rng.standard_normal((2, 9, 4)).astype(np.float32)})
     report = _compile_and_compare(m, tmp_path)
-    assert report["kernels"]["counts"].get("matmul") == 1, report["kernels"]
+    assert report["kernels"]["counts"] == {"matmul": 2}, report["kernels"]
 
 
 def test_grouped_conv_falls_back_correctly(tmp_path):
@@ -334,6 +354,17 @@ def test_kernels_build_for_aarch64(tmp_path, target):
     report = compile_to(wi, tmp_path / "wi", target=target)
     assert report["kernels"]["counts"].get("conv2d-winograd-f4") == 1, report["kernels"]
     assert report["kernels"]["unscheduled"] == {}
+    fc = make_model([helper.make_node("Gemm", ["x", "B", "C"], ["y"], transB=1)],
+                    [("x", [1, 40])], [("y", [1, 21])],
+                    {"B": rng.standard_normal((21, 40)).astype(np.float32),
+                     "C": rng.standard_normal(21).astype(np.float32)})
+    report = compile_to(fc, tmp_path / "fc", target=target)
+    assert report["kernels"]["counts"] == {"dense-packed": 1}, report["kernels"]
+    rs = make_model([helper.make_node("Resize", ["x", "", "", "s"], ["y"], mode="linear")],
+                    [("x", [1, 8, 7, 7])], [("y", [1, 8, 14, 14])],
+                    {"s": np.array([1, 8, 14, 14], np.int64)}, opset=13)
+    report = compile_to(rs, tmp_path / "rs", target=target)
+    assert report["kernels"]["counts"] == {"resize": 1}, report["kernels"]
 
 
 def test_batch_split_matches(tmp_path):
@@ -404,10 +435,12 @@ def test_packed_conv_odd_widths(tmp_path, mcpu, c, k, ksz, stride, pad, w, epi):
 @pytest.mark.parametrize("c,h,w,k,s,p,d,ceil,dtype", [
     (8, 13, 17, 3, 2, 1, 1, 0, "float32"), (5, 9, 11, 2, 2, 0, 1, 0, "float32"),
     (6, 10, 12, 3, 1, 1, 1, 0, "float32"), (4, 15, 14, 3, 2, 1, 2, 0, "float32"),
-    (16, 20, 20, 3, 2, 1, 1, 0, "uint8"), (4, 11, 11, 3, 2, 1, 1, 1, "float32")])
+    (16, 20, 20, 3, 2, 1, 1, 0, "uint8"), (4, 11, 11, 3, 2, 1, 1, 1, "float32"),
+    (6, 55, 55, 3, 2, 0, 1, 1, "float32"), (3, 12, 10, 2, 2, 0, 1, 1, "float32"),
+    (5, 14, 13, 3, 3, 1, 1, 1, "uint8"), (4, 16, 17, 3, 2, 1, 2, 1, "float32")])
 def test_max_pool(tmp_path, c, h, w, k, s, p, d, ceil, dtype):
     """MaxPool through the depthwise row kernel (max over the taps, padding never wins),
-    float and uint8; ceil_mode keeps TOPI's pool."""
+    float and uint8, floor and ceil mode (the last windows read extra padding)."""
     ext = (k - 1) * d + 1
     out = [(-(-(n + 2 * p - ext) // s) if ceil else (n + 2 * p - ext) // s) + 1 for n in (h, w)]
     m = make_model([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[k, k],
@@ -419,7 +452,7 @@ def test_max_pool(tmp_path, c, h, w, k, s, p, d, ceil, dtype):
             v.type.tensor_type.elem_type = 2  # UINT8
     report = compile_to(m, tmp_path / "mp")
     assert report["kernels"]["unscheduled"] == {}
-    assert report["kernels"]["counts"].get("maxpool2d", 0) == (0 if ceil else 1), report["kernels"]
+    assert report["kernels"]["counts"] == {"maxpool2d": 1}, report["kernels"]
     rng = np.random.default_rng(c)
     x = (rng.integers(0, 256, (2, c, h, w)) if dtype == "uint8"
          else rng.standard_normal((2, c, h, w))).astype(dtype)
@@ -430,10 +463,13 @@ def test_max_pool(tmp_path, c, h, w, k, s, p, d, ceil, dtype):
 @pytest.mark.parametrize("op,c,h,w,expect", [
     ("GlobalAveragePool", 24, 16, 16, "reduce"), ("ReduceMean23", 12, 8, 12, "reduce"),
     ("ReduceMax3", 6, 5, 64, "reduce"), ("ReduceSum1", 8, 10, 12, "generic"),
-    ("GlobalAveragePool", 5, 7, 7, "generic")])
+    ("GlobalAveragePool", 5, 7, 7, "reduce"), ("GlobalAveragePool", 40, 14, 14, "reduce"),
+    ("GlobalAveragePool", 9, 3, 3, "generic")])
 def test_reductions(tmp_path, op, c, h, w, expect):
     """Reductions over trailing axes (SE blocks' global pools) are split into vector lanes
-    and run in parallel; others keep the generic schedule. Both match onnxruntime."""
+    (a last partial vector predicated: 14 x 14 = 196 = 12 x 16 + 4) and run in parallel;
+    others, and those shorter than two vectors (3 x 3), keep the generic
+    schedule. Both match onnxruntime."""
     inits = {}
     if op == "GlobalAveragePool":
         node, out = helper.make_node(op, ["x"], ["y"]), [2, c, 1, 1]
@@ -469,3 +505,115 @@ def test_winograd_chunks(c, h, batch, rows):
     sch = tvm.s_tir.Schedule(te.create_prim_func([x, u, winograd_te(x, u, c, (1,) * 4, 4)]))
     assert _chunk_rows(sch, sch.get_sblock(WINO_GEMM_BLOCK), sch.get_sblock(WINO_OUT1_BLOCK)) \
         == rows
+
+
+RESIZE_CASES = [  # input, output (h, w), mode, coordinate transform, nearest mode
+    ((1, 21, 28, 28), (224, 224), "linear", "half_pixel", "floor"),
+    ((2, 3, 7, 9), (20, 13), "linear", "align_corners", "floor"),
+    ((1, 4, 10, 10), (5, 4), "linear", "pytorch_half_pixel", "floor"),
+    ((1, 16, 9, 8), (18, 16), "linear", "asymmetric", "floor"),
+    ((1, 9, 1, 6), (3, 1), "linear", "pytorch_half_pixel", "floor"),
+    ((1, 4, 6, 5), (12, 10), "nearest", "asymmetric", "floor"),
+    ((1, 4, 6, 5), (13, 11), "nearest", "half_pixel", "round_prefer_floor"),
+    ((1, 12, 6, 5), (13, 11), "nearest", "align_corners", "round_prefer_ceil"),
+    ((1, 4, 9, 8), (4, 3), "nearest", "asymmetric", "ceil")]
+
+
+@pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
+@pytest.mark.parametrize("shape,out,mode,coord,nearest", RESIZE_CASES)
+def test_resize(tmp_path, mcpu, shape, out, mode, coord, nearest):
+    """Resize by sizes (up, down, both, to one pixel) on the table-driven kernel, with a
+    fused epilogue, against onnxruntime."""
+    sizes = np.array([*shape[:2], *out], np.int64)
+    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode=mode,
+                            coordinate_transformation_mode=coord, nearest_mode=nearest)
+    m = make_model([node, helper.make_node("Relu", ["y"], ["z"])], [("x", list(shape))],
+                   [("z", [*shape[:2], *out])], {"sizes": sizes}, opset=13)
+    report = compile_to(m, tmp_path / "a", target_options={"mcpu": mcpu} if mcpu else {})
+    assert report["kernels"]["counts"] == {"resize": 1}, report["kernels"]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(Session(tmp_path / "a").run(None, {"x": x})[0], ref,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_resize_by_scales(tmp_path, opset):
+    """Integer scales (the FPN / U-Net upsample), given as scales with an empty roi."""
+    roi = np.zeros(0, np.float32)
+    scales = np.array([1, 1, 2, 3], np.float32)
+    node = helper.make_node("Resize", ["x", "roi", "scales"], ["y"], mode="linear")
+    m = make_model([node], [("x", [1, 5, 6, 7])], [("y", [1, 5, 12, 21])],
+                   {"roi": roi, "scales": scales}, opset=opset)
+    report = compile_to(m, tmp_path / "a")
+    assert report["kernels"]["counts"] == {"resize": 1}, report["kernels"]
+    x = np.random.default_rng(1).standard_normal((1, 5, 6, 7)).astype(np.float32)
+    np.testing.assert_allclose(Session(tmp_path / "a").run(None, {"x": x})[0],
+                               OrtSession(m).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+@given(c=st.integers(1, 10), h=st.integers(1, 12), w=st.integers(1, 12),
+       oh=st.integers(1, 30), ow=st.integers(1, 30), mode=st.sampled_from(["linear", "nearest"]),
+       coord=st.sampled_from(["half_pixel", "align_corners", "asymmetric",
+                              "pytorch_half_pixel"]),
+       nearest=st.sampled_from(["floor", "ceil", "round_prefer_floor", "round_prefer_ceil"]))
+@SETTINGS
+def test_resize_shapes(tmp_path_factory, c, h, w, oh, ow, mode, coord, nearest):
+    sizes = np.array([1, c, oh, ow], np.int64)
+    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode=mode,
+                            coordinate_transformation_mode=coord, nearest_mode=nearest)
+    m = make_model([node], [("x", [1, c, h, w])], [("y", [1, c, oh, ow])], {"sizes": sizes},
+                   opset=13)
+    report = _compile_and_compare(m, tmp_path_factory.mktemp("rs"))
+    assert report["kernels"]["counts"] == {"resize": 1}, report["kernels"]
+
+
+@given(m_=st.integers(1, 9), k_=st.integers(1, 70), n_=st.integers(1, 90),
+       trans_b=st.integers(0, 1), bias=st.booleans())
+@SETTINGS
+def test_gemm_shapes(tmp_path_factory, m_, k_, n_, trans_b, bias):
+    rng = np.random.default_rng(m_ * 1000 + k_)
+    inits = {"B": rng.standard_normal((n_, k_) if trans_b else (k_, n_)).astype(np.float32)}
+    if bias:
+        inits["C"] = rng.standard_normal(n_).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "B", *(["C"] if bias else [])], ["y"],
+                            transB=trans_b)
+    m = make_model([node], [("x", [m_, k_])], [("y", [m_, n_])], inits)
+    report = _compile_and_compare(m, tmp_path_factory.mktemp("gemm"))
+    assert report["kernels"]["counts"] == {"dense-packed": 1}, report["kernels"]
+
+
+@pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
+@pytest.mark.parametrize("chans,hw,axis,epi", [
+    ([64, 64], (55, 55), 1, "relu"), ([64, 32, 32, 32, 32, 32, 32], (7, 7), 1, "bnrelu"),
+    ([3, 5], (4, 6), 1, "none"), ([16, 16, 8], (13, 13), 1, "bnrelu"), ([8, 8], (9, 5), 2, "relu")])
+def test_concat(tmp_path, mcpu, chans, hw, axis, epi):
+    """Concat (fire modules, DenseNet's growing feature stacks) with the epilogue fused
+    after it (DenseNet's pre-activation BN-ReLU), one input at a time."""
+    rng = np.random.default_rng(len(chans))
+    h, w = hw
+    shapes = [[1, c, h, w] if axis == 1 else [1, 4, c, w] for c in chans]
+    out = list(shapes[0])
+    out[axis] = sum(s[axis] for s in shapes)
+    names = [f"x{i}" for i in range(len(chans))]
+    nodes = [helper.make_node("Concat", names, ["c"], axis=axis)]
+    inits = {}
+    last = "c"
+    if epi == "bnrelu":
+        k = out[1]
+        inits = {"s": rng.uniform(0.5, 2, k).astype(np.float32),
+                 "b": rng.standard_normal(k).astype(np.float32),
+                 "m": rng.standard_normal(k).astype(np.float32),
+                 "v": rng.uniform(0.5, 2, k).astype(np.float32)}
+        nodes.append(helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"]))
+        last = "n"
+    if epi in ("relu", "bnrelu"):
+        nodes.append(helper.make_node("Relu", [last], ["y"]))
+        last = "y"
+    m = make_model(nodes, list(zip(names, shapes)), [(last, out)], inits, opset=13)
+    report = compile_to(m, tmp_path / "a", target_options={"mcpu": mcpu} if mcpu else {})
+    assert report["kernels"]["counts"] == {"concat": 1}, report["kernels"]
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in zip(names, shapes)}
+    ref = OrtSession(m).run(None, feeds)[0]
+    np.testing.assert_allclose(Session(tmp_path / "a").run(None, feeds)[0], ref, rtol=1e-5,
+                               atol=1e-5)

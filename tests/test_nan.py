@@ -45,7 +45,7 @@ CASES = {
                                      helper.make_node("Clip", ["y", "lo", "hi"], ["z"])],
                         [1, 16, 12, 12], [1, 16, 12, 12],
                         {"W": _w(16, 1, 3, 3), "lo": np.float32(0), "hi": np.float32(6)}),
-    "gemm": ("matmul", [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1),
+    "gemm": ("dense-packed", [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1),
                         helper.make_node("Relu", ["y"], ["z"])],
              [4, 64], [4, 32], {"W": _w(32, 64)}),
 }

@@ -23,10 +23,12 @@ from .isa import simd_floats
 from .rewrites.conv_transpose import conv_transpose_pass, d2s_schedule_pass
 from .rewrites.fast_math import make_fast_math_legalizers
 from .rewrites.nan_clamp import make_nan_clamp_legalizers, nan_clamp_pass
-from .rewrites.float_conv import make_conv2d_legalizer, make_maxpool_legalizer
+from .rewrites.float_conv import (make_conv2d_legalizer, make_matmul_legalizer,
+                                  make_maxpool_legalizer)
 from .rewrites.qdq_conv import rewrite_pass
 from .rewrites.quantize_legalizer import make_quantize_legalizer
 from .rewrites.residual_fold import requant_pass
+from .rewrites.resize import resize_pass
 from .rewrites.structured import structured_pass
 from .rules import schedule_pass
 
@@ -36,13 +38,15 @@ def legalize_map(target) -> dict:
     lanes = simd_floats(target)
     return {"relax.nn.conv2d": make_conv2d_legalizer(lanes),
             "relax.nn.max_pool2d": make_maxpool_legalizer(lanes),
+            "relax.matmul": make_matmul_legalizer(lanes),
             "relax.quantize": make_quantize_legalizer(),
             **make_fast_math_legalizers(), **make_nan_clamp_legalizers()}
 
 
 def rewrite_phases(target, record: BuildRecord | None, kernels: dict) -> list:
-    """Before constants are folded: QDQ layers -> integer kernels (emitted into ``kernels``)."""
-    return [rewrite_pass(target, record, kernels)]
+    """Before constants are folded: QDQ layers -> integer kernels (emitted into ``kernels``),
+    resizes onto the resize kernel (TOPI's would be traced by the fold)."""
+    return [rewrite_pass(target, record, kernels), resize_pass()]
 
 
 def folded_phases(target, record: BuildRecord | None, kernels: dict) -> list:

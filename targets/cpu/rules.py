@@ -14,8 +14,8 @@ import tvm
 
 from ..records import BuildRecord
 from .isa import select_isa, simd_floats
-from .kernels import (generic, int8_conv, int8_pixel, int8_winograd, matmul, packed_conv,
-                      pixel_conv, row_conv, winograd)
+from .kernels import (concat, dense, generic, int8_conv, int8_pixel, int8_winograd, matmul,
+                      packed_conv, pixel_conv, resize, row_conv, winograd)
 from .kernels.sparse import KERNEL_ATTR, MACS_ATTR
 from .schedule import RuleContext, mac_count
 
@@ -29,7 +29,10 @@ RULES = [
     pixel_conv.RULE,      # float 1x1 convolutions, pixels in the lanes
     packed_conv.RULE,     # float convolutions, packed weights
     row_conv.RULE,        # depthwise convolutions and max pools, a row at a time
+    dense.RULE,           # matmuls by a constant weight, packed per tile of outputs
+    resize.RULE,          # nearest / bilinear resize from compile-time tables
     matmul.RULE,          # one matmul (TOPI's)
+    concat.RULE,          # concatenation (+ elementwise epilogue), one input at a time
     generic.RULE,         # everything else: parallel, vectorized, reductions in lanes
 ]
 

@@ -114,7 +114,7 @@ def fuse_epilogue(sch, producer, loop, prepare=None) -> list:
     # an elementwise side input of the epilogue (e.g. a residual's dequantize) computed
     # before the kernel: inline it into its reader, else the epilogue cannot move
     for blk, name in zip(blocks[:start - 1], names):
-        if not name.startswith(("edgec_pad", "edgec_wino")):
+        if not name.startswith(("edgec_pad", "edgec_wino", "edgec_resize")):
             try:
                 sch.compute_inline(blk)
             except Exception:  # noqa: BLE001

@@ -103,6 +103,8 @@ def schedule_reduce(sch, block, lanes: int, n_sp: int) -> bool:
         total *= extent(sch, lp) or 0
     unit = next((u for u in (4 * lanes, 2 * lanes, lanes)
                  if total and total % u == 0 and total >= 2 * u), None)
+    if unit is None and total >= 2 * lanes:
+        unit = lanes  # a last partial vector (14 x 14 = 196 = 12 x 16 + 4), predicated
     if unit is None:
         return False
     # the reduction must read the trailing axes of its input contiguously, in loop order

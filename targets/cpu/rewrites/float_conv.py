@@ -1,10 +1,11 @@
-"""Float convolution and max-pool legalizers: the default CPU kernels in place of TOPI's.
+"""Float convolution, dense and max-pool legalizers: the default CPU kernels in place of TOPI's.
 
 A ``relax.nn.conv2d`` with constant NCHW/OIHW float32 weights and a static input becomes, in
 this order of preference: Winograd (:mod:`..kernels.winograd`), the pixels-in-lanes 1x1
 kernel (:mod:`..kernels.pixel_conv`), the packed direct convolution
 (:mod:`..kernels.packed_conv`), or for depthwise the row kernel (:mod:`..kernels.row_conv`);
-anything else goes to TOPI's default.
+anything else goes to TOPI's default. A ``relax.matmul`` of a static 2-D float32 input by a
+constant 2-D weight (Gemm, MatMul) becomes the packed dense kernel (:mod:`..kernels.dense`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import functools
 
 import tvm
 from tvm import relax
+from tvm.relax.transform.legalize_ops.linear_algebra import _matmul as default_matmul
 from tvm.relax.transform.legalize_ops.nn import _nn_conv2d as default_conv2d
 from tvm.relax.transform.legalize_ops.nn import _nn_max_pool2d as default_max_pool2d
 
 from ..compute import conv_out, ints
 from ..isa import max_cols
+from ..kernels.dense import dense_packed_te, pack_dense
 from ..kernels.packed_conv import conv_packed_te, grouped_applies, pack_weight, padded_width
 from ..kernels.pixel_conv import conv1x1_px_te, conv_px_tile, pack_weight_px
 from ..kernels.row_conv import dwconv_te
@@ -90,20 +93,54 @@ def make_conv2d_legalizer(lanes: int):
 
 
 def make_maxpool_legalizer(lanes: int):
-    """relax.nn.max_pool2d (NCHW, floor mode, static shape) through :func:`dwconv_te`'s row
-    kernel: column phases for the stride, whole-vector rows, the taps unrolled. TOPI's
-    pool is left with a reduction innermost that the generic schedule cannot vectorize."""
+    """relax.nn.max_pool2d (NCHW, static shape) through :func:`dwconv_te`'s row kernel:
+    column phases for the stride, whole-vector rows, the taps unrolled. TOPI's pool is left
+    with a reduction innermost that the generic schedule cannot vectorize. ``ceil_mode``
+    (SqueezeNet, GoogLeNet): the output shape is Relax's (which onnxruntime's agrees with);
+    the windows past the bottom/right edge read extra padding, which never wins a max."""
     def legalize(bb, call):
         a = call.attrs
         x = call.args[0]
-        shape = x.ty.shape
-        if (a.layout != "NCHW" or a.out_layout != "NCHW" or bool(a.ceil_mode) or shape is None
-                or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values)
-                or len(shape.values) != 4):
+        shape, oshape = x.ty.shape, call.ty.shape
+        if (a.layout != "NCHW" or a.out_layout != "NCHW" or shape is None
+                or len(shape.values) != 4 or not _static(shape)
+                or oshape is None or not _static(oshape)):
             return default_max_pool2d(bb, call)
+        pads = ints(a.padding)
+        if bool(a.ceil_mode):
+            (kh, kw), (sh, sw), (dh, dw) = ints(a.pool_size), ints(a.strides), ints(a.dilation)
+            h, w = ints(shape.values)[2:]
+            oh, ow = ints(oshape.values)[2:]
+            pt, pl, pb, pr = pads
+            pads = [pt, pl, max(pb, (oh - 1) * sh + (kh - 1) * dh + 1 - h - pt),
+                    max(pr, (ow - 1) * sw + (kw - 1) * dw + 1 - w - pl)]
+            if (conv_out(h, pads[0], pads[2], kh, sh, dh),
+                    conv_out(w, pads[1], pads[3], kw, sw, dw)) != (oh, ow):
+                return default_max_pool2d(bb, call)
         return bb.call_te(functools.partial(dwconv_te, lanes=lanes, pool=ints(a.pool_size)),
-                          x, None, ints(a.strides), ints(a.padding), ints(a.dilation),
+                          x, None, ints(a.strides), pads, ints(a.dilation),
                           primfunc_name_hint="max_pool2d", primfunc_attrs=_KERNEL)
+
+    return legalize
+
+
+def make_matmul_legalizer(lanes: int):
+    """relax.matmul ``X[M, K] @ W[K, N]`` with a constant float32 ``W`` and a static
+    float32 ``X`` through the packed dense kernel; anything else (batched, broadcast,
+    dynamic, another type) goes to TOPI's default."""
+    def legalize(bb, call):
+        x, w = call.args
+        xs = x.ty.shape
+        wv = (w.value.numpy() if isinstance(w, tvm.ir.expr.Constant)
+              and str(w.ty.dtype) == "float32" else None)
+        if (wv is not None and wv.ndim == 2 and wv.size > 0 and str(x.ty.dtype) == "float32"
+                and str(call.ty.dtype) == "float32" and xs is not None
+                and len(xs.values) == 2 and _static(xs) and int(xs.values[0]) > 0
+                and int(xs.values[1]) == wv.shape[0]):
+            return bb.call_te(dense_packed_te, x, relax.const(pack_dense(wv, lanes)),
+                              wv.shape[1], primfunc_name_hint="dense_packed",
+                              primfunc_attrs=_KERNEL)
+        return default_matmul(bb, call)
 
     return legalize
 

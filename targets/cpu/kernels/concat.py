@@ -1,0 +1,104 @@
+"""Concatenation (and the elementwise epilogue fused after it: DenseNet's BN-ReLU, a fire
+module's next layer input), one input at a time.
+
+TOPI's concat is one loop nest whose every element picks its input by a chain of selects
+(``T_concat[.., c, ..] = c >= o_2 ? X_2[.., c - o_2, ..] : c >= o_1 ? X_1[..] : X_0[..]``);
+vectorized, each vector evaluates the chain and loads from every input, and with a narrow
+map or many inputs (DenseNet's 33) it is several times slower than a copy. Here the
+concatenated axis is partitioned at the inputs' offsets (``loop_partition``), so that in
+each piece the selects are decided at compile time and the body is a plain vectorized copy
+with the epilogue applied::
+
+    for task in parallel(outer x inner // chunk):         # one thread-pool launch
+        for k in inputs:                                   # partitions of the axis
+            for c in [o_k, o_k + C_k):
+                Y[.., c, chunk] = epilogue(X_k[.., c - o_k, chunk])   (vectors)
+"""
+
+from __future__ import annotations
+
+import tvm
+
+from ..schedule import ScheduleRule, all_blocks, extent, pick_vec_tile
+
+CONCAT_BLOCK = "T_concat"
+MIN_CHUNK = 64  # floats per task and input row, at least (a 7 x 7 map: 49, one task)
+
+
+def _offsets(block, axis: int) -> list[int] | None:
+    """The inputs' offsets along ``axis`` from the block's reads (``X_k[.., v - o_k, ..]``)."""
+    offs = []
+    var = block.iter_vars[axis].var
+    for r in block.reads:
+        idx = r.region[axis].min
+        if idx.same_as(var):
+            offs.append(0)
+        elif isinstance(idx, tvm.tirx.Sub) and idx.a.same_as(var) and \
+                isinstance(idx.b, tvm.tirx.IntImm):
+            offs.append(int(idx.b))
+        else:
+            return None
+    return sorted(set(offs)) if len(set(offs)) == len(offs) else None
+
+
+def _match(sch) -> list:
+    """The function's last block when it is a concat (along a non-innermost axis of a static
+    shape) followed only by elementwise blocks."""
+    blocks = all_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    if names.count(CONCAT_BLOCK) != 1:
+        return []
+    for b in blocks:
+        blk = sch.get(b)
+        if any(iv.iter_type != 0 for iv in blk.iter_vars) or len(sch.get_loops(b)) != \
+                len(blk.iter_vars) or any(extent(sch, lp) is None for lp in sch.get_loops(b)):
+            return []
+    cat = blocks[names.index(CONCAT_BLOCK)]
+    return [cat] if _axis(sch, cat) is not None else []
+
+
+def _axis(sch, cat) -> tuple[int, list[int]] | None:
+    """``(axis, sizes)``: the concatenated axis and each input's extent along it, in order."""
+    blk = sch.get(cat)
+    rank = len(blk.iter_vars)
+    for axis in range(rank - 1):
+        offs = _offsets(blk, axis)
+        if offs is None or len(offs) < 2:
+            continue
+        total = int(blk.iter_vars[axis].dom.extent)
+        sizes = [b - a for a, b in zip(offs, offs[1:] + [total])]
+        if offs[0] == 0 and all(s > 0 for s in sizes):
+            return axis, sizes
+    return None
+
+
+def schedule_concat(sch, cat, lanes: int) -> None:
+    axis, sizes = _axis(sch, cat)
+    blocks = all_blocks(sch)
+    for b in blocks[:-1]:  # the concat and the epilogue into the last block
+        sch.compute_inline(b)
+    last = all_blocks(sch)[-1]
+    loops = sch.get_loops(last)
+    outer, part, inner = loops[:axis], loops[axis], loops[axis + 1:]
+    inner = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+    n_in = extent(sch, inner)
+    chunk = pick_vec_tile(n_in, lanes, max(MIN_CHUNK, n_in // 8)) if n_in > MIN_CHUNK \
+        else n_in
+    io, ii = sch.split(inner, [None, chunk])
+    sch.reorder(*outer, io, part, ii)
+    task = sch.fuse(*outer, io) if outer else io
+    for piece in sch.loop_partition(part, [*sizes[:-1], None]):
+        for b in sch.get_child_blocks(piece):
+            try:
+                sch.vectorize(sch.get_loops(b)[-1])
+            except Exception:  # noqa: BLE001 - a scalar copy is still correct
+                pass
+    sch.parallel(task)
+
+
+def _apply(sch, blocks, ctx) -> str:
+    schedule_concat(sch, blocks[0], ctx.lanes)
+    return "concat"
+
+
+RULE = ScheduleRule("concat", _match, _apply, anchor=False)
