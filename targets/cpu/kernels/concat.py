@@ -28,7 +28,7 @@ from ..schedule import ScheduleRule, all_blocks, extent, pick_vec_tile
 
 CONCAT_BLOCK = "T_concat"
 MIN_CHUNK = 64  # floats per task and input row, at least (a 7 x 7 map: 49, one task)
-FEW_INPUTS = 4  # up to this many inputs, one parallel loop (thread-pool launch) per input
+FEW_INPUTS = 4  # up to this many inputs, channels are the parallel tasks
 
 
 def _offsets(block, axis: int) -> list[int] | None:

@@ -23,10 +23,11 @@ import numpy as np
 from tvm import te
 
 from ..compute import conv_out, ints, pad_likely
-from ..schedule import (ScheduleRule, blocks_named, fuse_epilogue, parallel_pad, register_tile,
-                        vectorize_innermost)
+from ..schedule import (ScheduleRule, blocks_named, extent, fuse_epilogue, parallel_pad,
+                        register_tile, vectorize_innermost)
 
 CONV_BLOCK = "edgec_conv2d_packed"
+STEM_CHANNELS = 4  # input channels of an image stem (RGB, RGBA, gray)
 
 
 def pack_weight(w: np.ndarray, lanes: int) -> np.ndarray:
@@ -102,7 +103,8 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
     ``ob2 * cols`` FMAs. Narrow rows (7x7 maps) take two or three channel blocks, else a
     7-column tile would load nearly once per FMA."""
     n, o, y, x, b, ric, rkh, rkw = sch.get_loops(block)
-    oo, oi, xo, xi = register_tile(sch, o, x, max_cols)
+    oo, oi, xo, xi = register_tile(sch, o, x, max_cols,
+                                   stem=extent(sch, ric) <= STEM_CHANNELS)
     sch.reorder(n, oo, y, xo, ric, rkh, rkw, oi, xi, b)
     epilogue = fuse_epilogue(sch, block, xo)
     sch.parallel(sch.fuse(n, oo, y))
