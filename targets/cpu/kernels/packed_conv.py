@@ -24,10 +24,11 @@ from tvm import te
 
 from ..compute import conv_out, ints, pad_likely
 from ..schedule import (ScheduleRule, blocks_named, extent, fuse_epilogue, parallel_pad,
-                        register_tile, vectorize_innermost)
+                        pick_tile, register_tile, vectorize_innermost)
 
 CONV_BLOCK = "edgec_conv2d_packed"
 STEM_CHANNELS = 4  # input channels of an image stem (RGB, RGBA, gray)
+K_BLOCK_BYTES = 16 * 1024  # weights of one reduction chunk of a task (in L1)
 
 
 def pack_weight(w: np.ndarray, lanes: int) -> np.ndarray:
@@ -103,17 +104,37 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
     ``ob2 * cols`` FMAs. Narrow rows (7x7 maps) take two or three channel blocks, else a
     7-column tile would load nearly once per FMA."""
     n, o, y, x, b, ric, rkh, rkw = sch.get_loops(block)
-    oo, oi, xo, xi = register_tile(sch, o, x, max_cols,
-                                   stem=extent(sch, ric) <= STEM_CHANNELS)
-    sch.reorder(n, oo, y, xo, ric, rkh, rkw, oi, xi, b)
-    epilogue = fuse_epilogue(sch, block, xo)
-    sch.parallel(sch.fuse(n, oo, y))
+    ic, kh, kw = extent(sch, ric), extent(sch, rkh), extent(sch, rkw)
+    oo, oi, xo, xi = register_tile(sch, o, x, max_cols, stem=ic <= STEM_CHANNELS)
+    ob2 = extent(sch, oi)
+    chunk = _k_chunk(ic, kh * kw * ob2 * lanes * 4, extent(sch, y))
+    if chunk:
+        rco, rci = sch.split(ric, [None, chunk])
+        sch.reorder(n, oo, rco, y, xo, rci, rkh, rkw, oi, xi, b)
+        epilogue = fuse_epilogue(sch, block, oo)
+        sch.parallel(sch.fuse(n, oo))
+        first = rco
+    else:
+        sch.reorder(n, oo, y, xo, ric, rkh, rkw, oi, xi, b)
+        epilogue = fuse_epilogue(sch, block, xo)
+        sch.parallel(sch.fuse(n, oo, y))
+        first = ric
     sch.vectorize(b)
     sch.unroll(oi)
     sch.unroll(xi)
-    sch.decompose_reduction(block, ric)
+    sch.decompose_reduction(block, first)
     vectorize_innermost(sch, epilogue)  # along the tile's columns: contiguous NCHW stores
     parallel_pad(sch)
+
+
+def _k_chunk(ic: int, bytes_per_channel: int, rows: int) -> int | None:
+    """Input channels per reduction chunk when a task's weights (``ic x bytes_per_channel``)
+    exceed L1 by far: each chunk's weights stay in L1 while every output row of the block
+    passes over them, the partial sums kept in the output; None: no chunking."""
+    if rows < 2 or ic * bytes_per_channel <= K_BLOCK_BYTES * 2:
+        return None
+    chunk = pick_tile(ic, max(1, K_BLOCK_BYTES // bytes_per_channel))
+    return chunk if chunk * 4 >= K_BLOCK_BYTES // bytes_per_channel else None
 
 
 
