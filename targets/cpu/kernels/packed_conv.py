@@ -29,6 +29,7 @@ from ..schedule import (ScheduleRule, blocks_named, extent, fuse_epilogue, paral
 CONV_BLOCK = "edgec_conv2d_packed"
 STEM_CHANNELS = 4  # input channels of an image stem (RGB, RGBA, gray)
 K_BLOCK_BYTES = 16 * 1024  # weights of one reduction chunk of a task (in L1)
+MIN_TASKS = 8  # parallel tasks of a chunked convolution, at least (where the rows allow)
 
 
 def pack_weight(w: np.ndarray, lanes: int) -> np.ndarray:
@@ -109,10 +110,16 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
     ob2 = extent(sch, oi)
     chunk = _k_chunk(ic, kh * kw * ob2 * lanes * 4, extent(sch, y))
     if chunk:
+        # enough tasks for the threads: the rows split in blocks when there are few
+        # channel blocks (the Fashion CNN's 32 channels: one block, one thread otherwise)
+        blocks = extent(sch, n) * extent(sch, oo)
+        oh = extent(sch, y)
+        yb = next((d for d in range(1, oh + 1) if oh % d == 0 and blocks * d >= MIN_TASKS), oh)
+        yo, yi = sch.split(y, [yb, None])
         rco, rci = sch.split(ric, [None, chunk])
-        sch.reorder(n, oo, rco, y, xo, rci, rkh, rkw, oi, xi, b)
-        epilogue = fuse_epilogue(sch, block, oo)
-        sch.parallel(sch.fuse(n, oo))
+        sch.reorder(n, oo, yo, rco, yi, xo, rci, rkh, rkw, oi, xi, b)
+        epilogue = fuse_epilogue(sch, block, yo)
+        sch.parallel(sch.fuse(n, oo, yo))
         first = rco
     else:
         sch.reorder(n, oo, y, xo, ric, rkh, rkw, oi, xi, b)
