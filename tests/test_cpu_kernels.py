@@ -365,6 +365,11 @@ def test_kernels_build_for_aarch64(tmp_path, target):
                     {"s": np.array([1, 8, 14, 14], np.int64)}, opset=13)
     report = compile_to(rs, tmp_path / "rs", target=target)
     assert report["kernels"]["counts"] == {"resize": 1}, report["kernels"]
+    cat = make_model([helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+                      helper.make_node("Relu", ["c"], ["y"])],
+                     [("a", [1, 8, 13, 13]), ("b", [1, 24, 13, 13])], [("y", [1, 32, 13, 13])])
+    report = compile_to(cat, tmp_path / "cat", target=target)
+    assert report["kernels"]["counts"] == {"concat": 1}, report["kernels"]
 
 
 def test_batch_split_matches(tmp_path):

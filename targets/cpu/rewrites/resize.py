@@ -15,30 +15,25 @@ import functools
 import tvm
 from tvm import relax
 
-from ..compute import ints
 from ..kernels.resize import COORD_MODES, ROUNDING, resize_tables, resize_te
+from .common import static_shape
 
 RESIZE = tvm.ir.Op.get("relax.image.resize2d")
 _KERNEL = {"op_pattern": 4}
-
-
-def _static(shape) -> bool:
-    return shape is not None and all(isinstance(d, tvm.tirx.IntImm) for d in shape.values)
 
 
 def supported(call) -> tuple[int, int, int, int] | None:
     """``(h, w, oh, ow)`` of a resize the kernel takes, else None."""
     a = call.attrs
     x = call.args[0]
-    shape, oshape = x.ty.shape, call.ty.shape
+    shape, oshape = static_shape(x), static_shape(call)
     if (a.layout != "NCHW" or str(x.ty.dtype) != "float32" or str(call.ty.dtype) != "float32"
             or a.method not in ("linear", "nearest_neighbor")
             or a.coordinate_transformation_mode not in COORD_MODES
             or a.rounding_method not in ROUNDING or any(float(r) for r in a.roi)
-            or not _static(shape) or not _static(oshape) or len(shape.values) != 4):
+            or shape is None or oshape is None or len(shape) != 4):
         return None
-    h, w = ints(shape.values)[2:]
-    oh, ow = ints(oshape.values)[2:]
+    (h, w), (oh, ow) = shape[2:], oshape[2:]
     return (h, w, oh, ow) if min(h, w, oh, ow) > 0 else None
 
 
