@@ -87,3 +87,12 @@ def use_counts(func) -> dict:
     walk(body.body)
     return counts
 
+
+
+def rewrite_functions(rw, mod):
+    """Run the mutator ``rw`` (built on ``mod``) over every Relax function of ``mod``;
+    returns its builder's module."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return rw.builder_.get()

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax, te, tirx, topi
 from tvm.relax.transform.legalize_ops.unary import _call_topi_without_attr
 
-from .common import RELU, static_shape
+from .common import RELU, rewrite_functions, static_shape
 from .requant_fold import clamp_of
 
 
@@ -84,9 +84,6 @@ def nan_clamp_pass():
     @tvm.transform.module_pass(opt_level=0, name="EdgecNaNClamp")
     def _pass(mod, _ctx):
         rw = NaNClamp(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rw.builder_.get())
+        return relax.transform.DeadCodeElimination()(rewrite_functions(rw, mod))
 
     return _pass

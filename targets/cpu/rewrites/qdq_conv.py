@@ -28,7 +28,7 @@ from ..kernels.int8_pixel import int8_conv1x1_px_te, pack_weight_px, px_tile
 from ..kernels.int8_winograd import int8_winograd_te, transform_weight_int8, wino8_applies
 from ..kernels.row_conv import q_dwconv_te
 from .common import (CONV, DQ, MATMUL, PERMUTE, POOL, RESIDUAL, Q, Skip, const_value,
-                     kernel_key, scalar_value, static_shape)
+                     kernel_key, rewrite_functions, scalar_value, static_shape)
 _KERNEL = {"op_pattern": 4}
 
 
@@ -280,10 +280,7 @@ def rewrite_pass(target, record: BuildRecord | None = None, kernels: dict | None
     @tvm.transform.module_pass(opt_level=0, name="EdgecQuantizedConv")
     def _pass(mod, _ctx):
         rw = QdqRewriter(mod, isa, kernels)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        out = rw.builder_.get()
+        out = rewrite_functions(rw, mod)
         if record is not None and rw.stats.any():
             record.int8 = rw.stats
         return relax.transform.DeadCodeElimination()(out)

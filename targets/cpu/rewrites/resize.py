@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from ..kernels.resize import COORD_MODES, ROUNDING, resize_tables, resize_te
-from .common import static_shape
+from .common import rewrite_functions, static_shape
 
 RESIZE = tvm.ir.Op.get("relax.image.resize2d")
 _KERNEL = {"op_pattern": 4}
@@ -68,9 +68,7 @@ def resize_pass():
     @tvm.transform.module_pass(opt_level=0, name="EdgecResize")
     def _pass(mod, _ctx):
         rw = ResizeRewriter(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(func))
-        return rw.builder_.get() if rw.count else mod
+        out = rewrite_functions(rw, mod)
+        return out if rw.count else mod
 
     return _pass
