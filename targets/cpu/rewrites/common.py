@@ -89,6 +89,10 @@ def use_counts(func) -> dict:
 
 
 
+KERNEL_ATTRS = {"op_pattern": 4}
+"""PrimFunc attributes of an emitted kernel: out-elementwise fusable (its epilogue fuses)."""
+
+
 def rewrite_functions(rw, mod):
     """Run the mutator ``rw`` (built on ``mod``) over every Relax function of ``mod``;
     returns its builder's module."""

@@ -24,9 +24,9 @@ from ..kernels.dense import dense_packed_te, pack_dense
 from ..kernels.packed_conv import conv_packed_te, grouped_applies, pack_weight, padded_width
 from ..kernels.pixel_conv import conv1x1_px_te, conv_px_tile, pack_weight_px
 from ..kernels.row_conv import dwconv_te
+from .common import KERNEL_ATTRS as _KERNEL
 from ..kernels.winograd import transform_weight, winograd_te, winograd_tile
 
-_KERNEL = {"op_pattern": 4}
 
 
 def _static(shape) -> bool:

@@ -27,9 +27,9 @@ from ..kernels.int8_conv import int8_conv_te, int8_matmul_te, pack_weight
 from ..kernels.int8_pixel import int8_conv1x1_px_te, pack_weight_px, px_tile
 from ..kernels.int8_winograd import int8_winograd_te, transform_weight_int8, wino8_applies
 from ..kernels.row_conv import q_dwconv_te
+from .common import KERNEL_ATTRS as _KERNEL
 from .common import (CONV, DQ, MATMUL, PERMUTE, POOL, RESIDUAL, Q, Skip, const_value,
                      kernel_key, rewrite_functions, scalar_value, static_shape)
-_KERNEL = {"op_pattern": 4}
 
 
 @dataclass

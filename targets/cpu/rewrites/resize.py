@@ -16,10 +16,10 @@ import tvm
 from tvm import relax
 
 from ..kernels.resize import COORD_MODES, ROUNDING, resize_tables, resize_te
+from .common import KERNEL_ATTRS as _KERNEL
 from .common import rewrite_functions, static_shape
 
 RESIZE = tvm.ir.Op.get("relax.image.resize2d")
-_KERNEL = {"op_pattern": 4}
 
 
 def supported(call) -> tuple[int, int, int, int] | None:
