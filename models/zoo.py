@@ -389,23 +389,7 @@ def _build_torchvision(name, seed, batch, image_size) -> onnx.ModelProto:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _torch_module(name, torch, torchvision)
-    dummy = torch.zeros(batch or 1, 3, size, size)
-    dynamic = None if batch is not None else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        torch.onnx.export(
-            model, (dummy,), buf,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes=dynamic,
-            do_constant_folding=True,
-        )
-    data = buf.getvalue()
+    data = _export_torch(torch, model, batch, size)
     proto = onnx.load_from_string(data)
     if name in _DENSE and batch is None:
         # With a dynamic batch the exporter cannot tell that a Resize to a Shape-computed size
@@ -425,6 +409,71 @@ def _build_torchvision(name, seed, batch, image_size) -> onnx.ModelProto:
         tmp.unlink(missing_ok=True)
     return proto
 
+
+def _export_torch(torch, model, batch: int | None, size: int) -> bytes:
+    """The serialized ONNX export of eval-mode ``model`` (input [batch, 3, size, size])."""
+    dummy = torch.zeros(batch or 1, 3, size, size)
+    dynamic = None if batch is not None else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.onnx.export(
+            model, (dummy,), buf,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
+    return buf.getvalue()
+
+
+def build_on_data(name: str, images: np.ndarray, labels: np.ndarray | None = None,
+                  seed: int = 0, ridge: float = 1e-2) -> onnx.ModelProto:
+    """Zoo classifier ``name`` (torchvision) with random weights made to depend on real
+    ``images`` [N, 3, H, W], exported at batch 1. With plain random weights a classifier's
+    top-1 is one class for every picture (MobileNetV2: logits input-independent to 1e-10), so
+    agreement with the original measures nothing. Here the BatchNorm statistics come from one
+    training-mode pass over ``images``, and the last linear layer is replaced: with ``labels``
+    [N] by a ridge-regression probe onto ``labels.max() + 1`` classes fit on the images'
+    features (random convolutional features, a trained head: top-1 as confident as a linear
+    probe's), else rescaled so every logit has mean 0 and variance 1 over the images. Not
+    cached."""
+    if name not in _TORCHVISION or name in _DENSE:
+        raise ValueError(f"build_on_data takes a torchvision classifier, not {name!r}")
+    torch, torchvision = _torch_modules(name)
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        model = getattr(torchvision.models, name)(weights=None, **_TV_KWARGS.get(name, {}))
+        _bn_statistics(torch, model, x[:256])
+        parent, attr, fc = [(p, n, c) for p in model.modules()
+                            for n, c in p.named_children() if isinstance(c, torch.nn.Linear)][-1]
+        feats = []
+        hook = fc.register_forward_hook(lambda m, i, o: feats.append(i[0].clone()))
+        logits = torch.cat([model(x[i:i + 32]) for i in range(0, len(x), 32)])
+        hook.remove()
+        f = torch.cat(feats).double()
+        if labels is None:
+            mean, std = logits.mean(0), logits.std(0).clamp_min(1e-12)
+            fc.weight /= std[:, None]
+            fc.bias.copy_((fc.bias - mean) / std)
+        else:
+            y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+            k = int(y.max()) + 1
+            mu, sd = f.mean(0), f.std(0).clamp_min(1e-6)
+            z = (f - mu) / sd
+            t = torch.nn.functional.one_hot(y, k).double() - 1.0 / k
+            w = torch.linalg.solve(z.T @ z + ridge * len(z) * torch.eye(z.shape[1],
+                                                                        dtype=z.dtype), z.T @ t)
+            head = torch.nn.Linear(f.shape[1], k)
+            head.weight.copy_((w / sd[:, None]).T.float())
+            head.bias.copy_((1.0 / k - (mu / sd) @ w).float())
+            setattr(parent, attr, head)
+    return onnx.load_from_string(_export_torch(torch, model.eval(), 1, int(images.shape[-1])))
 
 def _db_detector(torch):
     """DB-style text detector (PP-OCRv4 mobile detector's shape), eval mode; see the docstring."""
@@ -516,13 +565,19 @@ def _calibrate_bn(torch, model, size: int):
     (current RNG) random [2, 3, size, size] batch: every BN then normalises its input, so
     activations stay O(1) however the weights were initialised. ``size`` is fixed per model,
     so the weights do not depend on the export size."""
+    return _bn_statistics(torch, model, torch.randn(2, 3, size, size))
+
+
+def _bn_statistics(torch, model, x):
+    """Eval-mode ``model`` whose BatchNorm statistics are those of one training-mode pass
+    over the batch ``x``."""
     with torch.no_grad():
         bn_types = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
         for bn in (m for m in model.modules() if isinstance(m, bn_types)):
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average: one pass sets the batch statistics
         model.train()
-        model(torch.randn(2, 3, size, size))
+        model(x)
     return model.eval()
 
 

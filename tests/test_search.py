@@ -150,8 +150,13 @@ def test_bad_val_is_refused_before_searching(task, tmp_path):
         run_search(src, tmp_path / "a", opts, {"x": val["x"], "labels": val["labels"][:5]}, 1.0)
     with pytest.raises(EdgecError, match="--val"):
         run_search(src, tmp_path / "b", opts, {"y": val["x"]}, 1.0)
-    with pytest.raises(EdgecError, match="latency"):
+    with pytest.raises(EdgecError, match="latency.*--no-build"):
         run_search(src, tmp_path / "c", opts, val, 1.0, objective="latency")
+    bopts = CompileOptions(target="rpi4", passes=["prune"], calib=calib, progress=False)
+    with pytest.raises(EdgecError, match="rpi4 does not run on this machine.*--rpc"):
+        run_search(src, tmp_path / "c", bopts, val, 1.0, objective="latency")
+    with pytest.raises(EdgecError, match="--rpc.*--objective latency"):
+        run_search(src, tmp_path / "c", opts, val, 1.0, board={"rpc": "h:1", "key": "k"})
     with pytest.raises(EdgecError, match="same rows"):
         run_search(src, tmp_path / "d", opts, calib, 1.0)
     assert not any((tmp_path / n).exists() for n in "abcd")
@@ -166,6 +171,32 @@ def test_bad_val_is_refused_before_searching(task, tmp_path):
                         "--val", str(tmp_path / "val.npz"), "--no-build", "-o",
                         str(tmp_path / "f")], capture_output=True, text=True)
     assert r.returncode == 2 and "--max-drop" in r.stderr
+
+
+def test_latency_objective_compiles_and_times_what_may_be_chosen(task):
+    """``--objective latency``: the original and every candidate within the budget are built
+    and timed (the others never are); the chosen one is the fastest measured within budget."""
+    src, calib, val, held, tmp = task
+    passes = ["lowrank", "quantize"]
+    opts = CompileOptions(passes=passes, calib=calib, progress=False)
+    rep = run_search(src, tmp / "lat", opts, val, 3.0, "latency", minutes=3.0,
+                     search_passes=passes)
+    js = json.loads((tmp / "lat" / "search.json").read_text())
+    assert js["objective"] == "latency" and js["base"]["latency_ms"] > 0
+    timed = [c for c in js["evaluated"] if c["latency_ms"] is not None]
+    within = [c for c in js["evaluated"] if c["error"] is None and c["bound"] <= 3.0]
+    assert timed and all(c["bound"] <= 3.0 for c in timed)
+    assert len(timed) == len(within) and js["timed"]["builds"] == len(timed)  # the original
+    # is the first entry of "evaluated" and was timed as well (the ratio's base)
+    assert js["evaluated"][0]["phase"] == "original"
+    assert all(c["objective"] == c["latency_ms"] for c in timed)
+    assert all(c["objective"] is None for c in js["evaluated"] if c not in timed)
+    ch = js["chosen"]
+    assert ch["latency_ms"] == min(c["latency_ms"] for c in timed)
+    assert all(c["latency_ms"] is not None for c in js["frontier"])
+    assert rep["search"]["timed"]["where"] == "this machine" and "kernels" in rep
+    assert (tmp / "lat" / "plots" / "tradeoff.png").is_file()
+    assert _accuracy(tmp / "lat", held) >= 0.95
 
 
 def test_lowrank_without_settings_or_data_refuses():

@@ -24,8 +24,14 @@ is within ``--max-drop``; the margin is stated in the output and ``search.json``
 
 Objectives: ``macs`` -- Conv/Gemm/MatMul multiply-accumulates, counting only nonzero weights
 (what the sparse kernels execute; equal to the report's MACs without zeros); ``size`` -- the
-bytes of the rewritten ``model.onnx``. ``latency`` is not implemented yet (it needs a TVM build
-per candidate): it is refused before any work with that reason.
+bytes of the rewritten ``model.onnx``; ``latency`` -- the candidate compiled for the target and
+timed (:class:`LatencyProbe`: median of repeated runs in a fresh process here, as ``edgec
+bench`` times, or on a board over ``--rpc``). A build and a timing cost seconds to a minute, so
+under ``latency`` only candidates whose drop bound is within the budget are compiled and timed
+(the others can never be chosen; they stay in ``search.json`` with ``latency_ms: null`` and
+off the frontier); the original model is compiled too, its latency the ratio's base. The greedy
+works on measured times, so what the target runs faster (int8 where it has integer kernels,
+low-rank pairs where they beat the dense layer) wins, not what has fewer MACs.
 """
 
 from __future__ import annotations
@@ -160,20 +166,79 @@ class Candidate:
     phase: str
     ok: bool = False
     error: str | None = None
+    latency_ms: float | None = None        # objective latency: compiled and timed
+
 
     def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        # strict JSON: an unmeasured or failed candidate's infinities are nulls
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in self.__dict__.items()}
+
+
+class LatencyProbe:
+    """Compiles a candidate model for the target and times it: here, in a fresh process (the
+    ``edgec bench`` worker: warm-up, then the median of ``repeat`` runs), or on a board
+    registered with a TVM RPC tracker (``board = {"rpc", "key"}``, TVM's time evaluator)."""
+
+    def __init__(self, opts, board: dict | None = None, threads: int | None = None,
+                 repeat: int = 15, warmup: int = 3):
+        import dataclasses
+
+        from edgec.runtime import default_threads
+
+        self.opts = dataclasses.replace(
+            opts, passes=[], preset="none", sets=[], input_shapes={}, calib=None, verify=False,
+            build=True, tune_trials=None, tune_minutes=None, progress=False, extra_files={},
+            report_extra={})
+        self.board, self.repeat, self.warmup = board, repeat, warmup
+        self.threads = threads or default_threads()
+        self.seconds = 0.0                  # spent compiling and timing
+        self.count = 0
+
+    def __call__(self, model: onnx.ModelProto) -> float:
+        """Milliseconds per run of ``model`` compiled for the target (batch as in the model)."""
+        import tempfile
+        from pathlib import Path
+
+        from edgec.core.importer import random_feeds
+        from edgec.driver.bench import _run_worker
+        from edgec.driver.compiler import compile_model
+
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="edgec-latency-") as tmp:
+            src, art = Path(tmp) / "candidate.onnx", Path(tmp) / "artifact"
+            onnx.save_model(model, str(src))
+            compile_model(src, art, self.opts)
+            feeds = random_feeds(model, seed=0)
+            if self.board is not None:
+                from edgec.runtime.remote import RemoteSession
+
+                run = RemoteSession(art, self.board["rpc"], self.board["key"]).timer(feeds)
+                for _ in range(self.warmup):
+                    run()
+                times = [run() for _ in range(self.repeat)]
+            else:
+                fp = Path(tmp) / "feeds.npz"
+                np.savez(fp, **feeds)
+                times = _run_worker("tvm", art, fp, self.threads, self.repeat, self.warmup)
+        self.seconds += time.perf_counter() - t0
+        self.count += 1
+        return float(np.median(times) * 1e3)
 
 
 class Evaluator:
     """Runs a configuration's passes on the normalized model and scores it on val data."""
 
-    def __init__(self, model, calib, feeds, labels, objective, order, confidence, target=None):
+    def __init__(self, model, calib, feeds, labels, objective, order, confidence, target=None,
+                 latency: LatencyProbe | None = None, max_drop: float = math.inf):
         from edgec.passes._calib import fixed_batch
         from edgec.runtime import OrtSession, run_batched
 
+        if objective == "latency" and latency is None:
+            raise EdgecError("objective latency needs a LatencyProbe (the target to time on)")
         self.model, self.calib, self.feeds, self.labels = model, calib, feeds, labels
         self.objective, self.order, self.target = objective, order, target
+        self.latency, self.max_drop = latency, max_drop
         self.z = _z(confidence)
         self.batch = fixed_batch(model)
         ref = run_batched(OrtSession(model), feeds, self.batch)[0]
@@ -185,6 +250,8 @@ class Evaluator:
         self.ref_ok = self.ref_top1 == labels if labels is not None else None
         self.base_accuracy = float(self.ref_ok.mean()) if labels is not None else None
         self.base = self.measure(model)
+        if latency is not None:
+            self.base["latency_ms"] = latency(model)  # the dense fp32 model, compiled
         self.history: list[Candidate] = []
         self.cache: dict[tuple, Candidate] = {}
 
@@ -224,9 +291,16 @@ class Evaluator:
             k = int(np.sum(top1 != self.ref_top1))
             drop, bound, acc = 100 * k / len(top1), wilson_upper(k, len(top1), self.z), None
         st = self.measure(m)
-        obj = st["macs_effective"] if self.objective == "macs" else st["size"]
+        ms = None
+        if self.objective == "latency":
+            # only a candidate that may be chosen is worth a build and a timing
+            ms = self.latency(m) if bound <= self.max_drop else None
+            obj = ms if ms is not None else math.inf
+        else:
+            obj = st["macs_effective"] if self.objective == "macs" else st["size"]
         c = Candidate(dict(levels), sets, float(obj), drop, bound, acc, agree, st["macs"],
-                      st["macs_effective"], st["size"], time.perf_counter() - t0, phase)
+                      st["macs_effective"], st["size"], time.perf_counter() - t0, phase,
+                      latency_ms=ms)
         self.history.append(c)
         self.cache[k] = c
         return c
@@ -260,8 +334,9 @@ class SearchResult:
 
 
 def frontier(cands: list[Candidate]) -> list[Candidate]:
-    """Non-dominated candidates (lower objective, lower drop), by objective."""
-    ok = [c for c in cands if c.error is None]
+    """Non-dominated candidates (lower objective, lower drop), by objective (a candidate
+    whose objective was not measured -- latency over budget -- is on no frontier)."""
+    ok = [c for c in cands if c.error is None and math.isfinite(c.objective)]
     out = []
     for c in sorted(ok, key=lambda c: (c.objective, c.drop)):
         if not out or c.drop < out[-1].drop:
@@ -301,10 +376,11 @@ def search(ev: Evaluator, passes: list[str], max_drop: float, minutes: float,
     t0 = time.perf_counter()
     deadline = t0 + 60 * minutes
     off = {p: -1 for p in passes}
-    origin = Candidate(dict(off), {}, float(ev.base["macs_effective"] if ev.objective == "macs"
-                                            else ev.base["size"]), 0.0, 0.0,
+    base_key = {"macs": "macs_effective", "size": "size", "latency": "latency_ms"}[ev.objective]
+    origin = Candidate(dict(off), {}, float(ev.base[base_key]), 0.0, 0.0,
                        ev.base_accuracy, 1.0, ev.base["macs"], ev.base["macs_effective"],
-                       ev.base["size"], 0.0, "original", True)
+                       ev.base["size"], 0.0, "original", True,
+                       latency_ms=ev.base.get("latency_ms"))
     best = origin
     bar = _Progress(progress, 60 * minutes)
     sens: dict[str, list[Candidate]] = {p: [] for p in passes}
@@ -335,11 +411,12 @@ def search(ev: Evaluator, passes: list[str], max_drop: float, minutes: float,
         usable = {p: [c for c in sens[p] if c.ok] for p in passes}
         base_obj = origin.objective
 
-        sec = "size" if ev.objective == "macs" else "macs_effective"
+        sec = "macs_effective" if ev.objective == "size" else "size"
+        floor = 1e-6 if ev.objective == "latency" else 1.0
 
         def gain(c):  # log objective reduction (objectives compose multiplicatively); the
             # other objective breaks ties (quantize: no MACs saved, 4x smaller)
-            return math.log(base_obj / max(c.objective, 1.0)) + \
+            return math.log(base_obj / max(c.objective, floor)) + \
                 0.05 * math.log(ev.base[sec] / max(getattr(c, sec), 1))
 
         levels = dict(off)
@@ -427,7 +504,7 @@ def tradeoff_png(result: SearchResult, objective: str, max_drop: float) -> bytes
 
     base = result.history[0].objective or 1.0
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ok = [c for c in result.history if c.error is None]
+    ok = [c for c in result.history if c.error is None and math.isfinite(c.objective)]
     ax.scatter([c.objective / base for c in ok], [c.drop for c in ok], s=14, c="0.6",
                label="evaluated (estimate on val)")
     fr = result.frontier
@@ -453,7 +530,7 @@ def tradeoff_png(result: SearchResult, objective: str, max_drop: float) -> bytes
 
 def run_search(model_path, out_dir, opts, val: dict[str, np.ndarray], max_drop: float,
                objective: str = "macs", minutes: float = 10.0, confidence: float = 0.95,
-               search_passes: list[str] | None = None) -> dict:
+               search_passes: list[str] | None = None, board: dict | None = None) -> dict:
     """Search, then compile the chosen configuration into ``out_dir``; returns the report
     (with ``report["search"]``); ``OUT/search.json`` and ``OUT/plots/tradeoff.png``."""
     import dataclasses
@@ -465,9 +542,20 @@ def run_search(model_path, out_dir, opts, val: dict[str, np.ndarray], max_drop: 
 
     if objective not in OBJECTIVES:
         raise EdgecError(f"--objective: '{objective}' is not one of {', '.join(OBJECTIVES)}")
+    if board is not None and objective != "latency":
+        raise EdgecError("--rpc in a search times candidates on the board: it goes with "
+                         "--objective latency")
     if objective == "latency":
-        raise EdgecError("--objective latency is not implemented yet (it needs a TVM build and "
-                         "a timing run per candidate); use --objective macs or size")
+        from edgec.targets import get_target
+
+        if not opts.build:
+            raise EdgecError("--objective latency compiles and times every candidate: it "
+                             "cannot go with --no-build")
+        spec = get_target(opts.target)
+        if board is None and not spec.runs_on_host():
+            raise EdgecError(f"--objective latency times the candidates on the target, and "
+                             f"{spec.name} does not run on this machine: give the board with "
+                             "--rpc HOST:PORT --key KEY, or search --objective macs")
     if not (0.0 <= max_drop <= 100.0):
         raise EdgecError(f"--max-drop must be within [0, 100] points, got {max_drop}")
     if minutes <= 0:
@@ -493,8 +581,9 @@ def run_search(model_path, out_dir, opts, val: dict[str, np.ndarray], max_drop: 
     # estimated-drop line): the chosen model and the recorded command give the same model
     calib = compiler.split_calib(calib)[0]
     order = [p for p in SEARCHABLE if p in passes]
+    probe = LatencyProbe(opts, board) if objective == "latency" else None
     ev = Evaluator(model, calib, feeds, labels, objective, order, confidence,
-                   compiler.target_info(opts))
+                   compiler.target_info(opts), latency=probe, max_drop=max_drop)
     res = search(ev, order, max_drop, minutes, opts.progress)
     res.confidence = confidence
     metric = "accuracy (labels)" if labels is not None else "top-1 disagreement with the original"
@@ -503,6 +592,10 @@ def run_search(model_path, out_dir, opts, val: dict[str, np.ndarray], max_drop: 
     names = [p for p in order if p in chosen.settings]
     sets = [f"{p}.{k}={v}" for p, kv in chosen.settings.items() for k, v in kv.items()]
     js["reproduce"] = {"passes": names, "sets": sets}
+    if probe is not None:
+        js["timed"] = {"where": f"board '{board['key']}' at {board['rpc']}" if board
+                       else "this machine", "threads": probe.threads, "builds": probe.count,
+                       "seconds": round(probe.seconds, 1)}
     extra = {"search.json": (json.dumps(js, indent=1) + "\n").encode()}
     png = tradeoff_png(res, objective, max_drop)
     if png:
@@ -511,6 +604,8 @@ def run_search(model_path, out_dir, opts, val: dict[str, np.ndarray], max_drop: 
                                   "base", "base_accuracy", "stopped", "seconds", "reproduce")}
     summary["chosen"] = chosen.to_json()
     summary["evaluated"] = len(res.history) - 1
+    if probe is not None:
+        summary["timed"] = js["timed"]
     copts = dataclasses.replace(opts, passes=names, preset=None, sets=sets, extra_files=extra,
                                 report_extra={"search": summary})
     return compiler.compile_model(model_path, out_dir, copts)

@@ -8,7 +8,8 @@ from pathlib import Path
 from edgec import __version__
 from edgec.core.errors import EdgecError
 
-from ._args import add_pipeline, add_target, add_target_options, compile_options, human
+from ._args import (add_board_args, add_pipeline, add_target, add_target_options, board_of,
+                    compile_options, human)
 
 
 def add_parser(sub) -> None:
@@ -35,9 +36,11 @@ def add_parser(sub) -> None:
     s.add_argument("--val", metavar="FILE.npz", help="validation data for --max-drop: one array "
                    "per input, optional 'labels' (else top-1 agreement with the original)")
     s.add_argument("--objective", choices=("macs", "size", "latency"), default="macs",
-                   help="what the search minimizes (default macs; latency: not yet)")
+                   help="what the search minimizes (default macs; latency: each candidate "
+                   "within the budget compiled and timed on the target, here or over --rpc)")
     s.add_argument("--search-minutes", type=float, default=10.0, metavar="M",
                    help="time budget of the search (default 10); Ctrl-C keeps the best so far")
+    add_board_args(s)
     c.set_defaults(fn=run)
 
 
@@ -58,7 +61,8 @@ def run(a) -> int:
     )
     if a.max_drop is None:
         for flag, v in (("--val", a.val), ("--objective", a.objective != "macs" or None),
-                        ("--search-minutes", a.search_minutes != 10.0 or None)):
+                        ("--search-minutes", a.search_minutes != 10.0 or None),
+                        ("--rpc", a.rpc), ("--key", a.key)):
             if v:
                 raise EdgecError(f"{flag} belongs to the search: give --max-drop POINTS too")
         report = compiler.compile_model(a.model, out, opts)
@@ -78,7 +82,7 @@ def run(a) -> int:
         if a.set:
             raise EdgecError("--set and --max-drop: the search chooses the settings")
         report = run_search(a.model, out, opts, load_npz(a.val), a.max_drop, a.objective,
-                            a.search_minutes, search_passes=opts.passes)
+                            a.search_minutes, search_passes=opts.passes, board=board_of(a))
     print_report(report, a.model, out)
     return 0
 
@@ -117,6 +121,11 @@ def print_report(report: dict, model: str, out: Path) -> None:
               f"{se['stopped']}): conv+gemm MACs x{base['macs'] / max(c['macs'], 1):.2f} "
               f"(nonzero x{base['macs_effective'] / max(c['macs_effective'], 1):.2f}), model.onnx "
               f"x{base['size'] / max(c['size'], 1):.2f} smaller")
+        if c.get("latency_ms") and base.get("latency_ms"):
+            t = se.get("timed", {})
+            print(f"  latency {base['latency_ms']:.3f} ms -> {c['latency_ms']:.3f} ms "
+                  f"(x{base['latency_ms'] / c['latency_ms']:.2f} faster than the original "
+                  f"compiled; median on {t.get('where', '?')}, {t.get('builds', '?')} builds)")
         print(f"  drop on --val {c['drop']:.2f} points, upper bound {c['bound']:.2f} <= "
               f"{se['max_drop']} ({100 * se['confidence']:.0f} % one-sided confidence: the "
               "margin); search.json, plots/tradeoff.png")

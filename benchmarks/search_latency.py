@@ -1,0 +1,160 @@
+"""``--max-drop --objective latency`` on zoo models: the fastest compiled model within a budget.
+
+    python benchmarks/search_latency.py [--models mobilenet_v2,resnet18] [--max-drop 1.0]
+                                        [--minutes 10] [--passes prune,lowrank,sparse,quantize]
+                                        [--calib 300] [--val 500] [--judge 1000] [--no-record]
+
+The models are torchvision's with random (seeded) convolution weights, their BatchNorm
+statistics and a linear 10-class head fit on 1000 training pictures (``zoo.build_on_data``:
+plain random weights give one top-1 class for every picture, which makes agreement
+meaningless). The score is top-1 agreement with that original model; ``--max-drop`` bounds
+the disagreement in points. Images are real: Fashion-MNIST pictures upscaled to 224x224
+(nearest, x8) on three channels, ImageNet-normalized -- calibration from the training split,
+validation (what the search scores on) and the judged rows (what it never saw) from disjoint
+parts of the test split.
+
+Printed per model: the search (configurations, wall time, its time budget), the chosen
+settings, the disagreement of the *compiled* chosen model with the original on the judged rows,
+and the speed-up over the dense fp32 model compiled by edgec -- both libraries re-timed at the
+end in alternating rounds, each in its own fresh process (median), batch 1, all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _images(split: str, start: int, n: int) -> np.ndarray:
+    from models import fashion_mnist
+
+    px, _ = fashion_mnist.load_raw(split)
+    x = px[start:start + n].astype(np.float32) / 255.0
+    x = np.repeat(np.repeat(x, 8, axis=1), 8, axis=2)[:, None]          # [n, 1, 224, 224]
+    mean = np.array([0.485, 0.456, 0.406], np.float32)[None, :, None, None]
+    std = np.array([0.229, 0.224, 0.225], np.float32)[None, :, None, None]
+    return np.ascontiguousarray((np.repeat(x, 3, axis=1) - mean) / std, dtype=np.float32)
+
+
+def _top1(sess, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([sess.run(None, {"input": x[i:i + 1]})[0].argmax(1)
+                           for i in range(len(x))])
+
+
+def _retime(arts: list[Path], feeds: dict, rounds: int = 3, repeat: int = 10) -> list[float]:
+    from edgec.driver.bench import _run_worker
+    from edgec.runtime import default_threads
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp = Path(tmp) / "feeds.npz"
+        np.savez(fp, **feeds)
+        times: list[list[float]] = [[] for _ in arts]
+        for _ in range(rounds):
+            for i, a in enumerate(arts):
+                times[i] += _run_worker("tvm", a, fp, default_threads(), repeat, 3)
+    return [float(np.median(t) * 1e3) for t in times]
+
+
+def one(name: str, a, work: Path) -> dict:
+    import onnx
+
+    from edgec.driver.compiler import CompileOptions, compile_model
+    from edgec.driver.search import run_search
+    from edgec.models import zoo
+    from edgec.runtime import OrtSession, Session
+
+    from models import fashion_mnist
+
+    src = work / f"{name}.onnx"
+    _, ytr = fashion_mnist.load_raw("train")
+    _, yte = fashion_mnist.load_raw("test")
+    onnx.save(zoo.build_on_data(name, _images("train", 0, 1000), ytr[:1000]), src)
+    xc = _images("train", 0, a.calib)
+    xv = _images("test", 0, a.val)
+    xj = _images("test", a.val, a.judge)
+    orig = OrtSession(onnx.load(src))
+    ref_v = _top1(orig, xv)
+    passes = [s for s in a.passes.split(",") if s]
+    out = work / f"{name}.art"
+    opts = CompileOptions(passes=passes, calib={"input": xc}, progress=False)
+    t0 = time.perf_counter()
+    rep = run_search(src, out, opts, {"input": xv}, a.max_drop, "latency", a.minutes,
+                     search_passes=passes)
+    wall = time.perf_counter() - t0
+    se = rep["search"]
+    js = json.loads((out / "search.json").read_text())
+    dense = work / f"{name}.dense"
+    compile_model(src, dense, CompileOptions(passes=[], preset="none", progress=False))
+    lib = Session(out)
+    ref_j = _top1(orig, xj)
+    got_j = _top1(lib, xj)
+    y_j = yte[a.val:a.val + a.judge]
+    d_ms, c_ms = _retime([dense, out], {"input": xj[:1]})
+    return {"name": name, "search": se, "frontier": js["frontier"], "wall": wall,
+            "val_classes": int(len(np.unique(ref_v))),
+            "judged_disagreement": 100 * float(np.mean(ref_j != got_j)),
+            "judged_accuracy": [100 * float(np.mean(ref_j == y_j)),
+                                100 * float(np.mean(got_j == y_j))],
+            "dense_ms": d_ms, "chosen_ms": c_ms,
+            "plot": (out / "plots" / "tradeoff.png").is_file()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="mobilenet_v2,resnet18")
+    p.add_argument("--passes", default="prune,lowrank,sparse,quantize")
+    p.add_argument("--max-drop", type=float, default=1.0)
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--calib", type=int, default=300)
+    p.add_argument("--val", type=int, default=500)
+    p.add_argument("--judge", type=int, default=1000)
+    p.add_argument("--keep", help="keep the artifacts (search.json, plots) in this folder")
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.keep) if a.keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in [m for m in a.models.split(",") if m]:
+            r = one(name, a, work)
+            rows.append(r)
+            print(f"{name}: done in {r['wall']:.0f} s", file=sys.stderr)
+    print(f"search over {a.passes}, --objective latency, --max-drop {a.max_drop} (top-1 "
+          f"disagreement with the original, random-weight models), {a.calib} calibration, "
+          f"{a.val} validation, {a.judge} judged rows, search budget {a.minutes:g} min\n")
+    print("| model | configs (timed) | search + compile | chosen | disagreement val (bound) | "
+          "judged, compiled | dense fp32 compiled | chosen | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        se, c = r["search"], r["search"]["chosen"]
+        what = " ".join(f"--set {s}" for s in se["reproduce"]["sets"]) or "original"
+        what = (",".join(se["reproduce"]["passes"]) + " " + what).strip()
+        print(f"| {r['name']} | {se['evaluated']} ({se['timed']['builds']}) | {r['wall']:.0f} s"
+              f" ({se['stopped']}) | `{what}` | {c['drop']:.2f} ({c['bound']:.2f}) | "
+              f"{r['judged_disagreement']:.2f} | {r['dense_ms']:.2f} ms | {r['chosen_ms']:.2f} ms"
+              f" | x{r['dense_ms'] / r['chosen_ms']:.2f} |")
+    print()
+    for r in rows:
+        fr = ", ".join(f"{f['latency_ms']:.2f} ms:{f['drop']:.2f}" for f in r["frontier"])
+        print(f"- {r['name']}: frontier (latency : disagreement on val) {fr}; "
+              f"plots/tradeoff.png written: {r['plot']}; original's top-1 on val spans "
+              f"{r['val_classes']} classes; accuracy on the judged rows (10 Fashion classes, "
+              f"random features + fit head) original {r['judged_accuracy'][0]:.1f} %, chosen "
+              f"compiled {r['judged_accuracy'][1]:.1f} %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _results import main_recorded
+
+    sys.exit(main_recorded("search_latency", "--max-drop --objective latency on MobileNetV2 "
+                           "and ResNet-18 (x86)", main))
