@@ -464,13 +464,15 @@ def build_on_data(name: str, images: np.ndarray, labels: np.ndarray | None = Non
         else:
             y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
             k = int(y.max()) + 1
-            mu, sd = f.mean(0), f.std(0).clamp_min(1e-6)
+            # one scale for all features (per-feature standardizing would blow up the
+            # near-constant ones, and with them any rounding a compression adds)
+            mu, sd = f.mean(0), (f - f.mean(0)).pow(2).mean().sqrt().clamp_min(1e-12)
             z = (f - mu) / sd
             t = torch.nn.functional.one_hot(y, k).double() - 1.0 / k
             w = torch.linalg.solve(z.T @ z + ridge * len(z) * torch.eye(z.shape[1],
                                                                         dtype=z.dtype), z.T @ t)
             head = torch.nn.Linear(f.shape[1], k)
-            head.weight.copy_((w / sd[:, None]).T.float())
+            head.weight.copy_((w / sd).T.float())
             head.bias.copy_((1.0 / k - (mu / sd) @ w).float())
             setattr(parent, attr, head)
     return onnx.load_from_string(_export_torch(torch, model.eval(), 1, int(images.shape[-1])))

@@ -263,6 +263,33 @@ def test_torch_zoo_seed_cache_and_small_images():
     assert _run(a, x).shape == (2, 1000)
 
 
+@pytest.mark.torch
+def test_build_on_data_spreads_top1_over_the_classes():
+    """Random weights, BatchNorm statistics and a ridge head fit on the images: the top-1 is
+    no longer one class for every picture, and the head separates what it was fit on."""
+    _require_torchvision()
+    import torch
+
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 3
+    x = rng.standard_normal((120, 3, 32, 32)).astype(np.float32) * 0.5
+    for k in range(3):  # class k: a bright band in row block k
+        x[y == k, :, 10 * k:10 * k + 8, :] += 2.0
+    before = torch.get_rng_state()
+    m = zoo.build_on_data("resnet18", x, y)
+    assert torch.equal(before, torch.get_rng_state())
+    assert _dims(m.graph.input[0]) == [1, 3, 32, 32] and _dims(m.graph.output[0]) == [1, 3]
+    top1 = np.array([_run(m, x[i:i + 1]).argmax() for i in range(len(x))])
+    assert len(np.unique(top1)) == 3 and np.mean(top1 == y) > 0.9
+    m2 = zoo.build_on_data("resnet18", x, y)
+    assert m2.SerializeToString() == m.SerializeToString()
+    plain = zoo.build_on_data("resnet18", x[:40])          # no labels: standardized logits
+    logits = np.concatenate([_run(plain, x[i:i + 1]) for i in range(40)])
+    assert logits.shape == (40, 1000) and len(np.unique(logits.argmax(1))) > 3
+    with pytest.raises(ValueError, match="torchvision classifier"):
+        zoo.build_on_data("tiny_cnn", x)
+
+
 def test_torch_zoo_missing_torch_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.setitem(sys.modules, "torchvision", None)
