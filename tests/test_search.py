@@ -106,6 +106,18 @@ def test_loose_budget_compresses_further_and_holds_on_held_out_rows(task):
     assert all(s.split(".")[0] in js["reproduce"]["passes"] for s in sets)
 
 
+def test_no_configuration_is_evaluated_twice_without_labels(task):
+    """Scored by agreement (no labels): the cache still keys on the levels."""
+    src, calib, val, _, tmp = task
+    opts = CompileOptions(passes=["prune", "lowrank"], calib=calib, build=False, progress=False)
+    run_search(src, tmp / "agree", opts, {"x": val["x"]}, 2.0, "macs", minutes=1.0,
+               search_passes=["prune", "lowrank"])
+    js = json.loads((tmp / "agree" / "search.json").read_text())
+    assert js["metric"].startswith("top-1 disagreement")
+    seen = [tuple(sorted(c["levels"].items())) for c in js["evaluated"]]
+    assert len(seen) == len(set(seen)) and len(seen) > 2
+
+
 def test_reproduce_settings_give_the_same_model(task):
     from conftest import compile_to
 

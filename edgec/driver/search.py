@@ -266,9 +266,9 @@ class Evaluator:
         from edgec.driver.pipeline import Pipeline
         from edgec.runtime import OrtSession, run_batched
 
-        k = tuple(sorted((p, i) for p, i in levels.items() if i >= 0))
-        if k in self.cache:  # the same configuration is never run twice
-            return self.cache[k]
+        key = tuple(sorted((p, i) for p, i in levels.items() if i >= 0))
+        if key in self.cache:  # the same configuration is never run twice
+            return self.cache[key]
         t0 = time.perf_counter()
         sets = self.settings(levels)
         names = [p for p in self.order if p in sets]
@@ -279,7 +279,7 @@ class Evaluator:
             c = Candidate(dict(levels), sets, math.inf, math.inf, math.inf, None, 0.0, 0, 0, 0,
                           time.perf_counter() - t0, phase, False, str(e))
             self.history.append(c)
-            self.cache[k] = c
+            self.cache[key] = c
             return c
         top1 = out.argmax(1)
         agree = float(np.mean(top1 == self.ref_top1))
@@ -302,7 +302,7 @@ class Evaluator:
                       st["macs_effective"], st["size"], time.perf_counter() - t0, phase,
                       latency_ms=ms)
         self.history.append(c)
-        self.cache[k] = c
+        self.cache[key] = c
         return c
 
 
