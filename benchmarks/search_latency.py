@@ -176,5 +176,16 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _results import main_recorded
 
-    sys.exit(main_recorded("search_latency", "--max-drop --objective latency: the trained "
-                           "Fashion CNN, ResNet-18, MobileNetV2 (x86)", main))
+    from _results import arg_value
+
+    def _name(argv):  # one section per budget and model list
+        d, m = arg_value(argv, "--max-drop"), arg_value(argv, "--models")
+        return "search_latency" + (f"_drop{d}" if d not in (None, "1", "1.0") else "") + \
+            (f"_{m.replace(',', '_')}" if m else "")
+
+    def _title(argv):
+        return (f"--max-drop {arg_value(argv, '--max-drop') or '1.0'} --objective latency: "
+                + (arg_value(argv, "--models") or "the trained Fashion CNN, ResNet-18, "
+                   "MobileNetV2") + " (x86)")
+
+    sys.exit(main_recorded(_name, _title, main))

@@ -118,6 +118,37 @@ def test_no_configuration_is_evaluated_twice_without_labels(task):
     assert len(seen) == len(set(seen)) and len(seen) > 2
 
 
+def test_quantize_levels_keep_the_most_sensitive_layers_float(task):
+    """quantize's ladder: the worst layer (by the pass's per-layer sensitivity) in float, then
+    every layer int8; the chosen exclusion is recorded so --set reproduces it."""
+    from edgec.driver.pipeline import NORMALIZE, Pipeline
+    from edgec.driver.search import Evaluator
+
+    src, calib, val, _, tmp = task
+    model = Pipeline(NORMALIZE).run(onnx.load(src)).model
+    ev = Evaluator(model, calib, {"x": val["x"]}, val["labels"], "macs", ["quantize"], 0.95)
+    ranked = ev.quantize_ranking()
+    assert sorted(r["node"] for r in ranked) == ["conv", "fc1", "fc2"]
+    errs = [r["output_error"] for r in ranked]
+    assert errs == sorted(errs, reverse=True) and errs[0] > 0
+    assert ev.ladder("quantize") == [{"exclude": ranked[0]["node"]}, {}]
+    c = ev.evaluate({"quantize": 0}, "test")
+    assert c.error is None and c.settings == {"quantize": {"exclude": ranked[0]["node"]}}
+    opts = CompileOptions(passes=["quantize"], calib=calib, build=False, progress=False)
+    rep = run_search(src, tmp / "qx", opts, val, 100.0, "size", minutes=1.0,
+                     search_passes=["quantize"])
+    js = json.loads((tmp / "qx" / "search.json").read_text())
+    assert [r["node"] for r in js["sensitivity"]["quantize_layers"]] == \
+        [r["node"] for r in ranked]
+    assert [c["levels"]["quantize"] for c in js["evaluated"][1:]] == [0, 1]
+    # under a loose budget the smaller of the two (a tiny layer in int8 can be larger than in
+    # float: its Q/DQ nodes and scales), with its exclusion in the reproducing settings
+    ch = rep["search"]["chosen"]
+    assert ch["size"] == min(c["size"] for c in js["evaluated"][1:])
+    want = [f"quantize.exclude={ranked[0]['node']}"] if ch["levels"]["quantize"] == 0 else []
+    assert rep["search"]["reproduce"]["sets"] == want
+
+
 def test_reproduce_settings_give_the_same_model(task):
     from conftest import compile_to
 

@@ -2,9 +2,11 @@
 
 The search space is a ladder of settings per compressing pass (mild -> aggressive): a prune
 ratio, a lowrank MAC budget (``model_mac_ratio``), a sparse density budget (``model_density``),
-quantize on or off. The per-layer split of a budget is each pass's own allocator (lowrank and
-sparse spend a model budget where their per-layer error curves say it is cheapest; prune keeps
-one ratio per channel group); the search allocates budgets *across* passes:
+quantize with the layers most sensitive to int8 kept in float (a quarter, a tenth, three, one,
+none: ranked once by the pass's per-layer sensitivity). The per-layer split of a budget is
+each pass's own allocator (lowrank and sparse spend a model budget where their per-layer error
+curves say it is cheapest; prune keeps one ratio per channel group); the search allocates
+budgets *across* passes:
 
 1. **sensitivity**: each pass alone, its ladder from mild to aggressive, until the confidence
    bound on the drop exceeds the budget;
@@ -60,8 +62,13 @@ LADDERS: dict[str, list[dict[str, str]]] = {
                 for r in (0.7, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)],
     "sparse": [{"model_density": str(d), **_SP}
                for d in (0.6, 0.4, 0.3, 0.2, 0.15, 0.1, 0.06, 0.04)],
-    "quantize": [{}],
+    "quantize": [{}],   # preceded by exclusion levels: Evaluator.ladder
 }
+# quantize's milder levels keep the layers most sensitive to int8 in float: the top quarter,
+# tenth, three, one of them (ranked once per search by the pass's own per-layer sensitivity)
+QUANT_FLOAT_SHARES = (0.25, 0.1)
+QUANT_FLOAT_COUNTS = (3, 1)
+QUANT_SENSITIVITY_ROWS = 256
 
 
 # ------------------------------------------------------------------------ validation data
@@ -168,7 +175,6 @@ class Candidate:
     error: str | None = None
     latency_ms: float | None = None        # objective latency: compiled and timed
 
-
     def to_json(self) -> dict:
         # strict JSON: an unmeasured or failed candidate's infinities are nulls
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -211,6 +217,8 @@ class LatencyProbe:
             onnx.save_model(model, str(src))
             compile_model(src, art, self.opts)
             feeds = random_feeds(model, seed=0)
+            fp = Path(tmp) / "feeds.npz"
+            np.savez(fp, **feeds)
             medians = []
             for _ in range(self.rounds):
                 if self.board is not None:
@@ -221,8 +229,6 @@ class LatencyProbe:
                         run()
                     times = [run() for _ in range(self.repeat)]
                 else:
-                    fp = Path(tmp) / "feeds.npz"
-                    np.savez(fp, **feeds)
                     times = _run_worker("tvm", art, fp, self.threads, self.repeat, self.warmup)
                 medians.append(float(np.median(times)))
         self.seconds += time.perf_counter() - t0
@@ -260,13 +266,49 @@ class Evaluator:
             self.base["latency_ms"] = latency(model)  # the dense fp32 model, compiled
         self.history: list[Candidate] = []
         self.cache: dict[tuple, Candidate] = {}
+        self._quant_ladder: list[dict[str, str]] | None = None
+        self._quant_rank: list[dict] | None = None
 
     def measure(self, m) -> dict:
         return {"macs": model_stats(m).macs, "macs_effective": effective_macs(m),
                 "size": len(m.SerializeToString())}
 
+    def ladder(self, p: str) -> list[dict[str, str]]:
+        """Pass ``p``'s settings, mild -> aggressive. ``quantize``: every Conv/Gemm/MatMul in
+        int8 is the last level; before it, levels that keep the layers most sensitive to int8
+        in float (``exclude``), fewer at each step."""
+        if p != "quantize":
+            return LADDERS[p]
+        if self._quant_ladder is None:
+            self._quant_ladder = [{}]
+            ranked = self.quantize_ranking()
+            n = len(ranked)
+            ks = sorted({k for k in [math.ceil(f * n) for f in QUANT_FLOAT_SHARES]
+                         + list(QUANT_FLOAT_COUNTS) if 1 <= k < n}, reverse=True)
+            names = [r["node"] for r in ranked]
+            if not any("," in x for x in names):  # (a name with a comma cannot be --set)
+                self._quant_ladder = [{"exclude": ",".join(names[:k])} for k in ks] + [{}]
+        return self._quant_ladder
+
+    def quantize_ranking(self) -> list[dict]:
+        """The quantized layers by the output error each one causes when it alone is int8
+        (the quantize pass's ``sensitivity``, on the first calibration rows), worst first."""
+        from edgec.driver.pipeline import Pipeline
+
+        if self._quant_rank is None:
+            self._quant_rank = []
+            try:
+                r = Pipeline(["quantize"], {"quantize": {
+                    "sensitivity": "true", "sensitivity_rows": str(QUANT_SENSITIVITY_ROWS)}},
+                    calib=self.calib, target=self.target).run(self.model).reports[-1]
+                self._quant_rank = [{"node": x["node"], "output_error": x["output_error"]}
+                                    for x in (r.details or {}).get("sensitivity", [])]
+            except EdgecError:
+                pass  # the plain quantize level reports why when it runs
+        return self._quant_rank
+
     def settings(self, levels: dict[str, int]) -> dict[str, dict[str, str]]:
-        return {p: dict(LADDERS[p][i]) for p, i in levels.items() if i >= 0}
+        return {p: dict(self.ladder(p)[i]) for p, i in levels.items() if i >= 0}
 
     def evaluate(self, levels: dict[str, int], phase: str) -> Candidate:
         from edgec.driver.pipeline import Pipeline
@@ -406,7 +448,7 @@ def search(ev: Evaluator, passes: list[str], max_drop: float, minutes: float,
     try:
         # 1. sensitivity: each pass alone, mild -> aggressive, until over budget
         for p in passes:
-            for i in range(len(LADDERS[p])):
+            for i in range(len(ev.ladder(p))):
                 if out_of_time():
                     raise TimeoutError
                 c = ev.evaluate({**off, p: i}, "sensitivity")
@@ -473,7 +515,7 @@ def search(ev: Evaluator, passes: list[str], max_drop: float, minutes: float,
             for p in passes:
                 if out_of_time():
                     raise TimeoutError
-                if cur[p] + 1 >= len(LADDERS[p]):
+                if cur[p] + 1 >= len(ev.ladder(p)):
                     continue
                 trial = {**cur, p: cur[p] + 1}
                 if key(trial) in tried:
@@ -490,9 +532,11 @@ def search(ev: Evaluator, passes: list[str], max_drop: float, minutes: float,
     finally:
         bar.close()
     hist = [origin] + ev.history
+    sensitivity = {p: [c.to_json() for c in v] for p, v in sens.items()}
+    if ev._quant_rank:
+        sensitivity["quantize_layers"] = ev._quant_rank
     return SearchResult(best, hist, frontier(hist), ev.base, ev.base_accuracy,
-                        0.0, stopped, time.perf_counter() - t0,
-                        {p: [c.to_json() for c in v] for p, v in sens.items()})
+                        0.0, stopped, time.perf_counter() - t0, sensitivity)
 
 
 # ------------------------------------------------------------------------ the plot
