@@ -152,8 +152,9 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         se, c = r["search"], r["search"]["chosen"]
-        what = " ".join(f"--set {s}" for s in se["reproduce"]["sets"]) or "original"
-        what = (",".join(se["reproduce"]["passes"]) + " " + what).strip()
+        rp = se["reproduce"]
+        what = " ".join([",".join(rp["passes"])] + [f"--set {s}" for s in rp["sets"]]) \
+            if rp["passes"] else "original"
         print(f"| {r['name']} | {' / '.join(map(str, r['rows']))} | {se['evaluated']} "
               f"({se['timed']['builds']}) | {r['wall']:.0f} s"
               f" ({se['stopped']}) | `{what}` | {c['drop']:.2f} ({c['bound']:.2f}) | "

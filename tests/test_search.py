@@ -214,6 +214,11 @@ def test_bad_val_is_refused_before_searching(task, tmp_path):
                         "--val", str(tmp_path / "val.npz"), "--no-build", "-o",
                         str(tmp_path / "f")], capture_output=True, text=True)
     assert r.returncode == 2 and "--max-drop" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "edgec.driver.cli", "compile", str(src),
+                        "--rpc", "127.0.0.1:9190", "--key", "rpi4", "--no-build", "-o",
+                        str(tmp_path / "g")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--rpc belongs to the search" in r.stderr
+    assert not any((tmp_path / n).exists() for n in "efg")
 
 
 def test_latency_objective_compiles_and_times_what_may_be_chosen(task):
