@@ -437,11 +437,11 @@ def build_on_data(name: str, images: np.ndarray, labels: np.ndarray | None = Non
     ``images`` [N, 3, H, W], exported at batch 1. With plain random weights a classifier's
     top-1 is one class for every picture (MobileNetV2: logits input-independent to 1e-10), so
     agreement with the original measures nothing. Here the BatchNorm statistics come from one
-    training-mode pass over ``images``, and the last linear layer is replaced: with ``labels``
-    [N] by a ridge-regression probe onto ``labels.max() + 1`` classes fit on the images'
-    features (random convolutional features, a trained head: top-1 as confident as a linear
-    probe's), else rescaled so every logit has mean 0 and variance 1 over the images. Not
-    cached."""
+    training-mode pass over the first 256 ``images``, and the last linear layer is replaced:
+    with ``labels`` [N] by a ridge-regression probe onto ``labels.max() + 1`` classes fit on
+    the images' features (random convolutional features, a trained head: top-1 as confident
+    as a linear probe's), else rescaled so every logit has mean 0 and variance 1 over the
+    images. Not cached."""
     if name not in _TORCHVISION or name in _DENSE:
         raise ValueError(f"build_on_data takes a torchvision classifier, not {name!r}")
     torch, torchvision = _torch_modules(name)
