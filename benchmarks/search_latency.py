@@ -47,21 +47,20 @@ def _images(split: str, start: int, n: int) -> np.ndarray:
 
 
 def _top1(sess, x: np.ndarray) -> np.ndarray:
-    return np.concatenate([sess.run(None, {"input": x[i:i + 1]})[0].argmax(1)
-                           for i in range(len(x))])
+    from edgec.runtime import run_batched
+
+    return run_batched(sess, {"input": x}, 1)[0].argmax(1)
 
 
 def _retime(arts: list[Path], feeds: dict, rounds: int = 3, repeat: int = 10) -> list[float]:
-    from edgec.driver.bench import _run_worker
+    """Median ms of each artifact, timed in alternating rounds (fresh processes)."""
+    from edgec.driver.bench import time_artifact
     from edgec.runtime import default_threads
 
-    with tempfile.TemporaryDirectory() as tmp:
-        fp = Path(tmp) / "feeds.npz"
-        np.savez(fp, **feeds)
-        times: list[list[float]] = [[] for _ in arts]
-        for _ in range(rounds):
-            for i, a in enumerate(arts):
-                times[i] += _run_worker("tvm", a, fp, default_threads(), repeat, 3)
+    times: list[list[float]] = [[] for _ in arts]
+    for _ in range(rounds):
+        for i, a in enumerate(arts):
+            times[i] += time_artifact(a, feeds, default_threads(), repeat, 3)
     return [float(np.median(t) * 1e3) for t in times]
 
 

@@ -78,9 +78,31 @@ def _worker(kind: str, path: str, feeds_path: str, threads: int, repeat: int,
         run = lambda: _timed(lambda: sess.run(None, data))  # noqa: E731
     else:
         run = Session(path, num_threads=threads).timer(data)
+    return _warm_times(run, repeat, warmup)
+
+
+def _warm_times(run, repeat: int, warmup: int) -> list[float]:
+    """``repeat`` results of the timing callable ``run`` after ``warmup`` discarded ones."""
     for _ in range(warmup):
         run()
     return [run() for _ in range(repeat)]
+
+
+def time_artifact(artifact: str | Path, feeds: dict[str, np.ndarray], threads: int,
+                  repeat: int, warmup: int, board: dict | None = None) -> list[float]:
+    """Seconds per run of a compiled artifact: here in a fresh process (the timing worker),
+    or with ``board`` (``{"rpc", "key"}``) on a board over RPC (TVM's time evaluator)."""
+    import tempfile
+
+    if board is not None:
+        from edgec.runtime.remote import RemoteSession
+
+        run = RemoteSession(artifact, board["rpc"], board["key"]).timer(feeds)
+        return _warm_times(run, repeat, warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp = Path(tmp) / "feeds.npz"
+        np.savez(fp, **feeds)
+        return _run_worker("tvm", Path(artifact), fp, threads, repeat, warmup)
 
 
 def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: int,
@@ -171,10 +193,7 @@ def _bench_on_board(result: dict, artifact, feeds, board: dict, repeat: int, war
     from edgec.runtime.remote import RemoteSession
 
     sess = RemoteSession(artifact, board["rpc"], board["key"])
-    run = sess.timer(feeds)
-    for _ in range(warmup):
-        run()
-    times = [run() for _ in range(repeat)]
+    times = _warm_times(sess.timer(feeds), repeat, warmup)
     result["edgec_on"] = sess.where
     result["onnxruntime_on"] = f"this host ({os.uname().machine}), for reference"
     result["edgec_ms"] = float(np.median(times) * 1e3)

@@ -208,34 +208,30 @@ class LatencyProbe:
         from pathlib import Path
 
         from edgec.core.importer import random_feeds
-        from edgec.driver.bench import _run_worker
+        from edgec.driver.bench import time_artifact
         from edgec.driver.compiler import compile_model
 
         t0 = time.perf_counter()
+        feeds = random_feeds(model, seed=0)
         with tempfile.TemporaryDirectory(prefix="edgec-latency-") as tmp:
             src, art = Path(tmp) / "candidate.onnx", Path(tmp) / "artifact"
             onnx.save_model(model, str(src))
             compile_model(src, art, self.opts)
-            feeds = random_feeds(model, seed=0)
-            fp = Path(tmp) / "feeds.npz"
-            np.savez(fp, **feeds)
-            medians = []
-            for _ in range(self.rounds):
-                if self.board is not None:
-                    from edgec.runtime.remote import RemoteSession
-
-                    run = RemoteSession(art, self.board["rpc"], self.board["key"]).timer(feeds)
-                    for _ in range(self.warmup):
-                        run()
-                    times = [run() for _ in range(self.repeat)]
-                else:
-                    times = _run_worker("tvm", art, fp, self.threads, self.repeat, self.warmup)
-                medians.append(float(np.median(times)))
+            medians = [float(np.median(time_artifact(art, feeds, self.threads, self.repeat,
+                                                     self.warmup, self.board)))
+                       for _ in range(self.rounds)]
         self.seconds += time.perf_counter() - t0
         self.count += 1
         # the faster round: a burst of load from elsewhere (threads of another process on
         # these cores stall every parallel region) slows one round, not the model
         return min(medians) * 1e3
+
+    def summary(self) -> dict:
+        """Where and how the candidates were timed, for ``search.json`` and the report."""
+        b = self.board
+        return {"where": f"board '{b['key']}' at {b['rpc']}" if b else "this machine",
+                "threads": self.threads, "builds": self.count,
+                "seconds": round(self.seconds, 1)}
 
 
 class Evaluator:
@@ -267,7 +263,7 @@ class Evaluator:
         self.history: list[Candidate] = []
         self.cache: dict[tuple, Candidate] = {}
         self._quant_ladder: list[dict[str, str]] | None = None
-        self._quant_rank: list[dict] | None = None
+        self.quant_ranking: list[dict] | None = None   # computed on quantize's first use
 
     def measure(self, m) -> dict:
         return {"macs": model_stats(m).macs, "macs_effective": effective_macs(m),
@@ -295,17 +291,17 @@ class Evaluator:
         (the quantize pass's ``sensitivity``, on the first calibration rows), worst first."""
         from edgec.driver.pipeline import Pipeline
 
-        if self._quant_rank is None:
-            self._quant_rank = []
+        if self.quant_ranking is None:
+            self.quant_ranking = []
             try:
                 r = Pipeline(["quantize"], {"quantize": {
                     "sensitivity": "true", "sensitivity_rows": str(QUANT_SENSITIVITY_ROWS)}},
                     calib=self.calib, target=self.target).run(self.model).reports[-1]
-                self._quant_rank = [{"node": x["node"], "output_error": x["output_error"]}
+                self.quant_ranking = [{"node": x["node"], "output_error": x["output_error"]}
                                     for x in (r.details or {}).get("sensitivity", [])]
             except EdgecError:
                 pass  # the plain quantize level reports why when it runs
-        return self._quant_rank
+        return self.quant_ranking
 
     def settings(self, levels: dict[str, int]) -> dict[str, dict[str, str]]:
         return {p: dict(self.ladder(p)[i]) for p, i in levels.items() if i >= 0}
@@ -533,8 +529,8 @@ def search(ev: Evaluator, passes: list[str], max_drop: float, minutes: float,
         bar.close()
     hist = [origin] + ev.history
     sensitivity = {p: [c.to_json() for c in v] for p, v in sens.items()}
-    if ev._quant_rank:
-        sensitivity["quantize_layers"] = ev._quant_rank
+    if ev.quant_ranking:
+        sensitivity["quantize_layers"] = ev.quant_ranking
     return SearchResult(best, hist, frontier(hist), ev.base, ev.base_accuracy,
                         0.0, stopped, time.perf_counter() - t0, sensitivity)
 
@@ -643,9 +639,7 @@ def run_search(model_path, out_dir, opts, val: dict[str, np.ndarray], max_drop: 
     sets = [f"{p}.{k}={v}" for p, kv in chosen.settings.items() for k, v in kv.items()]
     js["reproduce"] = {"passes": names, "sets": sets}
     if probe is not None:
-        js["timed"] = {"where": f"board '{board['key']}' at {board['rpc']}" if board
-                       else "this machine", "threads": probe.threads, "builds": probe.count,
-                       "seconds": round(probe.seconds, 1)}
+        js["timed"] = probe.summary()
     extra = {"search.json": (json.dumps(js, indent=1) + "\n").encode()}
     png = tradeoff_png(res, objective, max_drop)
     if png:
