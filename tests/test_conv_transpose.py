@@ -18,7 +18,8 @@ from edgec.targets.cpu.rewrites.conv_transpose import phase_weight
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
-CONV_KINDS = ("conv2d-packed", "conv2d-px", "conv2d-winograd-f4", "conv2d-winograd-f2",
+CONV_KINDS = ("conv2d-packed", "conv2d-stem", "conv2d-px", "conv2d-winograd-f4",
+              "conv2d-winograd-f2",
               "dwconv2d",
               # the phase weights of a kernel the stride does not divide hold zeros (16 taps
               # for 9 with 3x3 s2): below the break-even density they take the sparse kernel

@@ -17,6 +17,7 @@ from conftest import compile_to, make_model
 from edgec.runtime import OrtSession, Session, run_batched
 from edgec.targets.cpu.isa import simd_floats
 from edgec.targets.cpu.kernels.pixel_conv import conv_px_tile
+from edgec.targets.cpu.kernels.stem_conv import stem_tile
 from edgec.targets.cpu.kernels.winograd import matrices, transform_weight, winograd_tile
 
 SETTINGS = settings(max_examples=25, deadline=None,
@@ -95,10 +96,70 @@ def test_packed_conv(tmp_path_factory, c, k, ksz, stride, dil, pads, h, w, batch
     px = conv_px_tile(lanes, (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads)
     wino = winograd_tile(lanes, (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads,
                          (dil,) * 2, 1)
+    stem = stem_tile(lanes, (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads,
+                     (dil,) * 2)
     kind = "conv2d-packed" if px is None else "conv2d-px"
+    kind = kind if stem is None else "conv2d-stem"
     kind = kind if wino is None else f"conv2d-winograd-f{wino}"
     assert report["kernels"]["counts"].get(kind) == 1, report["kernels"]
     assert report["kernels"]["unscheduled"] == {}
+
+
+@SETTINGS
+@given(mcpu=st.sampled_from([None, "haswell"]), c=st.integers(1, 4), k=st.integers(1, 40),
+       ksz=st.sampled_from([2, 3]), stride=st.integers(1, 3), dil=st.integers(1, 2),
+       pads=st.tuples(*[st.integers(0, 2)] * 4), h=st.integers(3, 20), w=st.integers(3, 70),
+       batch=st.sampled_from([1, 2]), epi=st.sampled_from(EPILOGUES))
+def test_stem_conv(tmp_path_factory, mcpu, c, k, ksz, stride, dil, pads, h, w, batch, epi):
+    """An image's few channels (<= 4, up to 36 reduction steps) on the pixels-in-lanes stem
+    kernel: strides through column phases, rows padded to whole vectors, both ISAs."""
+    opts = {"mcpu": mcpu} if mcpu else {}
+    ext = (ksz - 1) * dil + 1
+    if h + pads[0] + pads[2] < ext or w + pads[1] + pads[3] < ext:
+        return
+    oh = _out(h, ksz, stride, dil, pads[0], pads[2])
+    ow = _out(w, ksz, stride, dil, pads[1], pads[3])
+    lanes = host_lanes(opts)
+    tile = stem_tile(lanes, (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads,
+                     (dil,) * 2)
+    wino = winograd_tile(lanes, (batch, c, h, w), (k, c, ksz, ksz), (stride,) * 2, pads,
+                         (dil,) * 2, 1)
+    if tile is None or wino is not None:
+        return
+    rng = np.random.default_rng(c * 7 + k + w)
+    inits = {"W": (rng.standard_normal((k, c, ksz, ksz)) * 0.3).astype(np.float32),
+             "B": rng.standard_normal(k).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], strides=[stride] * 2,
+                              dilations=[dil] * 2, pads=list(pads))]
+    last = _epilogue(epi, "y", nodes, inits, "x", [batch, c, h, w], [batch, k, oh, ow])
+    m = make_model(nodes, [("x", [batch, c, h, w])], [(last, [batch, k, oh, ow])], inits,
+                   opset=14)
+    out = tmp_path_factory.mktemp("stem") / "art"
+    report = compile_to(m, out, target_options=opts)
+    assert report["kernels"]["counts"] == {"conv2d-stem": 1}, report["kernels"]
+    x = rng.standard_normal((batch, c, h, w)).astype(np.float32)
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
+                               atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+def test_stem_tile_choice():
+    """The stem kernel takes 3x3 windows on an image's channels, not 1x1 (the 1x1 kernel),
+    7x7 on RGB (147 steps: the packed kernel), more channels, or rows padded by over a
+    quarter; its tile fits the accumulator budget."""
+    from edgec.targets.cpu.isa import px_budget
+
+    assert stem_tile(16, (1, 3, 224, 224), (64, 3, 3, 3), (2, 2), (0,) * 4, (1, 1)) == \
+        (112, 7, 2)
+    assert stem_tile(8, (1, 1, 28, 28), (32, 1, 3, 3), (1, 1), (1,) * 4, (1, 1))[0] == 32
+    assert stem_tile(16, (1, 3, 224, 224), (64, 3, 7, 7), (2, 2), (3,) * 4, (1, 1)) is None
+    assert stem_tile(16, (1, 8, 56, 56), (64, 8, 3, 3), (1, 1), (1,) * 4, (1, 1)) is None
+    assert stem_tile(16, (1, 3, 56, 56), (64, 3, 1, 1), (1, 1), (0,) * 4, (1, 1)) is None
+    assert stem_tile(16, (1, 3, 9, 9), (64, 3, 3, 3), (1, 1), (0,) * 4, (1, 1)) is None
+    for lanes in (4, 8, 16):
+        owp, vecs, rows = stem_tile(lanes, (1, 3, 224, 224), (24, 3, 3, 3), (2, 2),
+                                    (1,) * 4, (1, 1))
+        assert owp % (vecs * lanes) == 0 and vecs * rows <= px_budget(lanes)
 
 
 def host_lanes(options=None) -> int:
@@ -327,10 +388,10 @@ def test_kernels_build_for_aarch64(tmp_path, target):
 
     rng = np.random.default_rng(2)
     inits = {"W": rng.standard_normal((16, 1, 3, 3)).astype(np.float32)}
-    m = conv_bn_model()
-    report = compile_to(m, tmp_path / "cb", target=target)
-    assert report["kernels"]["counts"].get("conv2d-packed") == 1
-    assert report["kernels"]["unscheduled"] == {}
+    for c, kind in ((3, "conv2d-stem"), (8, "conv2d-packed")):
+        report = compile_to(conv_bn_model(c=c), tmp_path / f"cb{c}", target=target)
+        assert report["kernels"]["counts"].get(kind) == 1, report["kernels"]
+        assert report["kernels"]["unscheduled"] == {}
     dw = make_model([helper.make_node("Conv", ["x", "W"], ["y"], group=16, strides=[2, 2])],
                     [("x", [1, 16, 12, 12])], [("y", [1, 16, 5, 5])], inits)
     report = compile_to(dw, tmp_path / "dw", target=target)

@@ -24,15 +24,22 @@ def test_fallbacks_from_the_record():
 
 
 def test_mac_count_matches_the_model_statistics(tmp_path):
-    """16 output channels: no padding lanes in the convolution, so executed = the model's
-    MACs but for the classifier's 10 outputs, which the dense kernel computes in whole
-    vectors (the padding lanes of its packed weight, 16 inputs each)."""
+    """The stem kernel computes the 12-pixel rows as 16 (two 8-lane vectors) and the 16
+    channels in whole tiles of its rows (a window row's 3 taps written out count 3
+    products per update); the dense kernel computes the classifier's 10 outputs in whole
+    vectors (the padding lanes of its packed weight, 16 inputs each): executed = the
+    model's MACs plus both paddings."""
     from edgec.targets.cpu.kernels.dense import pack_dense
+    from edgec.targets.cpu.kernels.stem_conv import stem_tile
 
     report = compile_to(conv_bn_model(k=16), tmp_path / "art", target_options={"mcpu": "haswell"})
     k = report["kernels"]
+    assert k["counts"].get("conv2d-stem") == 1, k
+    owp, _, rows = stem_tile(8, (1, 3, 12, 12), (16, 3, 3, 3), (1, 1), (1,) * 4, (1, 1))
+    chans = -(-16 // rows) * rows
     padded = pack_dense(np.zeros((16, 10), np.float32), 8).shape
-    assert k["macs_executed"] == report["after"]["macs"] + 16 * (padded[0] * padded[2] - 10)
+    assert k["macs_executed"] == report["after"]["macs"] + 16 * (padded[0] * padded[2] - 10) \
+        + (chans * owp - 16 * 12) * 12 * 27
     assert k["fallbacks"] == {} and k["fallback_mac_share"] == 0.0
 
 
@@ -58,6 +65,8 @@ def test_bench_profile_shares_sum_to_the_total(tmp_path):
     to one on both sides, GFLOP/s from the recorded multiply-accumulates."""
     from edgec.driver.bench import bench
     from edgec.driver.profile import format_profile
+    from edgec.targets.cpu.kernels.stem_conv import stem_tile
+    from test_cpu_kernels import host_lanes
 
     onnx.save(conv_bn_model(k=16), tmp_path / "m.onnx")
     compile_to(tmp_path / "m.onnx", tmp_path / "art")
@@ -75,5 +84,8 @@ def test_bench_profile_shares_sum_to_the_total(tmp_path):
         assert abs(sum(r["share"] for r in prof[side][key]) - 1.0) < 1e-9
         assert abs(sum(r["ms"] for r in prof[side][key]) - prof[side]["total_ms"]) < 1e-6
     conv = next(r for n, r in rows.items() if "conv2d" in n)
-    assert conv["macs"] == 16 * 12 * 12 * 27 and conv["gflops"] > 0
+    owp, _, rows = stem_tile(host_lanes(), (1, 3, 12, 12), (16, 3, 3, 3), (1, 1), (1,) * 4,
+                             (1, 1))
+    # rows padded to whole vectors, channels to whole tiles
+    assert conv["macs"] == -(-16 // rows) * rows * 12 * owp * 27 and conv["gflops"] > 0
     assert {r["op"] for r in prof["onnxruntime"]["nodes"]} & {"Conv", "FusedConv"}

@@ -34,3 +34,44 @@ def pad_likely(x, pads, load=None):
 
     return te.compute((nb, c, h + pt + pb, w + pl + pr), body, name="edgec_pad")
 
+
+
+def column_phases(x, kh: int, kw: int, strides, pads, dil, owp: int, fill, load=None,
+                  prefix: str = "edgec_pad"):
+    """The padded input of a convolution or pool split by column phase, so that every tap
+    of a strided window reads contiguous columns::
+
+        Xs_p[n, c, y, j] = Xpad[n, c, y, j * sw + p]      (one buffer per phase p used)
+
+    tap ``k`` of output column ``x`` is ``Xs_{(k*dw) % sw}[.., x + (k*dw) // sw]``.
+    ``owp``: the output columns computed (rows padded to whole vectors); ``fill``: the
+    padding value; ``load(n, c, y, x)`` (default ``x[n, c, y, x]``) reads one input value.
+    Returns ``{p: Xs_p}``. The bounds tests are ``likely`` (one per test that can fail), so
+    LoopPartition splits off an interior that copies without them."""
+    nb, c, h, w = ints(x.shape)
+    (sh, sw), (dh, dw) = strides, dil
+    pt, pl, _, _ = pads
+    oh = conv_out(h, pt, pads[2], kh, sh, dh)
+    cols = owp + ((kw - 1) * dw) // sw
+    rows = (oh - 1) * sh + (kh - 1) * dh + 1
+    load = load or (lambda *i: x[i])
+
+    def phase(p):
+        def body(n, c_, y, j):
+            col = j * sw + p - pl
+            row = y - pt
+            # only the tests that can fail (one that always holds would be simplified away
+            # together with the ``likely`` that lets LoopPartition split off the interior)
+            tests = [t for t, can_fail in ((row >= 0, pt > 0), (row < h, rows - pt > h),
+                                           (col >= 0, p < pl),
+                                           (col < w, (cols - 1) * sw + p - pl >= w))
+                     if can_fail]
+            out = load(n, c_, row, col)
+            for t in reversed(tests):  # one test per likely: LoopPartition deduces each bound
+                out = tvm.tirx.if_then_else(tvm.tirx.likely(t), out, fill)
+            return out
+        return body
+
+    # one buffer per column phase (p a constant: the bounds tests split off cleanly)
+    return {p: te.compute((nb, c, rows, cols), phase(p), name=f"{prefix}_p{p}")
+            for p in sorted({(k * dw) % sw for k in range(kw)})}

@@ -15,7 +15,8 @@ import tvm
 from ..records import BuildRecord
 from .isa import select_isa, simd_floats
 from .kernels import (concat, dense, generic, int8_conv, int8_pixel, int8_winograd, matmul,
-                      packed_conv, pixel_conv, resize, row_conv, winograd)
+                      packed_conv, pixel_conv, resize, row_conv, stem_conv,
+                      winograd)
 from .kernels.sparse import KERNEL_ATTR, MACS_ATTR
 from .schedule import RuleContext, mac_count
 
@@ -27,6 +28,7 @@ RULES = [
     int8_conv.RULE,       # QDQ convolutions and matmuls, channels in the lanes
     winograd.RULE,        # float 3x3 convolutions, Winograd F(4, 3) / F(2, 3)
     pixel_conv.RULE,      # float 1x1 convolutions, pixels in the lanes
+    stem_conv.RULE,       # float convolutions of an image (<= 4 channels), pixels in the lanes
     packed_conv.RULE,     # float convolutions, packed weights
     row_conv.RULE,        # depthwise convolutions and max pools, a row at a time
     dense.RULE,           # matmuls by a constant weight, packed per tile of outputs

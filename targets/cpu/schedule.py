@@ -194,25 +194,36 @@ def register_tile(sch, o, x, max_cols: int, stem: bool = False):
 
 
 
-def _is_mac(value) -> bool:
-    """``acc + a * b`` (casts around either side allowed): a multiply-accumulate update."""
+def _macs_per_update(value) -> int:
+    """Products an update ``acc + a * b`` adds (casts around either side allowed; a window
+    row written out, ``acc + (a0 * b0 + a1 * b1 + ...)``, adds one per term); 0 when it is
+    not a multiply-accumulate."""
     from tvm import tirx
 
-    while isinstance(value, tirx.Cast):
-        value = value.value
-    if not isinstance(value, tirx.Add):
-        return False
-    terms = [value.a, value.b]
-    for i, t in enumerate(terms):
+    def strip(t):
         while isinstance(t, tirx.Cast):
             t = t.value
-        terms[i] = t
-    return any(isinstance(t, tirx.Mul) for t in terms)
+        return t
+
+    def products(t) -> int:
+        t = strip(t)
+        if isinstance(t, tirx.Mul):
+            return 1
+        if isinstance(t, tirx.Add):
+            a, b = products(t.a), products(t.b)
+            return a + b if a and b else 0
+        return 0
+
+    value = strip(value)
+    if not isinstance(value, tirx.Add):
+        return 0
+    return max(products(value.a), products(value.b))
 
 
 def mac_count(func) -> int:
     """Multiply-accumulates a function executes: the iteration space of every block whose
-    update is ``acc + a * b`` over reduction axes (zeros a loop multiplies by included)."""
+    update is ``acc + a * b`` over reduction axes, times the products it adds (zeros a loop
+    multiplies by included)."""
     from tvm import tirx
 
     sch = tvm.s_tir.Schedule(func)
@@ -221,9 +232,11 @@ def mac_count(func) -> int:
         block = sch.get(blk)
         if not any(iv.iter_type == 2 for iv in block.iter_vars):
             continue
-        if not isinstance(block.body, tirx.BufferStore) or not _is_mac(block.body.value):
+        per = _macs_per_update(block.body.value) if isinstance(block.body, tirx.BufferStore) \
+            else 0
+        if not per:
             continue
-        n = 1
+        n = per
         for iv in block.iter_vars:
             try:
                 n *= int(iv.dom.extent)

@@ -8,7 +8,7 @@ import functools
 import tvm
 from tvm import te
 
-from ..compute import conv_out, ints
+from ..compute import column_phases, conv_out, ints
 from ..schedule import (ScheduleRule, blocks_named, buffer_bytes, extent, find_blocks,
                         fuse_epilogue, pick_tile, vectorize_in_vectors)
 from .int8_common import round_clamp
@@ -52,30 +52,8 @@ def dwconv_te(x, wt, strides, pads, dil, load=None, lanes: int = 8, finish=None,
     oh, ow = conv_out(h, pt, pb, kh, sh, dh), conv_out(w, pl, pr, kw, sw, dw)
     v = dw_vector(ow, lanes)
     owp = -(-ow // v) * v
-    cols = owp + ((kw - 1) * dw) // sw
-    rows = (oh - 1) * sh + (kh - 1) * dh + 1
-    load = load or (lambda *i: x[i])
     rkh = te.reduce_axis((0, kh), "rkh")
-
-    def phase(p):
-        def body(n, c_, y, j):
-            col = j * sw + p - pl
-            row = y - pt
-            # only the tests that can fail (one that always holds would be simplified away
-            # together with the ``likely`` that lets LoopPartition split off the interior)
-            tests = [t for t, can_fail in ((row >= 0, pt > 0), (row < h, rows - pt > h),
-                                           (col >= 0, p < pl),
-                                           (col < w, (cols - 1) * sw + p - pl >= w))
-                     if can_fail]
-            out = load(n, c_, row, col)
-            for t in reversed(tests):  # one test per likely: LoopPartition deduces each bound
-                out = tvm.tirx.if_then_else(tvm.tirx.likely(t), out, fill)
-            return out
-        return body
-
-    # one buffer per column phase (p a constant: the bounds tests split off cleanly)
-    xs = {p: te.compute((nb, c, rows, cols), phase(p), name=f"edgec_pad_p{p}")
-          for p in sorted({(k * dw) % sw for k in range(kw)})}
+    xs = column_phases(x, kh, kw, strides, pads, dil, owp, fill, load)
     if wt is None:  # max pool: the same taps, max instead of multiply-add
         def tap(n, c_, y, xx, k):
             return xs[(k * dw) % sw][n, c_, y * sh + rkh * dh, xx + (k * dw) // sw]

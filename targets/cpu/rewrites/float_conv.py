@@ -2,7 +2,8 @@
 
 A ``relax.nn.conv2d`` with constant NCHW/OIHW float32 weights and a static input becomes, in
 this order of preference: Winograd (:mod:`..kernels.winograd`), the pixels-in-lanes 1x1
-kernel (:mod:`..kernels.pixel_conv`), the packed direct convolution
+kernel (:mod:`..kernels.pixel_conv`), the stem kernel for an image's few channels
+(:mod:`..kernels.stem_conv`), the packed direct convolution
 (:mod:`..kernels.packed_conv`), or for depthwise the row kernel (:mod:`..kernels.row_conv`);
 anything else goes to TOPI's default. A ``relax.matmul`` of a static 2-D float32 input by a
 constant 2-D weight (Gemm, MatMul) becomes the packed dense kernel (:mod:`..kernels.dense`).
@@ -24,6 +25,7 @@ from ..kernels.dense import dense_packed_te, pack_dense
 from ..kernels.packed_conv import conv_packed_te, grouped_applies, pack_weight, padded_width
 from ..kernels.pixel_conv import conv1x1_px_te, conv_px_tile, pack_weight_px
 from ..kernels.row_conv import dwconv_te
+from ..kernels.stem_conv import conv_stem_te, pack_weight_stem, stem_tile
 from .common import KERNEL_ATTRS as _KERNEL
 from ..kernels.winograd import transform_weight, winograd_te, winograd_tile
 
@@ -67,6 +69,11 @@ def _emit_conv(bb, call, w, lanes: int):
         return bb.call_te(functools.partial(conv1x1_px_te, tile=tile), data,
                           relax.const(pack_weight_px(w, tile[4])), oc,
                           primfunc_name_hint="conv2d_px", primfunc_attrs=_KERNEL)
+    tile = stem_tile(lanes, (n, c, h, wd), w.shape, strides, pads, dil, groups)
+    if tile is not None:
+        return bb.call_te(functools.partial(conv_stem_te, tile=tile), data,
+                          relax.const(pack_weight_stem(w, tile[2])), oc, strides, pads, dil,
+                          primfunc_name_hint="conv2d_stem", primfunc_attrs=_KERNEL)
     if groups == 1 or (grouped_applies(oc, groups, lanes) and w.shape[1] > 1):
         ow = conv_out(wd, pads[1], pads[3], w.shape[3], strides[1], dil[1])
         return bb.call_te(functools.partial(conv_packed_te, groups=groups,

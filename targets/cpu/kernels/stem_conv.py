@@ -1,0 +1,133 @@
+"""Pixels-in-lanes direct convolution of an image stem (float, at most
+:data:`~.packed_conv.STEM_CHANNELS` input channels, any kernel size and stride).
+
+The packed kernel keeps output channels in the lanes and must transpose every tile back
+to NCHW in its epilogue; with 3 input channels a 3x3 tile has only 27 reduction steps, so
+that transpose (a gather per output value) cost as much as the multiply-adds (SqueezeNet's
+3x3/2 stem ran at a third of the machine's peak). Here the output pixels of a row are the
+lanes, as in the 1x1 kernel (:mod:`.pixel_conv`), and the input's column phases
+(:func:`~..compute.column_phases`, as the depthwise kernel's) make every tap of a strided
+window one contiguous vector load::
+
+    acc[n, o, y, x] = sum_{c, i, k} Xs_{(k*dw) % sw}[n, c, y*sh + i*dh, x + (k*dw) // sw]
+                                    * Wt[o // R, c, i, k, o % R]       for x < Wp
+    Y[n, o, y, x]   = acc[n, o, y, x]                                 for x < Wo
+
+A register tile is ``R`` output channels x ``V`` vectors of a row (:func:`stem_tile`): per
+tap ``V`` unaligned loads and ``R`` weight broadcasts feed ``R * V`` FMAs, and the NCHW
+output rows are the accumulators themselves, so the fused epilogue works on whole vectors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from tvm import te
+
+from ..compute import column_phases, conv_out, ints
+from ..isa import px_budget
+from ..schedule import (ScheduleRule, blocks_named, extent, find_blocks, fuse_epilogue,
+                        vectorize_in_vectors)
+from .packed_conv import STEM_CHANNELS
+
+STEM_BLOCK = "edgec_conv2d_stem"
+STEM_TILE = "edgec_stem_tile"  # block annotation: [vecs, rows]
+MAX_STEPS = 36  # reduction steps (channels x taps), at most: a 3x3 window on <= 4 channels
+
+
+def stem_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int = 1):
+    """``(owp, vecs, rows)`` for a stem convolution: the output row padded to whole vectors,
+    then ``vecs`` vectors x ``rows`` channels per register tile (at most the pixels-in-lanes
+    budget of accumulators; the most FMAs per load, times the share of the channels padded
+    to whole tiles that is real); None when the kernel does not apply (more input channels,
+    groups, a 1x1 window, or a row that whole vectors would pad by over a quarter) or does
+    not pay: past :data:`MAX_STEPS` reduction steps the packed kernel's transpose is spread
+    over enough multiply-adds, and its broadcasts beat this kernel's unaligned vector loads
+    (ResNet's 7x7/2 stem on 3 channels, 147 steps: 1.5 ms packed, 2.4 ms here; SqueezeNet's
+    3x3/2 on 3 channels to 64, 27 steps: 0.75 ms packed, 0.6 ms here; to 32 channels and a
+    1-channel 3x3 on 28 x 28: the same)."""
+    n, c, h, w = shape
+    oc, ic, kh, kw = wshape
+    if groups != 1 or c > STEM_CHANNELS or ic != c or kh * kw == 1 or c * kh * kw > MAX_STEPS:
+        return None
+    ow = conv_out(w, pads[1], pads[3], kw, strides[1], dil[1])
+    owp = -(-ow // lanes) * lanes
+    if ow < 1 or 4 * (owp - ow) > owp:
+        return None
+    nv = owp // lanes
+    budget = px_budget(lanes)
+    best = None
+    for vecs in range(1, min(budget, nv) + 1):
+        if nv % vecs:
+            continue
+        for rows in range(1, min(16, budget // vecs) + 1):
+            score = (rows * vecs / (rows + vecs) * oc / (-(-oc // rows) * rows), rows * vecs)
+            if best is None or score > best[0]:
+                best = (score, vecs, rows)
+    return None if best is None else (owp, best[1], best[2])
+
+
+def pack_weight_stem(w: np.ndarray, rows: int) -> np.ndarray:
+    """``W[o, c, kh, kw]`` -> ``Wt[o // R, c, kh, kw, o % R]`` (``R``: the tile's rows, zero
+    padded): the ``R`` weights of a tap are one contiguous run."""
+    oc = w.shape[0]
+    ocb = -(-oc // rows)
+    wp = np.zeros((ocb * rows,) + w.shape[1:], w.dtype)
+    wp[:oc] = w
+    return np.ascontiguousarray(wp.reshape(ocb, rows, *w.shape[1:]).transpose(0, 2, 3, 4, 1))
+
+
+def conv_stem_te(x, wt, oc: int, strides, pads, dil, tile):
+    """The stem convolution (module docstring) of ``x`` by the packed ``wt``."""
+    nb, _, h, w = ints(x.shape)
+    ocb, ic, kh, kw, rows = ints(wt.shape)
+    owp, vecs, _ = tile
+    (sh, sw), (dh, dw) = strides, dil
+    pt, pl, pb, pr = pads
+    oh, ow = conv_out(h, pt, pb, kh, sh, dh), conv_out(w, pl, pr, kw, sw, dw)
+    xs = column_phases(x, kh, kw, strides, pads, dil, owp, 0.0)
+    rc = te.reduce_axis((0, ic), "rc")
+    rkh = te.reduce_axis((0, kh), "rkh")
+
+    def body(n, o, y, xx):  # the taps of a kernel row written out: each reads its phase
+        terms = [xs[(k * dw) % sw][n, rc, y * sh + rkh * dh, xx + (k * dw) // sw]
+                 * wt[o // rows, rc, rkh, k, o % rows] for k in range(kw)]
+        return te.sum(functools.reduce(lambda a, b: a + b, terms), axis=[rc, rkh])
+
+    acc = te.compute((nb, ocb * rows, oh, owp), body, name=STEM_BLOCK,
+                     attrs={STEM_TILE: [vecs, rows]})
+    return te.compute((nb, oc, oh, ow), lambda n, o, y, xx: acc[n, o, y, xx],
+                      name="edgec_conv2d_stem_out")
+
+
+def schedule_stem(sch, block, lanes: int) -> None:
+    """Tasks: (image, output row, column tile, channel tile), channel tiles innermost so
+    that consecutive tasks read the same input rows; per task the tile's ``rows x vecs``
+    accumulators over every (channel, kernel row) with the taps unrolled, then the fused
+    epilogue on the tile. The column phases are computed first, every (image, channel,
+    row) a parallel task (3 channels alone would leave a thread idle)."""
+    n, o, y, x, rc, rkh = sch.get_loops(block)
+    vecs, rows = (int(v) for v in sch.get(block).annotations[STEM_TILE])
+    if extent(sch, o) % rows or extent(sch, x) % (vecs * lanes):
+        raise ValueError("kernel computed for another tile")
+    oo, oi = sch.split(o, [None, rows])
+    xo, xv, xi = sch.split(x, [None, vecs, lanes])
+    sch.reorder(n, y, xo, oo, rc, rkh, oi, xv, xi)
+    epilogue = fuse_epilogue(sch, block, oo)
+    sch.parallel(sch.fuse(n, y, xo, oo))
+    sch.unroll(oi)
+    sch.unroll(xv)
+    sch.vectorize(xi)
+    sch.decompose_reduction(block, rc)
+    vectorize_in_vectors(sch, epilogue, lanes)
+    for pad in find_blocks(sch, "edgec_pad"):
+        sch.parallel(sch.fuse(*sch.get_loops(pad)[:3]))
+
+
+def _apply(sch, blocks, ctx) -> str:
+    schedule_stem(sch, blocks[0], ctx.lanes)
+    return "conv2d-stem"
+
+
+RULE = ScheduleRule("conv2d-stem", lambda sch: blocks_named(sch, STEM_BLOCK), _apply)
