@@ -171,7 +171,7 @@ def host_lanes(options=None) -> int:
 
 # 1x1 stride 1: pixels in the lanes -- a flat map (H*W whole vectors), rows padded to whole
 # vectors, a channel count that is no multiple of the tile, batch 2, a residual epilogue
-PX_CASES = [(16, 24, 8, 8, 1, "relu6"), (13, 40, 5, 28, 2, "relu"), (96, 20, 14, 14, 1, "none"),
+PX_CASES = [(16, 24, 8, 8, 1, "relu6"), (13, 40, 5, 32, 2, "relu"), (96, 20, 16, 14, 1, "none"),
             (24, 7, 4, 12, 2, "residual"), (32, 32, 6, 8, 1, "residual")]
 
 
@@ -281,6 +281,10 @@ def test_pixel_tile_choice():
     assert px_tile(16, 15, 14, 14, PX_L1_BYTES // 16 + 4, 96) is None  # K too large
     for vecs_rows in (px_tile(8, 12, 28, 28, 4 * 32, 192)[3:], px_tile(4, 24, 8, 8, 64, 24)[3:]):
         assert vecs_rows[0] * vecs_rows[1] <= 24
+    # float 1x1 convolutions take it on flat maps only (rows padded to vectors: packed)
+    assert conv_px_tile(16, (1, 96, 14, 14), (576, 96, 1, 1), (1, 1), (0,) * 4) is None
+    assert conv_px_tile(8, (1, 96, 14, 14), (576, 96, 1, 1), (1, 1), (0,) * 4) is None
+    assert conv_px_tile(16, (1, 96, 28, 28), (576, 96, 1, 1), (1, 1), (0,) * 4) is not None
 
 
 @SETTINGS
