@@ -50,7 +50,8 @@ from .phases import sequential
 from .tuning_db import (CHOICES, database, db_dir, load_choices, save_choices, task_key,
                         task_module)
 
-ANCHORS = ("edgec_conv2d_packed", "edgec_dwconv2d", "edgec_dense_packed", "matmul", "conv2d",
+ANCHORS = ("edgec_conv2d_packed", "edgec_conv2d_stem", "edgec_dwconv2d", "edgec_dense_packed",
+           "matmul", "conv2d",
            "T_matmul")
 
 
