@@ -51,8 +51,7 @@ from .tuning_db import (CHOICES, database, db_dir, load_choices, save_choices, t
                         task_module)
 
 ANCHORS = ("edgec_conv2d_packed", "edgec_conv2d_stem", "edgec_dwconv2d", "edgec_dense_packed",
-           "matmul", "conv2d",
-           "T_matmul")
+           "matmul", "conv2d", "T_matmul")
 
 
 def _is_anchor(func) -> bool:

@@ -35,15 +35,14 @@ def pad_likely(x, pads, load=None):
     return te.compute((nb, c, h + pt + pb, w + pl + pr), body, name="edgec_pad")
 
 
-
-def column_phases(x, kh: int, kw: int, strides, pads, dil, owp: int, fill, load=None,
-                  prefix: str = "edgec_pad"):
+def column_phases(x, kh: int, kw: int, strides, pads, dil, owp: int, fill, load=None):
     """The padded input of a convolution or pool split by column phase, so that every tap
     of a strided window reads contiguous columns::
 
         Xs_p[n, c, y, j] = Xpad[n, c, y, j * sw + p]      (one buffer per phase p used)
 
-    tap ``k`` of output column ``x`` is ``Xs_{(k*dw) % sw}[.., x + (k*dw) // sw]``.
+    tap ``k`` of output column ``x`` is ``Xs_{(k*dw) % sw}[.., x + (k*dw) // sw]``
+    (:func:`column_tap`).
     ``owp``: the output columns computed (rows padded to whole vectors); ``fill``: the
     padding value; ``load(n, c, y, x)`` (default ``x[n, c, y, x]``) reads one input value.
     Returns ``{p: Xs_p}``. The bounds tests are ``likely`` (one per test that can fail), so
@@ -73,5 +72,11 @@ def column_phases(x, kh: int, kw: int, strides, pads, dil, owp: int, fill, load=
         return body
 
     # one buffer per column phase (p a constant: the bounds tests split off cleanly)
-    return {p: te.compute((nb, c, rows, cols), phase(p), name=f"{prefix}_p{p}")
+    return {p: te.compute((nb, c, rows, cols), phase(p), name=f"edgec_pad_p{p}")
             for p in sorted({(k * dw) % sw for k in range(kw)})}
+
+
+def column_tap(xs, sw: int, dw: int, k: int, n, c, row, x):
+    """Tap ``k`` of output column ``x`` in input row ``row``, read from
+    :func:`column_phases`' buffers ``xs``."""
+    return xs[(k * dw) % sw][n, c, row, x + (k * dw) // sw]

@@ -165,11 +165,12 @@ def vectorize_in_vectors(sch, blocks, unit: int, only_extent: int | None = None)
             pass
 
 
-def parallel_pad(sch) -> None:
+def parallel_pad(sch, depth: int = 2) -> None:
+    """Every padding block in parallel over its ``depth`` outer loops fused."""
     for b in find_blocks(sch, "edgec_pad"):
         loops = sch.get_loops(b)
-        if len(loops) >= 2:
-            sch.parallel(sch.fuse(*loops[:2]))
+        if len(loops) >= depth:
+            sch.parallel(sch.fuse(*loops[:depth]))
 
 
 def register_tile(sch, o, x, max_cols: int, stem: bool = False):

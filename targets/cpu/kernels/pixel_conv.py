@@ -33,22 +33,33 @@ def px_tile(lanes: int, budget: int, h: int, w: int, kbytes: int, oc: int):
     the channel tiles that follow each other reuse them from L1. Among those, the most
     multiply-adds per load (``rows * vecs / (rows + vecs)``) times the share of the
     ``oc`` channels padded to whole tiles that is real."""
-    limit = min(budget, 1023 // (4 * lanes))
     npix = h * w
     flat = npix % lanes == 0
     wpad = npix if flat else -(-w // lanes) * lanes
     nv = wpad // lanes
+    best = lane_tile(lanes, budget, nv, oc, lambda vecs: (flat or vecs == nv) and
+                     kbytes * vecs * lanes <= PX_L1_BYTES)
+    if best is None or (not flat and 4 * (wpad - w) > wpad):
+        return None
+    return (1, npix, wpad, *best) if flat else (h, w, wpad, *best)
+
+
+def lane_tile(lanes: int, budget: int, nv: int, oc: int, allowed=None):
+    """``(vecs, rows)``: the register tile of a pixels-in-lanes kernel over ``nv`` vectors
+    of pixels and ``oc`` output channels -- ``vecs`` (a divisor of ``nv``, ``allowed`` by
+    the caller) x ``rows`` accumulators, at most ``budget`` and under 1 KiB, with the most
+    multiply-adds per load (``rows * vecs / (rows + vecs)``) times the share of the ``oc``
+    channels padded to whole tiles that is real; None when no ``vecs`` is allowed."""
+    limit = min(budget, 1023 // (4 * lanes))
     best = None
     for vecs in range(1, min(limit, nv) + 1):
-        if nv % vecs or (not flat and vecs != nv) or kbytes * vecs * lanes > PX_L1_BYTES:
+        if nv % vecs or (allowed is not None and not allowed(vecs)):
             continue
         for rows in range(1, min(16, limit // vecs) + 1):
             score = (rows * vecs / (rows + vecs) * oc / (-(-oc // rows) * rows), rows * vecs)
             if best is None or score > best[0]:
                 best = (score, vecs, rows)
-    if best is None or (not flat and 4 * (wpad - w) > wpad):
-        return None
-    return (1, npix, wpad, best[1], best[2]) if flat else (h, w, wpad, best[1], best[2])
+    return None if best is None else best[1:]
 
 
 def conv_px_tile(lanes: int, shape, wshape, strides, pads):

@@ -8,7 +8,7 @@ import functools
 import tvm
 from tvm import te
 
-from ..compute import column_phases, conv_out, ints
+from ..compute import column_phases, column_tap, conv_out, ints
 from ..schedule import (ScheduleRule, blocks_named, buffer_bytes, extent, find_blocks,
                         fuse_epilogue, pick_tile, vectorize_in_vectors)
 from .int8_common import round_clamp
@@ -56,7 +56,7 @@ def dwconv_te(x, wt, strides, pads, dil, load=None, lanes: int = 8, finish=None,
     xs = column_phases(x, kh, kw, strides, pads, dil, owp, fill, load)
     if wt is None:  # max pool: the same taps, max instead of multiply-add
         def tap(n, c_, y, xx, k):
-            return xs[(k * dw) % sw][n, c_, y * sh + rkh * dh, xx + (k * dw) // sw]
+            return column_tap(xs, sw, dw, k, n, c_, y * sh + rkh * dh, xx)
 
         acc = te.compute(
             (nb, c, oh, owp),
@@ -73,7 +73,7 @@ def dwconv_te(x, wt, strides, pads, dil, load=None, lanes: int = 8, finish=None,
             name=DWCONV_BLOCK)
     else:  # the taps of a kernel row written out: each reads its phase's buffer
         def strided(n, c_, y, xx):
-            terms = [xs[(k * dw) % sw][n, c_, y * sh + rkh * dh, xx + (k * dw) // sw]
+            terms = [column_tap(xs, sw, dw, k, n, c_, y * sh + rkh * dh, xx)
                      * wt[c_, 0, rkh, k] for k in range(kw)]
             return te.sum(functools.reduce(lambda a, b: a + b, terms), axis=[rkh])
         acc = te.compute((nb, c, oh, owp), strided, name=DWCONV_BLOCK)

@@ -25,11 +25,12 @@ import functools
 import numpy as np
 from tvm import te
 
-from ..compute import column_phases, conv_out, ints
+from ..compute import column_phases, column_tap, conv_out, ints
 from ..isa import px_budget
-from ..schedule import (ScheduleRule, blocks_named, extent, find_blocks, fuse_epilogue,
+from ..schedule import (ScheduleRule, blocks_named, extent, fuse_epilogue, parallel_pad,
                         vectorize_in_vectors)
 from .packed_conv import STEM_CHANNELS
+from .pixel_conv import lane_tile
 
 STEM_BLOCK = "edgec_conv2d_stem"
 STEM_TILE = "edgec_stem_tile"  # block annotation: [vecs, rows]
@@ -38,9 +39,8 @@ MAX_STEPS = 36  # reduction steps (channels x taps), at most: a 3x3 window on <=
 
 def stem_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int = 1):
     """``(owp, vecs, rows)`` for a stem convolution: the output row padded to whole vectors,
-    then ``vecs`` vectors x ``rows`` channels per register tile (at most the pixels-in-lanes
-    budget of accumulators; the most FMAs per load, times the share of the channels padded
-    to whole tiles that is real); None when the kernel does not apply (more input channels,
+    then ``vecs`` vectors x ``rows`` channels per register tile (the 1x1 kernel's choice,
+    :func:`~.pixel_conv.lane_tile`); None when the kernel does not apply (more input channels,
     groups, a 1x1 window, or a row that whole vectors would pad by over a quarter) or does
     not pay: past :data:`MAX_STEPS` reduction steps the packed kernel's transpose is spread
     over enough multiply-adds, and its broadcasts beat this kernel's unaligned vector loads
@@ -55,17 +55,8 @@ def stem_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int = 1):
     owp = -(-ow // lanes) * lanes
     if ow < 1 or 4 * (owp - ow) > owp:
         return None
-    nv = owp // lanes
-    budget = px_budget(lanes)
-    best = None
-    for vecs in range(1, min(budget, nv) + 1):
-        if nv % vecs:
-            continue
-        for rows in range(1, min(16, budget // vecs) + 1):
-            score = (rows * vecs / (rows + vecs) * oc / (-(-oc // rows) * rows), rows * vecs)
-            if best is None or score > best[0]:
-                best = (score, vecs, rows)
-    return None if best is None else (owp, best[1], best[2])
+    best = lane_tile(lanes, px_budget(lanes), owp // lanes, oc)
+    return None if best is None else (owp, *best)
 
 
 def pack_weight_stem(w: np.ndarray, rows: int) -> np.ndarray:
@@ -91,7 +82,7 @@ def conv_stem_te(x, wt, oc: int, strides, pads, dil, tile):
     rkh = te.reduce_axis((0, kh), "rkh")
 
     def body(n, o, y, xx):  # the taps of a kernel row written out: each reads its phase
-        terms = [xs[(k * dw) % sw][n, rc, y * sh + rkh * dh, xx + (k * dw) // sw]
+        terms = [column_tap(xs, sw, dw, k, n, rc, y * sh + rkh * dh, xx)
                  * wt[o // rows, rc, rkh, k, o % rows] for k in range(kw)]
         return te.sum(functools.reduce(lambda a, b: a + b, terms), axis=[rc, rkh])
 
@@ -121,8 +112,7 @@ def schedule_stem(sch, block, lanes: int) -> None:
     sch.vectorize(xi)
     sch.decompose_reduction(block, rc)
     vectorize_in_vectors(sch, epilogue, lanes)
-    for pad in find_blocks(sch, "edgec_pad"):
-        sch.parallel(sch.fuse(*sch.get_loops(pad)[:3]))
+    parallel_pad(sch, depth=3)
 
 
 def _apply(sch, blocks, ctx) -> str:
