@@ -502,6 +502,49 @@ def test_packed_conv_odd_widths(tmp_path, mcpu, c, k, ksz, stride, pad, w, epi):
                                atol=1e-4 * max(1.0, np.abs(ref).max()))
 
 
+def test_deep_1x1_tile_choice():
+    """Deep 1x1 convolutions on AVX-512 rows of 28+ columns take 4 channel blocks x up to 7
+    columns; 14-wide rows, shallow or spatial windows, AVX2 and channel counts that are no
+    multiple of 4 blocks keep the default tile."""
+    from edgec.targets.cpu.kernels.packed_conv import deep_tile
+
+    assert deep_tile(16, 512, 1, 1, 28, 8) == (4, 7)
+    assert deep_tile(16, 256, 1, 1, 30, 32) == (4, 6)
+    assert deep_tile(16, 1024, 1, 1, 14, 16) is None
+    assert deep_tile(8, 512, 1, 1, 28, 16) is None
+    assert deep_tile(4, 512, 1, 1, 28, 32) is None
+    assert deep_tile(16, 128, 1, 1, 28, 8) is None
+    assert deep_tile(16, 512, 3, 3, 28, 8) is None
+    assert deep_tile(16, 512, 1, 1, 28, 6) is None
+    assert deep_tile(16, 512, 1, 1, 29, 8) is None  # a prime width: 1-column tiles
+
+
+@pytest.mark.parametrize("mcpu", ["haswell", "host"])
+@pytest.mark.parametrize("c,k,stride,w,epi", [
+    (512, 64, 1, 28, "relu"), (320, 128, 2, 59, "relu6"), (256, 72, 1, 30, "none")])
+def test_deep_1x1_conv(tmp_path, mcpu, c, k, stride, w, epi):
+    """The deep 1x1 tile (on an AVX-512 host; the default tile under haswell) against
+    onnxruntime: a 28-wide map (7-column tiles), a stride-2 map of 30 columns (6-column
+    tiles), 72 channels (4.5 vectors: a zero-padded block)."""
+    opts = {} if mcpu == "host" else {"mcpu": mcpu}
+    h = 5
+    rng = np.random.default_rng(c + k)
+    inits = {"W": (rng.standard_normal((k, c, 1, 1)) * 0.05).astype(np.float32),
+             "B": rng.standard_normal(k).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], strides=[stride] * 2)]
+    oh, ow = _out(h, 1, stride, 1, 0, 0), _out(w, 1, stride, 1, 0, 0)
+    last = _epilogue(epi, "y", nodes, inits, "x", [1, c, h, w], [1, k, oh, ow])
+    m = make_model(nodes, [("x", [1, c, h, w])], [(last, [1, k, oh, ow])], inits)
+    out = tmp_path / "art"
+    report = compile_to(m, out, target_options=opts)
+    assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
+    assert report["kernels"]["unscheduled"] == {}
+    x = rng.standard_normal((1, c, h, w)).astype(np.float32)
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
+                               atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
 @pytest.mark.parametrize("c,h,w,k,s,p,d,ceil,dtype", [
     (8, 13, 17, 3, 2, 1, 1, 0, "float32"), (5, 9, 11, 2, 2, 0, 1, 0, "float32"),
     (6, 10, 12, 3, 1, 1, 1, 0, "float32"), (4, 15, 14, 3, 2, 1, 2, 0, "float32"),
