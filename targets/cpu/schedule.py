@@ -148,35 +148,19 @@ def vectorize_innermost(sch, blocks) -> None:
 
 
 
-def vectorize_row(sch, loop, unit: int) -> None:
-    """Vectorize ``loop`` in whole vectors of ``unit`` lanes and its remainder as one shorter
-    vector after them (``loop_partition``: a 111-wide row is 6 vectors and 15 lanes, a
-    55 x 55 map 189 vectors and 1 lane, not one 111- or 3025-lane vector, which LLVM splits
-    badly); a loop of at most ``unit`` iterations is one vector."""
-    e = extent(sch, loop)
-    if e <= unit:
-        sch.vectorize(loop)
-        return
-    body = e - e % unit
-    if body < e:
-        loop, tail = sch.loop_partition(loop, [body, None])
-        sch.vectorize(tail)
-        (blk,) = sch.get_child_blocks(loop)
-        loop = sch.get_loops(blk)[-1]
-    _, inner = sch.split(loop, [None, unit])
-    sch.vectorize(inner)
-
-
 def vectorize_in_vectors(sch, blocks, unit: int, only_extent: int | None = None) -> None:
-    """Vectorize each block's innermost loop by :func:`vectorize_row` (with ``only_extent``:
-    only a loop of that extent, others as they are); a scalar epilogue is still correct."""
+    """Vectorize each block's innermost loop in whole vectors of ``unit`` lanes when its
+    extent is a multiple of ``unit`` above it (and, with ``only_extent``, equal to that),
+    else as it is (LLVM splits a long vector badly); a scalar epilogue is still correct."""
     for blk in blocks or []:
         loops = sch.get_loops(blk)
         try:
-            if only_extent not in (None, extent(sch, loops[-1])):
-                sch.vectorize(loops[-1])
+            e = extent(sch, loops[-1])
+            if e % unit == 0 and e > unit and only_extent in (None, e):
+                _, inner = sch.split(loops[-1], [None, unit])
+                sch.vectorize(inner)
             else:
-                vectorize_row(sch, loops[-1], unit)
+                sch.vectorize(loops[-1])
         except Exception:  # noqa: BLE001 - a scalar epilogue is still correct
             pass
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import tvm
 
-from ..schedule import ScheduleRule, all_blocks, extent, pick_vec_tile, vectorize_row
+from ..schedule import ScheduleRule, all_blocks, extent, pick_vec_tile
 
 CONCAT_BLOCK = "T_concat"
 MIN_CHUNK = 64  # floats per task and input row, at least (a 7 x 7 map: 49, one task)
@@ -110,7 +110,17 @@ def _per_channel(sch, outer, part, inner, lanes: int) -> None:
     channel (the condition does not depend on the vector lanes)."""
     task = sch.fuse(*outer, part) if outer else part
     sch.parallel(task)
-    vectorize_row(sch, inner, lanes)  # a 55 x 55 map: 189 vectors and 1 lane
+    n = extent(sch, inner)
+    if n <= lanes:
+        sch.vectorize(inner)
+        return
+    body = n - n % lanes
+    if body < n:  # a 55 x 55 map: 3024 floats in vectors, then one (not a 3025-lane vector)
+        inner, _tail = sch.loop_partition(inner, [body, None])
+        (blk,) = sch.get_child_blocks(inner)
+        inner = sch.get_loops(blk)[-1]
+    _, vec = sch.split(inner, [None, lanes])
+    sch.vectorize(vec)
 
 
 def _apply(sch, blocks, ctx) -> str:
