@@ -173,24 +173,25 @@ def parallel_pad(sch, depth: int = 2) -> None:
             sch.parallel(sch.fuse(*loops[:depth]))
 
 
-def register_tile(sch, o, x, max_cols: int, stem: bool = False):
+def register_tile(sch, o, x, max_cols: int, stem: bool = False,
+                  tile: tuple[int, int] | None = None):
     """Split the channel-block loop ``o`` and the column loop ``x`` into a register tile:
     ``cols`` columns (a divisor of ``x`` up to ``max_cols``) x ``ob2`` channel blocks (2 or 3
     when the columns leave room for them). ``stem``: a convolution of the image itself (at
     most 4 input channels): two channel blocks x half the columns where the channels allow
     (per reduction step 2 weight loads + 7 broadcasts for 14 FMAs instead of 1 + 14; the
-    7x7/2 and 3x3/2 stems ran 1.3-1.6x faster on AVX-512). Returns ``(oo, oi, xo, xi)``."""
+    7x7/2 and 3x3/2 stems ran 1.3-1.6x faster on AVX-512). ``tile``: ``(ob2, cols)`` chosen
+    by the caller. Returns ``(oo, oi, xo, xi)``."""
     oe = extent(sch, o)
-    if stem and oe % 2 == 0:
+    if tile is None and stem and oe % 2 == 0:
         cols = pick_tile(extent(sch, x), max_cols // 2)
         if 2 * cols >= max_cols // 2:
-            oo, oi = sch.split(o, [None, 2])
-            xo, xi = sch.split(x, [None, cols])
-            return oo, oi, xo, xi
-    cols = pick_tile(extent(sch, x), max_cols)
-    ob2 = next((k for k in (3, 2) if k * cols <= max_cols and oe % k == 0), 1)
-    oo, oi = sch.split(o, [None, ob2])
-    xo, xi = sch.split(x, [None, cols])
+            tile = (2, cols)
+    if tile is None:
+        cols = pick_tile(extent(sch, x), max_cols)
+        tile = (next((k for k in (3, 2) if k * cols <= max_cols and oe % k == 0), 1), cols)
+    oo, oi = sch.split(o, [None, tile[0]])
+    xo, xi = sch.split(x, [None, tile[1]])
     return oo, oi, xo, xi
 
 

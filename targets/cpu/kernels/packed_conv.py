@@ -126,12 +126,9 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
     (:func:`deep_tile`)."""
     n, o, y, x, b, ric, rkh, rkw = sch.get_loops(block)
     ic, kh, kw = extent(sch, ric), extent(sch, rkh), extent(sch, rkw)
-    deep = deep_tile(lanes, ic, kh, kw, extent(sch, x), extent(sch, o))
-    if deep:
-        oo, oi = sch.split(o, [None, deep[0]])
-        xo, xi = sch.split(x, [None, deep[1]])
-    else:
-        oo, oi, xo, xi = register_tile(sch, o, x, max_cols, stem=ic <= STEM_CHANNELS)
+    oo, oi, xo, xi = register_tile(sch, o, x, max_cols, stem=ic <= STEM_CHANNELS,
+                                   tile=deep_tile(lanes, ic, kh, kw, extent(sch, x),
+                                                  extent(sch, o)))
     ob2 = extent(sch, oi)
     chunk = _k_chunk(ic, kh * kw * ob2 * lanes * 4, extent(sch, y))
     if chunk:
