@@ -162,6 +162,64 @@ def test_stem_tile_choice():
         assert owp % (vecs * lanes) == 0 and vecs * rows <= px_budget(lanes)
 
 
+def _scheduled_updates(model, names, options=None) -> dict[str, list]:
+    """The values stored by the reduction update blocks ``names`` in the x86 build's
+    scheduled functions: name -> values."""
+    import tvm
+
+    from edgec.core.importer import normalize
+    from edgec.targets import get_target
+    from edgec.targets.backend import make_target, to_relax
+    from edgec.targets.cpu.pipeline import cpu_front_phases, schedule_phases
+    from edgec.targets.phases import sequential
+
+    target = make_target(get_target("x86"), options or {})
+    mod = sequential(target, [*cpu_front_phases(target), *schedule_phases(target, None, None)])(
+        to_relax(normalize(model)[0]))
+    found: dict[str, list] = {}
+    for _, f in mod.functions.items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            sch, text = tvm.s_tir.Schedule(f), f.script()
+            for name in (n for n in names if f'T.sblock("{n}")' in text):
+                found.setdefault(name, []).append(sch.get(sch.get_sblock(name)).body.value)
+    return found
+
+
+def _float_products(e) -> int:
+    """Float multiplications in the expression ``e`` (index arithmetic is integer)."""
+    import tvm
+
+    n = int(isinstance(e, tvm.tirx.Mul) and "float" in str(e.ty))
+    for field in ("a", "b", "condition", "true_value", "false_value", "value"):
+        if hasattr(e, field):
+            n += _float_products(getattr(e, field))
+    return n + sum(_float_products(a) for a in getattr(e, "args", ()))
+
+
+@pytest.mark.parametrize("mcpu", [None, "haswell"])
+def test_every_tap_is_one_multiply_add(mcpu):
+    """The stem and the strided depthwise kernels multiply-add each tap straight into its
+    accumulator (``acc + x * w``, one product per update): a kernel row's taps written out
+    as one sum added to the accumulator once cannot be reassociated (float), cost a multiply
+    and an add more per row and made the stem spill its tile (SqueezeNet's stem 3x slower)."""
+    import tvm
+
+    rng = np.random.default_rng(0)
+    inits = {"W": (rng.standard_normal((32, 3, 3, 3)) * 0.3).astype(np.float32),
+             "D": (rng.standard_normal((32, 1, 3, 3)) * 0.3).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["s"], strides=[2, 2], pads=[1] * 4),
+             helper.make_node("Conv", ["s", "D"], ["y"], strides=[2, 2], pads=[1] * 4,
+                              group=32)]
+    m = make_model(nodes, [("x", [1, 3, 64, 64])], [("y", [1, 32, 16, 16])], inits)
+    names = ("edgec_conv2d_stem_update", "edgec_dwconv2d_update")
+    updates = _scheduled_updates(m, names, {"mcpu": mcpu} if mcpu else None)
+    for name in names:
+        assert name in updates, sorted(updates)
+        for value in updates[name]:
+            assert isinstance(value, tvm.tirx.Add) and _float_products(value) == 1, \
+                (name, value)
+
+
 def host_lanes(options=None) -> int:
     from edgec.targets import get_target
     from edgec.targets.backend import make_target

@@ -76,7 +76,19 @@ def column_phases(x, kh: int, kw: int, strides, pads, dil, owp: int, fill, load=
             for p in sorted({(k * dw) % sw for k in range(kw)})}
 
 
-def column_tap(xs, sw: int, dw: int, k: int, n, c, row, x):
+def column_tap(xs, sw: int, dw: int, k, n, c, row, x, kw: int = 0):
     """Tap ``k`` of output column ``x`` in input row ``row``, read from
-    :func:`column_phases`' buffers ``xs``."""
-    return xs[(k * dw) % sw][n, c, row, x + (k * dw) // sw]
+    :func:`column_phases`' buffers ``xs``. ``k`` is a constant, or a loop variable over
+    ``kw`` taps that is unrolled: with a stride, a select over the taps, each reading its
+    own phase at a constant offset. After unrolling it folds to the one tap, so that every
+    tap is its own multiply-add into the accumulator: a sum of the taps written out and
+    added to it once cannot be reassociated (float), costs a multiply and an add more per
+    kernel row and, in the stem's 14-accumulator tile, spilled registers (SqueezeNet's
+    3x3/2 stem: 3x slower)."""
+    if isinstance(k, int) or sw == 1:  # one phase: the taps are offsets in it
+        return xs[(k * dw) % sw][n, c, row, x + (k * dw) // sw]
+    k = getattr(k, "var", k)
+    out = column_tap(xs, sw, dw, kw - 1, n, c, row, x)
+    for j in reversed(range(kw - 1)):
+        out = tvm.tirx.Select(k == j, column_tap(xs, sw, dw, j, n, c, row, x), out)
+    return out

@@ -63,20 +63,14 @@ def dwconv_te(x, wt, strides, pads, dil, load=None, lanes: int = 8, finish=None,
             lambda n, c_, y, xx: te.max(functools.reduce(
                 tvm.tirx.max, [tap(n, c_, y, xx, k) for k in range(kw)]), axis=[rkh]),
             name=DWCONV_BLOCK)
-    elif sw == 1:
+    else:  # one multiply-add per tap into the accumulator, each tap reading its phase
         rkw = te.reduce_axis((0, kw), "rkw")
         acc = te.compute(
             (nb, c, oh, owp),
             lambda n, c_, y, xx: te.sum(
-                xs[0][n, c_, y * sh + rkh * dh, xx + rkw * dw] * wt[c_, 0, rkh, rkw],
-                axis=[rkh, rkw]),
+                column_tap(xs, sw, dw, rkw, n, c_, y * sh + rkh * dh, xx, kw)
+                * wt[c_, 0, rkh, rkw], axis=[rkh, rkw]),
             name=DWCONV_BLOCK)
-    else:  # the taps of a kernel row written out: each reads its phase's buffer
-        def strided(n, c_, y, xx):
-            terms = [column_tap(xs, sw, dw, k, n, c_, y * sh + rkh * dh, xx)
-                     * wt[c_, 0, rkh, k] for k in range(kw)]
-            return te.sum(functools.reduce(lambda a, b: a + b, terms), axis=[rkh])
-        acc = te.compute((nb, c, oh, owp), strided, name=DWCONV_BLOCK)
     finish = finish or (lambda v, *i: v)
     return te.compute((nb, c, oh, ow),
                       lambda n, c_, y, xx: finish(acc[n, c_, y, xx], n, c_, y, xx),
