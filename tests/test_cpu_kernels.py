@@ -163,8 +163,9 @@ def test_stem_tile_choice():
 
 
 def _scheduled_updates(model, names, options=None) -> dict[str, list]:
-    """The values stored by the reduction update blocks ``names`` in the x86 build's
-    scheduled functions: name -> values."""
+    """The blocks ``names`` (reduction updates) in the x86 build's scheduled functions:
+    name -> ``(value stored, extents of the loops around it, outermost first)`` per
+    function."""
     import tvm
 
     from edgec.core.importer import normalize
@@ -181,7 +182,9 @@ def _scheduled_updates(model, names, options=None) -> dict[str, list]:
         if isinstance(f, tvm.tirx.PrimFunc):
             sch, text = tvm.s_tir.Schedule(f), f.script()
             for name in (n for n in names if f'T.sblock("{n}")' in text):
-                found.setdefault(name, []).append(sch.get(sch.get_sblock(name)).body.value)
+                block = sch.get_sblock(name)
+                extents = [int(sch.get(lp).extent) for lp in sch.get_loops(block)]
+                found.setdefault(name, []).append((sch.get(block).body.value, extents))
     return found
 
 
@@ -215,7 +218,7 @@ def test_every_tap_is_one_multiply_add(mcpu):
     updates = _scheduled_updates(m, names, {"mcpu": mcpu} if mcpu else None)
     for name in names:
         assert name in updates, sorted(updates)
-        for value in updates[name]:
+        for value, _ in updates[name]:
             assert isinstance(value, tvm.tirx.Add) and _float_products(value) == 1, \
                 (name, value)
 
@@ -575,6 +578,24 @@ def test_deep_1x1_tile_choice():
     assert deep_tile(16, 512, 3, 3, 28, 8) is None
     assert deep_tile(16, 512, 1, 1, 28, 6) is None
     assert deep_tile(16, 512, 1, 1, 29, 8) is None  # a prime width: 1-column tiles
+
+
+@pytest.mark.parametrize("mcpu,tile", [("skylake-avx512", [4, 7]), ("haswell", None)])
+def test_deep_1x1_tile_is_applied(mcpu, tile):
+    """Built for AVX-512 (whatever the host), a 512 -> 128 1x1 convolution (stride 2, as
+    ResNet-50's downsampling: the packed kernel on either ISA) onto 28x28 runs the 4
+    channel-block x 7 column register tile: the loops right around the 16 lanes of the
+    update are 4 and 7; for AVX2 the default tile (not 4 blocks)."""
+    rng = np.random.default_rng(0)
+    inits = {"W": (rng.standard_normal((128, 512, 1, 1)) * 0.1).astype(np.float32)}
+    m = make_model([helper.make_node("Conv", ["x", "W"], ["y"], strides=[2, 2])],
+                   [("x", [1, 512, 56, 56])], [("y", [1, 128, 28, 28])], inits)
+    name = "edgec_conv2d_packed_update"
+    (_, extents), = _scheduled_updates(m, [name], {"mcpu": mcpu})[name]
+    if tile:
+        assert extents[-1] == 16 and extents[-3:-1] == tile, extents
+    else:
+        assert extents[-1] == 8 and extents[-3] != 4, extents
 
 
 @pytest.mark.parametrize("mcpu", ["haswell", "host"])
