@@ -231,9 +231,11 @@ def host_lanes(options=None) -> int:
 
 
 # 1x1 stride 1: pixels in the lanes -- a flat map (H*W whole vectors), rows padded to whole
-# vectors, a channel count that is no multiple of the tile, batch 2, a residual epilogue
+# vectors, a channel count that is no multiple of the tile, batch 2, a residual epilogue;
+# deep inputs whose AVX-512 tile is wide (:func:`test_wide_pixel_tile_choice`)
 PX_CASES = [(16, 24, 8, 8, 1, "relu6"), (13, 40, 5, 32, 2, "relu"), (96, 20, 16, 14, 1, "none"),
-            (24, 7, 4, 12, 2, "residual"), (32, 32, 6, 8, 1, "residual")]
+            (24, 7, 4, 12, 2, "residual"), (32, 32, 6, 8, 1, "residual"),
+            (160, 24, 16, 16, 1, "residual"), (200, 40, 8, 8, 2, "relu")]
 
 
 @pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
@@ -346,6 +348,31 @@ def test_pixel_tile_choice():
     assert conv_px_tile(16, (1, 96, 14, 14), (576, 96, 1, 1), (1, 1), (0,) * 4) is None
     assert conv_px_tile(8, (1, 96, 14, 14), (576, 96, 1, 1), (1, 1), (0,) * 4) is None
     assert conv_px_tile(16, (1, 96, 28, 28), (576, 96, 1, 1), (1, 1), (0,) * 4) is not None
+
+
+def test_wide_pixel_tile_choice():
+    """Deep inputs on a flat map, AVX-512, float: where L1 leaves one vector per tile, a
+    wider tile whose pixels fit L2 and that has 3+ channels; not where it would have fewer
+    (128 -> 512 at 28 x 28: 49 vectors allow only 7 x 2), not on AVX2, not for the integer
+    kernels (``wide`` off), and the kernel choice itself (px or packed) is unchanged."""
+    from edgec.targets.cpu.kernels.pixel_conv import PX_WIDE_BYTES, PX_WIDE_ROWS, px_tile
+
+    def tile(lanes, c, k, hw, **kw):
+        return px_tile(lanes, 15 if lanes == 16 else 12, hw, hw, 4 * c, k, **kw)[3:]
+
+    for c, k in ((256, 64), (256, 128), (144, 24)):
+        assert tile(16, c, k, 56) == (1, 13) or tile(16, c, k, 56)[0] == 1
+        vecs, rows = tile(16, c, k, 56, wide=True)
+        assert vecs > 1 and rows >= PX_WIDE_ROWS and 4 * c * vecs * 16 <= PX_WIDE_BYTES
+        assert vecs * rows <= 15 and 3136 % (16 * vecs) == 0
+        assert tile(8, c, k, 56, wide=True) == tile(8, c, k, 56)
+    assert tile(16, 256, 64, 56, wide=True) == (4, 3)
+    for c, k, hw in ((160, 24, 16), (200, 40, 8)):  # PX_CASES' wide ones
+        assert tile(16, c, k, hw)[0] == 1 and tile(16, c, k, hw, wide=True)[0] > 1
+    assert tile(16, 128, 512, 28, wide=True) == tile(16, 128, 512, 28) == (1, 14)
+    assert tile(16, 64, 256, 56, wide=True) == tile(16, 64, 256, 56)  # already wide
+    assert conv_px_tile(16, (1, 512, 28, 28), (128, 512, 1, 1), (1, 1), (0,) * 4) is None
+    assert conv_px_tile(16, (1, 256, 56, 56), (64, 256, 1, 1), (1, 1), (0,) * 4)[3:] == (4, 3)
 
 
 @SETTINGS
