@@ -43,7 +43,7 @@ def px_tile(lanes: int, budget: int, h: int, w: int, kbytes: int, oc: int,
     a tile of more vectors whose pixels fit :data:`PX_WIDE_BYTES` (L2) and which has at
     least :data:`PX_WIDE_ROWS` channels, so that each pixel vector loaded from L2 feeds 3+
     FMAs (4 x 3: 7 loads per 12 FMAs). Interleaved against 1 x 13 (AVX-512): those two
-    layers 0.82-0.86x the time, whole ResNet-50 0.96-0.97x, DenseNet-121 0.94-0.94x,
+    layers 0.82-0.86x the time, whole ResNet-50 0.96-0.97x, DenseNet-121 0.94x,
     MobileNetV2 0.97x, EfficientNet-B0 and MobileNetV3 at par; 128 -> 512 at 28 x 28 as
     7 x 2 (2 channels per L2 load) 1.12x, hence the rows; AVX2's 2 x 6 -> 4 x 3 on the
     same layers 1.05-1.09x, hence AVX-512 only."""
