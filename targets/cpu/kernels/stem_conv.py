@@ -23,7 +23,6 @@ accumulators themselves, so the fused epilogue works on whole vectors.
 
 from __future__ import annotations
 
-
 import numpy as np
 from tvm import te
 
@@ -51,7 +50,7 @@ def stem_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int = 1):
     1-channel 3x3 on 28 x 28: the same). Re-measured since every tap is one multiply-add
     into its accumulator (AVX-512, interleaved runs): the 7x7/2 stem here 1.04x the packed
     kernel's time (it stays packed), SqueezeNet's 3x3/2 stem 0.48 ms against onnxruntime's
-    0.62 (1.6 ms before), MobileNetV2's 3x3/2 to 32 channels 0.24 ms against 0.42."""
+    0.62 (1.6 ms before), MobileNetV2's 3x3/2 to 32 channels 0.24 ms (0.42 before)."""
     n, c, h, w = shape
     oc, ic, kh, kw = wshape
     if groups != 1 or c > STEM_CHANNELS or ic != c or kh * kw == 1 or c * kh * kw > MAX_STEPS:
