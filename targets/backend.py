@@ -24,7 +24,7 @@ from edgec.core.errors import EdgecError, UnsupportedOpError
 
 from .spec import TargetSpec
 from .cpu.isa import select_isa
-from .phases import sequential
+from .phases import build_context, sequential
 from .records import BuildRecord, BuildResult, BuildTimings
 from .tuning_db import find_db
 
@@ -224,9 +224,17 @@ def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
     record = BuildRecord()
     if use_tuning_db and spec.device == "cpu":
         record.tuning_db = find_db(spec, options)
-    pipeline = sequential(target, spec.phases(target, record, tuning_db=record.tuning_db))
     t0 = time.perf_counter()
-    ex = _relax_build(spec, mod, target, pipeline)
+    try:
+        ex = _relax_build(spec, mod, target, _pipeline(spec, target, record))
+    except EdgecError:
+        if "tuned" not in record.kernels.values():
+            raise
+        # A tuned schedule that does not build here (a database written by another version,
+        # or before candidates were built under this pipeline's configuration): build each
+        # alone, keep the default kernel for those that fail, and build again.
+        record = BuildRecord(tuning_db=record.tuning_db, verify_tuned=True)
+        ex = _relax_build(spec, mod, target, _pipeline(spec, target, record))
     timings.build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     kwargs = {"cc": spec.cross_compiler} if spec.cross_compiler else {}
@@ -240,14 +248,15 @@ def build(model: onnx.ModelProto, spec: TargetSpec, lib_path: Path,
     return BuildResult(timings, json.loads(str(target)), record)
 
 
+def _pipeline(spec: TargetSpec, target, record: BuildRecord):
+    return sequential(target, spec.phases(target, record, tuning_db=record.tuning_db))
+
+
 def _relax_build(spec: TargetSpec, mod, target, pipeline):
-    # LoopPartition splits pad stages (bounds tests marked likely) into border and an
-    # interior that copies without tests and vectorizes.
-    config = {"s_tir.LoopPartition": {"partition_const_loop": True}}
     err = None
     with NativeOutput() as out:
         try:
-            with tvm.transform.PassContext(opt_level=3, config=config):
+            with build_context():
                 ex = relax.build(mod, target=target, relax_pipeline=pipeline)
         except Exception as e:  # noqa: BLE001
             msg = str(e).strip().splitlines()

@@ -57,3 +57,15 @@ def sequential(target, phases):
 
     return _pipeline
 
+
+
+# LoopPartition splits pad stages (bounds tests marked likely) into border and an interior
+# that copies without tests and vectorizes. It also splits a vectorized loop whose bounds
+# test falls inside it, which then fails to vectorize: schedules from elsewhere (tuning)
+# are built under the same configuration before they are used.
+BUILD_CONFIG = {"s_tir.LoopPartition": {"partition_const_loop": True}}
+
+
+def build_context() -> tvm.transform.PassContext:
+    """The pass context every build runs in: a model's, and a tuning candidate's."""
+    return tvm.transform.PassContext(opt_level=3, config=BUILD_CONFIG)

@@ -87,6 +87,10 @@ class BuildRecord:
     unscheduled: dict[str, str] = field(default_factory=dict)  # function -> why plain loops
     int8: Int8Stats | None = None
     tuning_db: str | None = None
+    # Build each tuned function alone before using it (the build's retry after a failure)
+    # and keep the default kernel for those that fail: function -> the build error.
+    verify_tuned: bool = False
+    tuned_rejected: dict[str, str] = field(default_factory=dict)
     # function -> multiply-accumulates its loops execute (channels padded to the vector
     # width and a transposed convolution's inserted zeros included)
     macs: dict[str, int] = field(default_factory=dict)
@@ -116,6 +120,7 @@ class BuildRecord:
         return {"counts": counts, "functions": dict(self.kernels),
                 "unscheduled": dict(self.unscheduled), "tuning_db": self.tuning_db,
                 "int8": self.int8.to_json() if self.int8 is not None else None,
+                **({"tuned_rejected": dict(self.tuned_rejected)} if self.tuned_rejected else {}),
                 "macs": dict(self.macs), "macs_executed": total, "fallbacks": fallbacks,
                 "fallback_mac_share": (sum(f["macs"] for f in fallbacks.values()) / total
                                        if total else 0.0),

@@ -46,7 +46,7 @@ from .backend import make_target, to_relax
 from .cpu.isa import select_isa, simd_floats
 from .cpu.pipeline import cpu_front_phases
 from .cpu.rules import schedule_func
-from .phases import sequential
+from .phases import build_context, sequential
 from .tuning_db import (CHOICES, database, db_dir, load_choices, save_choices, task_key,
                         task_module)
 
@@ -65,12 +65,14 @@ def _is_anchor(func) -> bool:
 
 # ---------------------------------------------------------------------------------- tune
 def _f_build(mod, target, _params):
-    """MetaSchedule builder without the tensor_intrin import of the default one."""
+    """MetaSchedule builder without the tensor_intrin import of the default one, under the
+    model build's pass configuration: a candidate that would not build there fails here."""
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(mod, target=target)
+    with build_context():
+        return tvm_build(mod, target=target)
 
 
 def _f_export(mod, cc: str | None = None) -> str:

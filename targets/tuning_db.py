@@ -18,6 +18,7 @@ import tvm_ffi
 from tvm.s_tir import meta_schedule as ms
 
 from .spec import TargetSpec
+from .phases import build_context
 from .records import BuildRecord
 
 CHOICES = "choices.json"
@@ -66,9 +67,23 @@ def task_key(mod) -> str:
     return str(tvm_ffi.structural_hash(mod))
 
 
+def build_error(func, target) -> str | None:
+    """Why the scheduled PrimFunc ``func`` does not build alone for ``target`` under the
+    pipeline's pass configuration (None: it builds)."""
+    try:
+        with build_context():
+            tvm.tirx.build(task_module(func), target=target)
+    except Exception as e:  # noqa: BLE001 - TVM's errors cross the FFI as several types
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+    return None
+
+
 def apply_tuned_pass(target, tuning_db: str, record: BuildRecord | None = None):
     """Module pass: replace each fused function by its tuned schedule where the database has
-    one that measured faster than the default kernel."""
+    one that measured faster than the default kernel. With ``record.verify_tuned``, a tuned
+    schedule is first built alone and, where that fails, the function keeps its default
+    kernel (``record.tuned_rejected``)."""
     path = Path(tuning_db)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecApplyTuned")
@@ -89,6 +104,11 @@ def apply_tuned_pass(target, tuning_db: str, record: BuildRecord | None = None):
             if sch is None:
                 continue
             new = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            if record is not None and record.verify_tuned:
+                err = build_error(new, target)
+                if err is not None:
+                    record.tuned_rejected[gv.name_hint] = err
+                    continue
             if func.attrs is not None and "global_symbol" not in func.attrs:
                 new = new.without_attr("global_symbol")
             updates[gv] = new

@@ -7,6 +7,8 @@ The tests that actually tune (a tiny model, 8 trials) take ~1 minute and are mar
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +53,97 @@ def test_db_dir_depends_on_target(cache):
     a = db_dir(get_target("x86"))
     b = db_dir(get_target("x86"), {"mcpu": "haswell"})
     assert a != b and a.parent == b.parent == cache / "tuning"
+
+
+def _tasks(model, target_name="x86"):
+    """The tuning tasks of ``model`` as ``edgec tune`` sees them: ``{name: task module}``."""
+    from edgec.driver.compiler import CompileOptions, prepare
+    from edgec.targets.backend import make_target, to_relax
+    from edgec.targets.cpu.pipeline import cpu_front_phases
+    from edgec.targets.phases import sequential
+    from edgec.targets.tuning import _collect_tasks
+    from edgec.targets.tuning_db import task_module
+
+    import onnx
+
+    path = Path(tempfile.mkdtemp()) / "m.onnx"
+    onnx.save(model, path)
+    norm = prepare(path, CompileOptions(target=target_name)).result.model
+    target = make_target(get_target(target_name))
+    mod = sequential(target, cpu_front_phases(target))(to_relax(norm))
+    names, funcs, _ = _collect_tasks(mod)
+    return target, {n: task_module(f) for n, (_, f) in zip(names, funcs)}
+
+
+def _unbuildable_stem(tmod):
+    """A schedule of the stem convolution that builds with TVM's defaults but not under the
+    model build's configuration (LoopPartition splits the vectorized pad loop at its bounds
+    test, which then cannot vectorize): what random tuning candidates did in CI."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(tmod)
+    pad, conv = sch.get_sblock("edgec_pad_p0"), sch.get_sblock("edgec_conv2d_stem")
+    n, o, y, x, *_ = sch.get_loops(conv)
+    x0, x1 = sch.split(x, [None, 2])
+    sch.reorder(n, o, y, x0, x1)
+    sch.compute_at(pad, x0)
+    sch.vectorize(sch.get_loops(pad)[-1])
+    return sch
+
+
+def test_tuning_builder_rejects_what_the_model_build_cannot_build():
+    import tvm
+
+    from edgec.targets.tuning import _f_build
+
+    target, tasks = _tasks(conv_bn_model())
+    sch = _unbuildable_stem(tasks["fused_conv2d_stem_add_relu"])
+    tvm.build(sch.mod, target=target)  # TVM's default configuration builds it
+    with pytest.raises(Exception, match="vectorize"):
+        _f_build(sch.mod, target, None)  # the tuning builder must not
+
+
+def test_compile_keeps_default_where_a_tuned_schedule_does_not_build(cache, tmp_path, capsys):
+    """A database holding a tuned schedule that fails under the model build (written by
+    another version, say): the compile keeps the default kernel for that function, keeps the
+    tuned ones that build, says which it rejected, and its answers stay right."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgec.driver.cli.compile import print_report
+    from edgec.runtime import OrtSession, Session
+    from edgec.targets.tuning_db import database, db_dir, save_choices, task_key
+
+    model = conv_bn_model()
+    target, tasks = _tasks(model)
+    path = db_dir(get_target("x86"))
+    db = database(path)
+    dense = tvm.s_tir.Schedule(tasks["fused_dense_packed_add1"])  # plain loops, one parallel
+    dense.parallel(dense.get_loops(dense.get_child_blocks(dense.get_sblock("root"))[0])[0])
+    scheds = {"fused_conv2d_stem_add_relu": _unbuildable_stem(tasks["fused_conv2d_stem_add_relu"]),
+              "fused_dense_packed_add1": dense}
+    choices = {}
+    for name, sch in scheds.items():
+        tmod = tasks[name]
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, db.commit_workload(tmod), [1e-6], target,
+            ms.arg_info.ArgInfo.from_prim_func(tmod["main"])))
+        choices[task_key(tmod)] = {"task": name, "default_s": 1.0, "tuned_s": 1e-6,
+                                   "use": "tuned"}
+    save_choices(path, choices)
+
+    report = compile_to(model, tmp_path / "a")
+    k = report["kernels"]
+    assert k["tuning_db"] == str(path)
+    assert set(k["tuned_rejected"]) == {"fused_conv2d_stem_add_relu"}
+    assert "vectorize" in k["tuned_rejected"]["fused_conv2d_stem_add_relu"]
+    assert k["functions"]["fused_dense_packed_add1"] == "tuned"
+    assert k["functions"]["fused_conv2d_stem_add_relu"] != "tuned"
+    print_report(report, "m.onnx", tmp_path / "a")
+    assert "1 tuned schedule(s) from the tuning database did not build" in capsys.readouterr().out
+    x = np.random.default_rng(0).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(Session(tmp_path / "a").run(None, {"x": x})[0],
+                               OrtSession(model).run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -100,6 +100,11 @@ def print_report(report: dict, model: str, out: Path) -> None:
         counts = ", ".join(f"{n} {v}" for n, v in sorted(k["counts"].items()))
         print(f"  kernels: {counts or 'none'}; unscheduled {len(k['unscheduled'])}"
               + (f"; tuning db {k['tuning_db']}" if k.get("tuning_db") else ""))
+        rejected = k.get("tuned_rejected") or {}
+        if rejected:
+            print(f"  warning: {len(rejected)} tuned schedule(s) from the tuning database did "
+                  f"not build, default kernels used: {', '.join(sorted(rejected)[:3])}"
+                  + (" ..." if len(rejected) > 3 else "") + " (re-tune to replace them)")
         fb = k.get("fallbacks") or {}
         if fb:
             worst = sorted(fb.items(), key=lambda kv: -kv[1]["macs"])[:3]
