@@ -62,6 +62,16 @@ def conv_bn_model(rng=None, batch=1, c=3, k=8, hw=12, opset=13) -> onnx.ModelPro
                       opset=opset)
 
 
+def host_has(*features) -> bool:
+    """Whether this machine's CPU has every LLVM feature named (``avx512f``, ``avx512vnni``)."""
+    from edgec.targets import get_target
+    from edgec.targets.backend import make_target
+    from tvm.target.codegen import target_has_features
+
+    t = make_target(get_target("x86"), {})
+    return all(target_has_features(f, t) for f in features)
+
+
 def ort_run(model, feeds):
     """onnxruntime's answer: a QDQ model runs with graph optimizations off, the exact QDQ
     arithmetic on every host (its fused int8 kernels saturate on CPUs without VNNI)."""

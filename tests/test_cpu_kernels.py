@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import helper
 
-from conftest import compile_to, make_model
+from conftest import compile_to, host_has, make_model
 from edgec.runtime import OrtSession, Session, run_batched
 from edgec.targets.cpu.isa import simd_floats
 from edgec.targets.cpu.kernels.pixel_conv import conv_px_tile
@@ -621,6 +621,51 @@ def test_deep_1x1_tile_is_applied(mcpu, tile):
         assert extents[-1] == 16 and extents[-3:-1] == tile, extents
     else:
         assert extents[-1] == 8 and extents[-3] != 4, extents
+
+
+def test_channel_blocks_padded_for_a_two_block_tile():
+    """One block of zeros where an odd count of channel blocks would leave rows of at most
+    7 columns on a 1-block tile; none where the count splits, the rows are wide, the blocks
+    are few or the input is an image."""
+    from edgec.targets.cpu.kernels.packed_conv import channel_blocks
+
+    assert channel_blocks(400, 400, 7, 16, 14) == 26       # RegNet: 25 -> 26
+    assert channel_blocks(232, 232, 7, 16, 14) == 16       # ShuffleNetV2: 15 (3 x 7 > 14)
+    assert channel_blocks(168, 672, 1, 16, 14) == 12       # an SE block: 11 -> 12 (3 x 1)
+    assert channel_blocks(400, 400, 14, 16, 14) == 25      # 14 columns: one block anyway
+    assert channel_blocks(384, 400, 7, 16, 14) == 24       # even
+    assert channel_blocks(400, 400, 7, 8, 12) == 50        # AVX2: 50 blocks, even
+    assert channel_blocks(392, 400, 6, 8, 12) == 50        # AVX2, 6 columns: 49 -> 50
+    assert channel_blocks(80, 400, 7, 16, 14) == 5         # 5 blocks: the zeros would cost 20 %
+    assert channel_blocks(400, 3, 7, 16, 14) == 25         # an image stem
+
+
+@pytest.mark.parametrize("mcpu,blocks", [("skylake-avx512", 2), ("haswell", None)])
+def test_odd_channel_blocks_take_two_block_tile(tmp_path, mcpu, blocks):
+    """RegNet's 1x1 400 -> 400 at 7x7: built for AVX-512 the 25 channel blocks are padded
+    to 26 and tiled two at a time (the loop around the 7 columns is 2); the padded channels
+    are computed and dropped: the output matches onnxruntime on either ISA (run where the
+    host has it)."""
+    rng = np.random.default_rng(1)
+    inits = {"W": (rng.standard_normal((400, 400, 1, 1)) * 0.05).astype(np.float32),
+             "B": rng.standard_normal(400).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    m = make_model(nodes, [("x", [1, 400, 7, 7])], [("y", [1, 400, 7, 7])], inits)
+    name = "edgec_conv2d_packed_update"
+    (_, extents), = _scheduled_updates(m, [name], {"mcpu": mcpu})[name]
+    if blocks:
+        assert extents[-3:] == [blocks, 7, 16], extents
+    else:
+        assert extents[-1] == 8 and extents[-3] == 1, extents  # 50 blocks: 1 x 7 (7 x 2 > 12)
+    if mcpu == "haswell" or host_has("avx512f"):
+        out = tmp_path / "art"
+        report = compile_to(m, out, target_options={"mcpu": mcpu})
+        assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
+        x = rng.standard_normal((1, 400, 7, 7)).astype(np.float32)
+        ref = OrtSession(m).run(None, {"x": x})[0]
+        np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
+                                   atol=1e-4 * max(1.0, np.abs(ref).max()))
 
 
 @pytest.mark.parametrize("mcpu", ["haswell", "host"])

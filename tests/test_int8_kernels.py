@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import onnx
 from onnx import helper
 
-from conftest import compile_to, make_model
+from conftest import compile_to, host_has, make_model
 from edgec.runtime import OrtSession, Session
 from edgec.targets.cpu.isa import ISAS
 from edgec.targets.cpu.kernels.int8_pixel import px_applies
@@ -87,15 +87,6 @@ def int8_convs(kern, isa, px=None) -> int:
     kinds = {None: ("conv2d-int8-", "conv2d-int8px-"), False: ("conv2d-int8-",),
              True: ("conv2d-int8px-",)}[px]
     return sum(kern["counts"].get(k + isa, 0) for k in kinds)
-
-
-def host_has(*features) -> bool:
-    from edgec.targets import get_target
-    from edgec.targets.backend import make_target
-    from tvm.target.codegen import target_has_features
-
-    t = make_target(get_target("x86"), {})
-    return all(target_has_features(f, t) for f in features)
 
 
 @SETTINGS

@@ -22,7 +22,8 @@ from tvm.relax.transform.legalize_ops.nn import _nn_max_pool2d as default_max_po
 from ..compute import conv_out, ints
 from ..isa import max_cols
 from ..kernels.dense import dense_packed_te, pack_dense
-from ..kernels.packed_conv import conv_packed_te, grouped_applies, pack_weight, padded_width
+from ..kernels.packed_conv import (channel_blocks, conv_packed_te, grouped_applies, pack_weight,
+                                   padded_width)
 from ..kernels.pixel_conv import conv1x1_px_te, conv_px_tile, pack_weight_px
 from ..kernels.row_conv import dwconv_te
 from ..kernels.stem_conv import conv_stem_te, pack_weight_stem, stem_tile
@@ -76,9 +77,11 @@ def _emit_conv(bb, call, w, lanes: int):
                           primfunc_name_hint="conv2d_stem", primfunc_attrs=_KERNEL)
     if groups == 1 or (grouped_applies(oc, groups, lanes) and w.shape[1] > 1):
         ow = conv_out(wd, pads[1], pads[3], w.shape[3], strides[1], dil[1])
-        return bb.call_te(functools.partial(conv_packed_te, groups=groups,
-                                            ow_pad=padded_width(ow, max_cols(lanes))),
-                          data, relax.const(pack_weight(w, lanes)), oc, strides, pads, dil,
+        ow_pad = padded_width(ow, max_cols(lanes))
+        # a grouped convolution's blocks index its groups: no padding there
+        blocks = channel_blocks(oc, c, ow_pad, lanes, max_cols(lanes)) if groups == 1 else None
+        return bb.call_te(functools.partial(conv_packed_te, groups=groups, ow_pad=ow_pad),
+                          data, relax.const(pack_weight(w, lanes, blocks)), oc, strides, pads, dil,
                           primfunc_name_hint="conv2d_packed", primfunc_attrs=_KERNEL)
     if groups == c and oc == c and w.shape[1] == 1:
         return bb.call_te(functools.partial(dwconv_te, lanes=lanes), data, weight,
