@@ -162,10 +162,14 @@ def test_stem_tile_choice():
         assert owp % (vecs * lanes) == 0 and vecs * rows <= px_budget(lanes)
 
 
-def _scheduled_updates(model, names, options=None) -> dict[str, list]:
+def _loop_extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _scheduled_updates(model, names, options=None, loop=_loop_extent) -> dict[str, list]:
     """The blocks ``names`` (reduction updates) in the x86 build's scheduled functions:
-    name -> ``(value stored, extents of the loops around it, outermost first)`` per
-    function."""
+    name -> ``(value stored, loop(...) of the loops around it, outermost first)`` per
+    function (``loop``: a loop's extent, or what the caller asks of it)."""
     import tvm
 
     from edgec.core.importer import normalize
@@ -190,7 +194,7 @@ def _scheduled_updates(model, names, options=None) -> dict[str, list]:
             for block in nested(sch, sch.get_sblock("root")):
                 name = sch.get(block).name_hint
                 if name in names:
-                    extents = [int(sch.get(lp).extent) for lp in sch.get_loops(block)]
+                    extents = [loop(sch, lp) for lp in sch.get_loops(block)]
                     found.setdefault(name, []).append((sch.get(block).body.value, extents))
     return found
 
@@ -663,6 +667,36 @@ def test_odd_channel_blocks_take_two_block_tile(tmp_path, mcpu, blocks):
         report = compile_to(m, out, target_options={"mcpu": mcpu})
         assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
         x = rng.standard_normal((1, 400, 7, 7)).astype(np.float32)
+        ref = OrtSession(m).run(None, {"x": x})[0]
+        np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
+                                   atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("mcpu", ["skylake-avx512", "haswell"])
+@pytest.mark.parametrize("c,k,h,stride,rows_outer", [
+    (512, 1024, 28, 2, True),     # ResNet-50's projection: 2 MiB of weights
+    (256, 512, 56, 2, None),      # rows outer on AVX2; AVX-512 chunks it (deep tile)
+    (1024, 2048, 14, 2, False),   # 8 MiB of weights: re-read per row would cost more
+    (512, 1024, 14, 1, False)])   # stride 1: every input column is used
+def test_strided_1x1_runs_rows_outer(tmp_path, mcpu, c, k, h, stride, rows_outer):
+    """A strided 1x1 convolution with at most 2 MiB of weights runs its tasks row by row:
+    the parallel loop fuses batch, output rows and channel blocks in that order (TVM names
+    a fused loop after its parts), so a row's input is read once for every channel block;
+    the output matches onnxruntime (on either ISA where the host runs it)."""
+    rng = np.random.default_rng(0)
+    inits = {"W": (rng.standard_normal((k, c, 1, 1)) * 0.05).astype(np.float32)}
+    m = make_model([helper.make_node("Conv", ["x", "W"], ["y"], strides=[stride] * 2)],
+                   [("x", [1, c, h, h])], [("y", [1, k, h // stride, h // stride])], inits)
+    name = "edgec_conv2d_packed_update"
+    (_, loops), = _scheduled_updates(m, [name], {"mcpu": mcpu},
+                                     loop=lambda sch, lp: sch.get(lp).loop_var.name)[name]
+    if rows_outer is None:
+        rows_outer = mcpu == "haswell"
+    assert loops[0].startswith("n_y_o" if rows_outer else "n_o"), loops
+    if rows_outer and (mcpu == "haswell" or host_has("avx512f")):
+        out = tmp_path / "art"
+        compile_to(m, out, target_options={"mcpu": mcpu})
+        x = rng.standard_normal((1, c, h, h)).astype(np.float32)
         ref = OrtSession(m).run(None, {"x": x})[0]
         np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
                                    atol=1e-4 * max(1.0, np.abs(ref).max()))
