@@ -148,9 +148,7 @@ def tune(model, spec: TargetSpec, options: dict | None = None, trials: int = 64,
     if board is not None:
         target = board["target"]
     path = db_dir(spec, options)
-    mod = to_relax(model)
-    mod = sequential(target, cpu_front_phases(target))(mod)
-    names, funcs, weights = _collect_tasks(mod)
+    names, funcs, weights = tasks_of(model, target)
     where = board["where"] if board else "this machine"
     if not funcs:
         return {"tasks": 0, "db": str(path), "choices": {}, "where": where}
@@ -239,6 +237,12 @@ def _board(spec: TargetSpec, options: dict | None, rpc: str, key: str) -> dict:
     host, port = rr.parse_address(rpc)
     return {"address": rpc, "host": host, "port": port, "key": key, "boards": n,
             "where": where, "target": tvm.target.Target(d), "cc": spec.cross_compiler}
+
+
+def tasks_of(model, target):
+    """The tuning tasks of ``model`` (a normalized ONNX model), fused by the same front
+    phases as the compile's: ``(names, [(key, func)], weights)`` (:func:`_collect_tasks`)."""
+    return _collect_tasks(sequential(target, cpu_front_phases(target))(to_relax(model)))
 
 
 def _collect_tasks(mod):

@@ -7,7 +7,6 @@ The tests that actually tune (a tiny model, 8 trials) take ~1 minute and are mar
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -55,23 +54,20 @@ def test_db_dir_depends_on_target(cache):
     assert a != b and a.parent == b.parent == cache / "tuning"
 
 
-def _tasks(model, target_name="x86"):
-    """The tuning tasks of ``model`` as ``edgec tune`` sees them: ``{name: task module}``."""
-    from edgec.driver.compiler import CompileOptions, prepare
-    from edgec.targets.backend import make_target, to_relax
-    from edgec.targets.cpu.pipeline import cpu_front_phases
-    from edgec.targets.phases import sequential
-    from edgec.targets.tuning import _collect_tasks
-    from edgec.targets.tuning_db import task_module
-
+def _tasks(model, tmp: Path, target_name="x86"):
+    """The tuning tasks of ``model`` as ``edgec tune`` sees them (after the compile's default
+    passes): ``(target, {name: task module})``."""
     import onnx
 
-    path = Path(tempfile.mkdtemp()) / "m.onnx"
-    onnx.save(model, path)
-    norm = prepare(path, CompileOptions(target=target_name)).result.model
+    from edgec.driver.compiler import CompileOptions, prepare
+    from edgec.targets.backend import make_target
+    from edgec.targets.tuning import tasks_of
+    from edgec.targets.tuning_db import task_module
+
+    onnx.save(model, tmp / "m.onnx")
+    norm = prepare(tmp / "m.onnx", CompileOptions(target=target_name)).result.model
     target = make_target(get_target(target_name))
-    mod = sequential(target, cpu_front_phases(target))(to_relax(norm))
-    names, funcs, _ = _collect_tasks(mod)
+    names, funcs, _ = tasks_of(norm, target)
     return target, {n: task_module(f) for n, (_, f) in zip(names, funcs)}
 
 
@@ -91,12 +87,12 @@ def _unbuildable_stem(tmod):
     return sch
 
 
-def test_tuning_builder_rejects_what_the_model_build_cannot_build():
+def test_tuning_builder_rejects_what_the_model_build_cannot_build(tmp_path):
     import tvm
 
     from edgec.targets.tuning import _f_build
 
-    target, tasks = _tasks(conv_bn_model())
+    target, tasks = _tasks(conv_bn_model(), tmp_path)
     sch = _unbuildable_stem(tasks["fused_conv2d_stem_add_relu"])
     tvm.build(sch.mod, target=target)  # TVM's default configuration builds it
     with pytest.raises(Exception, match="vectorize"):
@@ -115,7 +111,7 @@ def test_compile_keeps_default_where_a_tuned_schedule_does_not_build(cache, tmp_
     from edgec.targets.tuning_db import database, db_dir, save_choices, task_key
 
     model = conv_bn_model()
-    target, tasks = _tasks(model)
+    target, tasks = _tasks(model, tmp_path)
     path = db_dir(get_target("x86"))
     db = database(path)
     dense = tvm.s_tir.Schedule(tasks["fused_dense_packed_add1"])  # plain loops, one parallel

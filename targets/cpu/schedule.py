@@ -173,6 +173,14 @@ def parallel_pad(sch, depth: int = 2) -> None:
             sch.parallel(sch.fuse(*loops[:depth]))
 
 
+def default_tile(blocks: int, cols: int, max_cols: int) -> tuple[int, int]:
+    """The default register tile ``(channel blocks, columns)`` over ``blocks`` channel blocks
+    and rows of ``cols`` columns: a divisor of the columns up to ``max_cols``, and 3 or 2
+    channel blocks where they divide the count and the columns leave room for them, else 1."""
+    c = pick_tile(cols, max_cols)
+    return next((k for k in (3, 2) if k * c <= max_cols and blocks % k == 0), 1), c
+
+
 def register_tile(sch, o, x, max_cols: int, stem: bool = False,
                   tile: tuple[int, int] | None = None):
     """Split the channel-block loop ``o`` and the column loop ``x`` into a register tile:
@@ -188,8 +196,7 @@ def register_tile(sch, o, x, max_cols: int, stem: bool = False,
         if 2 * cols >= max_cols // 2:
             tile = (2, cols)
     if tile is None:
-        cols = pick_tile(extent(sch, x), max_cols)
-        tile = (next((k for k in (3, 2) if k * cols <= max_cols and oe % k == 0), 1), cols)
+        tile = default_tile(oe, extent(sch, x), max_cols)
     oo, oi = sch.split(o, [None, tile[0]])
     xo, xi = sch.split(x, [None, tile[1]])
     return oo, oi, xo, xi

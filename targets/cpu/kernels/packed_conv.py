@@ -23,8 +23,8 @@ import numpy as np
 from tvm import te
 
 from ..compute import conv_out, ints, pad_likely
-from ..schedule import (ScheduleRule, blocks_named, extent, fuse_epilogue, parallel_pad,
-                        pick_tile, register_tile, vectorize_innermost)
+from ..schedule import (ScheduleRule, blocks_named, default_tile, extent, fuse_epilogue,
+                        parallel_pad, pick_tile, register_tile, vectorize_innermost)
 
 CONV_BLOCK = "edgec_conv2d_packed"
 STEM_CHANNELS = 4  # input channels of an image stem (RGB, RGBA, gray)
@@ -69,10 +69,8 @@ def channel_blocks(oc: int, ic: int, ow_pad: int, lanes: int, max_cols: int) -> 
     whole model 0.95-0.96x (2 threads; 0.91x on one), in interleaved runs on AVX-512. At
     least ``MIN_PAD_BLOCKS`` blocks, so that the zeros cost at most a tenth more FMAs."""
     occ = -(-oc // lanes)
-    cols = pick_tile(ow_pad, max_cols)
-    if ic <= STEM_CHANNELS or occ < MIN_PAD_BLOCKS or 2 * cols > max_cols:
-        return occ
-    if any(k * cols <= max_cols and occ % k == 0 for k in (3, 2)):
+    blocks, cols = default_tile(occ, ow_pad, max_cols)
+    if ic <= STEM_CHANNELS or occ < MIN_PAD_BLOCKS or blocks > 1 or 2 * cols > max_cols:
         return occ
     return occ + 1
 
@@ -146,9 +144,9 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
     7-column tile would load nearly once per FMA; deep 1x1 convolutions, four
     (:func:`deep_tile`)."""
     n, o, y, x, b, ric, rkh, rkw = sch.get_loops(block)
-    ic, kh, kw, ow = extent(sch, ric), extent(sch, rkh), extent(sch, rkw), extent(sch, x)
+    ic, kh, kw, ow, occ = (extent(sch, lp) for lp in (ric, rkh, rkw, x, o))
     oo, oi, xo, xi = register_tile(sch, o, x, max_cols, stem=ic <= STEM_CHANNELS,
-                                   tile=deep_tile(lanes, ic, kh, kw, ow, extent(sch, o)))
+                                   tile=deep_tile(lanes, ic, kh, kw, ow, occ))
     ob2 = extent(sch, oi)
     chunk = _k_chunk(ic, kh * kw * ob2 * lanes * 4, extent(sch, y))
     if chunk:
@@ -163,7 +161,7 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
         epilogue = fuse_epilogue(sch, block, yo)
         sch.parallel(sch.fuse(n, oo, yo))
         first = rco
-    elif _rows_outer(sch, block, ow):
+    elif kh * kw == 1 and _rows_outer(sch, block, ow, occ * ic * lanes * 4):
         sch.reorder(n, y, oo, xo, ric, rkh, rkw, oi, xi, b)
         epilogue = fuse_epilogue(sch, block, xo)
         sch.parallel(sch.fuse(n, y, oo))
@@ -181,7 +179,7 @@ def schedule_conv(sch, block, lanes: int, max_cols: int) -> None:
     parallel_pad(sch)
 
 
-def _rows_outer(sch, block, ow: int) -> bool:
+def _rows_outer(sch, block, ow: int, weight_bytes: int) -> bool:
     """Whether a strided 1x1 convolution (ResNet's projection shortcuts) runs its tasks row by
     row rather than channel block by channel block: its input rows (all input channels, every
     other column read) are re-read from L2 by every channel block, while its weights are few
@@ -189,15 +187,11 @@ def _rows_outer(sch, block, ow: int) -> bool:
     layer: 256->512 onto 28x28 0.65x the time on AVX2 (0.98 on AVX-512, where the deep tile
     chunks it), 512->1024 onto 14x14 0.73x (AVX2) and 0.81x (AVX-512); 1024->2048 onto 7x7,
     8 MiB of weights, 1.25x and 1.02x: left channel-block first."""
-    writes = {w.source.name for w in sch.get(block).writes}
-    reads = [r.source for r in sch.get(block).reads if r.source.name not in writes]
-    xp = next((r for r in reads if len(r.shape) == 4), None)
-    wp = next((r for r in reads if len(r.shape) == 5), None)
-    if xp is None or wp is None:
+    if weight_bytes > ROWS_OUTER_WEIGHTS:
         return False
-    occ, ic, kh, kw, lanes = (int(v) for v in wp.shape)
-    weights = occ * ic * kh * kw * lanes * 4
-    return (kh, kw) == (1, 1) and int(xp.shape[3]) >= 2 * ow and weights <= ROWS_OUTER_WEIGHTS
+    # the padded input is the update's only 4-D read (the weights and the output are 5-D)
+    width = next(int(r.source.shape[3]) for r in sch.get(block).reads if len(r.source.shape) == 4)
+    return width >= 2 * ow
 
 
 def _k_chunk(ic: int, bytes_per_channel: int, rows: int) -> int | None:
