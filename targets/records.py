@@ -96,6 +96,8 @@ class BuildRecord:
     macs: dict[str, int] = field(default_factory=dict)
     # layers whose constant weights have zeros or few distinct values
     structured: list[StructuredLayer] = field(default_factory=list)
+    # concatenations whose inputs' producers write into the output (no copy)
+    concat_views: int = 0
 
     def fallbacks(self) -> dict[str, dict]:
         """Functions with multiply-accumulates (a convolution, a matmul) that got only a
@@ -121,6 +123,7 @@ class BuildRecord:
                 "unscheduled": dict(self.unscheduled), "tuning_db": self.tuning_db,
                 "int8": self.int8.to_json() if self.int8 is not None else None,
                 **({"tuned_rejected": dict(self.tuned_rejected)} if self.tuned_rejected else {}),
+                "concat_views": self.concat_views,
                 "macs": dict(self.macs), "macs_executed": total, "fallbacks": fallbacks,
                 "fallback_mac_share": (sum(f["macs"] for f in fallbacks.values()) / total
                                        if total else 0.0),

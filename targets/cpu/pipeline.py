@@ -16,6 +16,7 @@ schedules and tuning (:mod:`edgec.targets.tuning`) work on.
 
 from __future__ import annotations
 
+from ..concat_inplace import mark_plain_concats
 from ..phases import front_phases, vm_lowering_phases
 from ..records import BuildRecord
 from ..tuning_db import apply_tuned_pass
@@ -64,7 +65,8 @@ def schedule_phases(target, record: BuildRecord | None, tuning_db: str | None) -
     the tuning database ``tuning_db`` holds a schedule measured faster and ConvTranspose's
     depth-to-space functions (their own schedule)."""
     tuned = [apply_tuned_pass(target, tuning_db, record)] if tuning_db else []
-    return [*tuned, d2s_schedule_pass(target, record), schedule_pass(target, record)]
+    return [mark_plain_concats(), *tuned, d2s_schedule_pass(target, record),
+            schedule_pass(target, record)]
 
 
 def cpu_front_phases(target, record: BuildRecord | None = None) -> list:
@@ -77,4 +79,4 @@ def cpu_front_phases(target, record: BuildRecord | None = None) -> list:
 def cpu_phases(target, record: BuildRecord | None = None, tuning_db: str | None = None) -> list:
     """Relax pipeline phases for LLVM CPU targets."""
     return [*cpu_front_phases(target, record), *schedule_phases(target, record, tuning_db),
-            *vm_lowering_phases()]
+            *vm_lowering_phases(concat_views=True, record=record)]

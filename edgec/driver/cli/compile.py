@@ -99,6 +99,8 @@ def print_report(report: dict, model: str, out: Path) -> None:
     if k:
         counts = ", ".join(f"{n} {v}" for n, v in sorted(k["counts"].items()))
         print(f"  kernels: {counts or 'none'}; unscheduled {len(k['unscheduled'])}"
+              + (f"; {k['concat_views']} concatenation(s) written in place"
+                 if k.get("concat_views") else "")
               + (f"; tuning db {k['tuning_db']}" if k.get("tuning_db") else ""))
         rejected = k.get("tuned_rejected") or {}
         if rejected:

@@ -1,0 +1,151 @@
+"""Concatenations without a copy (targets/concat_inplace.py): producers write into their
+slices of the output. Each model is checked against onnxruntime, and the report says
+whether the copy was removed -- where it must not be (an input read elsewhere, unaligned
+or non-contiguous slices, an input the kernels did not write), it stays and the numbers
+still match."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from onnx import helper
+
+from conftest import compile_to, make_model
+from edgec.runtime import OrtSession, Session
+from edgec.targets.concat_inplace import accept_offset
+
+
+def _conv(rng, name, x, ic, oc, k, inits, relu=True):
+    inits[f"{name}_w"] = (rng.standard_normal((oc, ic, k, k)) * 0.2).astype(np.float32)
+    inits[f"{name}_b"] = rng.standard_normal(oc).astype(np.float32)
+    node = [helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"],
+                             pads=[k // 2] * 4)]
+    if relu:
+        node.append(helper.make_node("Relu", [f"{name}_c"], [name]))
+        return node
+    node[0].output[0] = name
+    return node
+
+
+def _check(model, tmp, target_options=None):
+    report = compile_to(model, tmp / "a", target_options=target_options or {})
+    sess = Session(tmp / "a")
+    rng = np.random.default_rng(5)
+    feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32)
+             for i in sess.input_specs}
+    ref = OrtSession(model).run(None, feeds)
+    got = sess.run(None, feeds)
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(r).max()))
+    return report["kernels"]
+
+
+def _fire(squeeze, expand, hw, branches=(1, 3), tail=True):
+    """x -> 1x1 squeeze -> expand branches (kernel sizes) -> Concat [-> 1x1 conv]."""
+    rng = np.random.default_rng(squeeze * 100 + expand)
+    inits: dict = {}
+    nodes = _conv(rng, "s", "x", 8, squeeze, 1, inits)
+    names = []
+    for i, k in enumerate(branches):
+        nodes += _conv(rng, f"e{i}", "s", squeeze, expand, k, inits)
+        names.append(f"e{i}")
+    nodes.append(helper.make_node("Concat", names, ["cat"], axis=1))
+    total = expand * len(branches)
+    out = "cat"
+    if tail:
+        nodes += _conv(rng, "t", "cat", total, 16, 1, inits)
+        out = "t"
+    return make_model(nodes, [("x", [1, 8, hw, hw])],
+                      [(out, [1, 16 if tail else total, hw, hw])], inits)
+
+
+@pytest.mark.parametrize("squeeze,expand,hw,branches,tail", [
+    (16, 64, 13, (1, 3), True),         # SqueezeNet's fire module at 13 x 13 (odd map)
+    (8, 16, 7, (1, 3, 5), True),        # three branches, Inception-like
+    (8, 32, 28, (3, 1), False),         # the concatenation is the model's output
+])
+@pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
+def test_fire_module_concat_written_in_place(tmp_path, squeeze, expand, hw, branches, tail,
+                                            mcpu):
+    k = _check(_fire(squeeze, expand, hw, branches, tail), tmp_path,
+               {"mcpu": mcpu} if mcpu else None)
+    assert k["concat_views"] == 1, k
+    assert "concat" not in k["counts"], k["counts"]
+
+
+def test_concat_along_rows_written_in_place(tmp_path):
+    """Axis 2 with one channel: the slices are still contiguous (8 rows x 16 = 512 bytes)."""
+    rng = np.random.default_rng(1)
+    inits: dict = {}
+    nodes = _conv(rng, "a", "x", 3, 1, 3, inits) + _conv(rng, "b", "x", 3, 1, 1, inits)
+    nodes.append(helper.make_node("Concat", ["a", "b"], ["y"], axis=2))
+    k = _check(make_model(nodes, [("x", [1, 3, 8, 16])], [("y", [1, 1, 16, 16])], inits),
+               tmp_path)
+    assert k["concat_views"] == 1, k
+
+
+def _pair(c0, c1, hw, batch=1, extra_use=False, input_slice=False):
+    rng = np.random.default_rng(c0 + c1)
+    inits: dict = {}
+    nodes = _conv(rng, "a", "x", 4, c0, 3, inits)
+    if input_slice:
+        names, shapes = ["a", "z"], [("x", [batch, 4, hw, hw]), ("z", [batch, c1, hw, hw])]
+    else:
+        nodes += _conv(rng, "b", "x", 4, c1, 1, inits)
+        names, shapes = ["a", "b"], [("x", [batch, 4, hw, hw])]
+    nodes.append(helper.make_node("Concat", names, ["y"], axis=1))
+    outs = [("y", [batch, c0 + c1, hw, hw])]
+    if extra_use:  # "a" is read by something besides the concatenation
+        nodes.append(helper.make_node("Sigmoid", ["a"], ["g"]))
+        outs.append(("g", [batch, c0, hw, hw]))
+    return make_model(nodes, shapes, outs, inits)
+
+
+@pytest.mark.parametrize("case", ["read_elsewhere", "unaligned", "batch2", "model_input"])
+def test_concat_keeps_its_copy_where_it_must(tmp_path, case):
+    model = {"read_elsewhere": lambda: _pair(16, 16, 8, extra_use=True),
+             "unaligned": lambda: _pair(3, 5, 5),          # slice 1 starts at 300 bytes
+             "batch2": lambda: _pair(16, 16, 8, batch=2),   # slices not contiguous
+             "model_input": lambda: _pair(16, 16, 8, input_slice=True)}[case]()
+    k = _check(model, tmp_path)
+    assert k["concat_views"] == 0, k
+    assert k["counts"].get("concat") == 1, k["counts"]
+
+
+def test_shared_producer_runs_at_an_offset_and_at_zero(tmp_path):
+    """One fused function writes a concatenation's second slice and, elsewhere, a tensor of
+    its own: the offset-taking form serves both."""
+    rng = np.random.default_rng(2)
+    inits: dict = {}
+    nodes = (_conv(rng, "a", "x", 4, 16, 3, inits) + _conv(rng, "b", "x", 4, 16, 1, inits)
+             + _conv(rng, "c", "x", 4, 16, 1, inits))
+    nodes += [helper.make_node("Concat", ["a", "b"], ["y"], axis=1),
+              helper.make_node("Sigmoid", ["c"], ["g"])]
+    k = _check(make_model(nodes, [("x", [1, 4, 8, 8])],
+                          [("y", [1, 32, 8, 8]), ("g", [1, 16, 8, 8])], inits), tmp_path)
+    assert k["concat_views"] == 1, k
+
+
+def test_accept_offset_reads_the_view_offset():
+    from tvm import te
+
+    a = te.placeholder((1, 2, 4, 4), name="A")
+    b = te.compute(a.shape, lambda *i: a(*i) + 1.0, name="B")
+    func = accept_offset(te.create_prim_func([a, b]), 1)
+    lib = tvm.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                    target="llvm")
+    view = tvm.get_global_func("runtime.TVMTensorCreateView")
+    big = tvm.runtime.tensor(np.zeros((1, 6, 4, 4), np.float32))
+    src = tvm.runtime.tensor(np.ones((1, 2, 4, 4), np.float32))
+    lib["main"](src, view(big, tvm.runtime.ShapeTuple([1, 2, 4, 4]), "float32", 2 * 16 * 4))
+    lib["main"](src, view(big, tvm.runtime.ShapeTuple([1, 2, 4, 4]), "float32", 0))
+    np.testing.assert_array_equal(big.numpy()[0, :, 0, 0], [2, 2, 2, 2, 0, 0])
+    with pytest.raises(Exception, match="align|offset"):  # not a multiple of 64 bytes
+        lib["main"](src, view(big, tvm.runtime.ShapeTuple([1, 2, 4, 4]), "float32", 4))
+
+
+@pytest.mark.parametrize("target", ["rpi4", "arm64"])
+def test_concat_in_place_builds_for_aarch64(tmp_path, target):
+    report = compile_to(_fire(16, 32, 13), tmp_path / "a", target=target)
+    assert report["kernels"]["concat_views"] == 1, report["kernels"]
