@@ -6,20 +6,24 @@ batch 1, channels) puts each input in one contiguous range of the output::
 
     Y = concat(X_0, .., X_k)  ==  Y[o_i : o_i + |X_i|] = X_i (flat),  o_i = sum_{j<i} |X_j|
 
-so where each ``X_i`` is the output of one kernel call and is read by nothing but the
-concatenation, ``X_i`` can *be* the range ``Y[o_i : ..]`` -- a view -- and the copy vanishes::
+so where each ``X_i`` is written by one kernel call and read, besides the concatenation,
+only by kernel calls that run before it (a U-Net skip connection's down path, YOLO's SPPF
+pooling chain, C2f's split halves), ``X_i`` can *be* the range ``Y[o_i : ..]`` -- a view --
+and the copy vanishes::
 
-    X_0 = f(..); X_1 = g(..); Y = concat(X_0, X_1)
-      ->  Y = alloc; f(.., view(Y, o_0)); g(.., view(Y, o_1))
+    X_0 = f(..); X_1 = g(X_0); Y = concat(X_0, X_1)
+      ->  Y = alloc; f(.., view(Y, o_0)); g(view(Y, o_0), view(Y, o_1))
 
 This runs on the VM's explicit allocations (after ``CallTIRRewrite``, before memory
-planning): ``Y``'s allocation moves before the first producer, which the planner then keeps
-alive across the producers. A view carries its offset as the tensor's byte offset, which a
-kernel compiled for offset-0 buffers rejects, so each producer's output parameter is
-re-declared with a symbolic element offset (:func:`accept_offset`; offset 0 still works,
-so the function's other calls are unchanged). Offsets are kept multiples of 64 bytes, the
-alignment the kernels assume for their buffers; a concatenation with an input that is not
-a kernel's sole output, is read elsewhere, or would sit unaligned keeps its copy.
+planning): ``Y``'s allocation moves before the first producer, and the planner keeps it
+alive from there to ``Y``'s last reader, which is after every use of its views. A view
+carries its offset in the tensor, which a kernel compiled for offset-0 buffers rejects, so
+each parameter that receives a view (writer or reader) is re-declared with a symbolic
+element offset (:func:`accept_offset`; offset 0 still binds, so the function's other
+calls are unchanged). Offsets are kept multiples of 64 bytes, the alignment the kernels
+assume. A concatenation keeps its copy where an input is a model input or constant, is read
+after the concatenation or by something other than a kernel, would sit unaligned, is
+another concatenation's output, or where the slices are not contiguous (batch > 1).
 """
 
 from __future__ import annotations
@@ -121,6 +125,7 @@ class _Block:
         self.root = {}     # var -> the allocation it aliases
         self.alloc_at = {}  # allocation var -> binding index
         self.uses = {}     # allocation var -> [(binding index, argument index)]
+        self.tuples = {}   # var -> the allocations a tuple of a multi-output call holds
         for i, b in enumerate(bindings):
             v = b.value
             if isinstance(v, relax.Call) and v.op.same_as(_ALLOC):
@@ -129,6 +134,11 @@ class _Block:
                 self.uses[b.var] = []
             elif isinstance(v, relax.Var) and v in self.root:
                 self.root[b.var] = self.root[v]
+            elif isinstance(v, relax.Tuple) and \
+                    all(isinstance(f, relax.Var) and f in self.root for f in v.fields):
+                self.tuples[b.var] = [self.root[f] for f in v.fields]
+            elif isinstance(v, relax.TupleGetItem) and v.tuple_value in self.tuples:
+                self.root[b.var] = self.tuples[v.tuple_value][v.index]
             elif isinstance(v, relax.Call):
                 for k, a in enumerate(v.args):
                     if isinstance(a, relax.Var) and a in self.root:
@@ -141,13 +151,25 @@ class _Block:
     def escape(self, expr) -> None:
         """Every tensor ``expr`` mentions is read in a way the rewrite does not follow."""
         for var in relax.analysis.free_vars(expr):
-            if var in self.root:
-                self.uses[self.root[var]].append((-1, -1))
+            for alloc in self.tuples.get(var, [self.root.get(var)]):
+                if alloc is not None:
+                    self.uses[alloc].append((-1, -1))
+
+
+def _is_kernel_call(mod, concats: set, value) -> bool:
+    return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.GlobalVar) and \
+        isinstance(mod[value.op], tirx.PrimFunc) and value.op not in concats and \
+        len(mod[value.op].params) == len(value.args)
 
 
 def _plan(mod, concats: set, blk: _Block, index: int):
-    """For the concatenation at binding ``index``: ``(output alloc, [(input alloc, producer
-    function, byte offset)])``, or None where it must stay a copy."""
+    """For the concatenation at binding ``index``: ``(output alloc, [(input alloc, [(kernel,
+    parameter)] that write or read it, byte offset)])``, or None where it must stay a copy.
+
+    An input qualifies when its first use (a fresh allocation's first use writes it) is a
+    kernel call that takes it once, and every other use is a kernel call that reads it
+    before the concatenation (when the output is alive: the planner sees the output's
+    uses, not its views')."""
     call = blk.bindings[index].value
     if not (isinstance(call.op, tvm.ir.GlobalVar) and call.op in concats):
         return None
@@ -156,7 +178,8 @@ def _plan(mod, concats: set, blk: _Block, index: int):
         return None
     out = blk.root[args[-1]]
     ins = [blk.root[a] for a in args[:-1]]
-    if len(set(ins)) != len(ins) or out in ins:
+    if len(set(ins)) != len(ins) or out in ins or \
+            not any(i != index for i, _ in blk.uses[out]):  # an unread output: leave it
         return None
     static = [_static(a.ty) for a in args]
     if any(s is None for s in static):
@@ -171,17 +194,14 @@ def _plan(mod, concats: set, blk: _Block, index: int):
         row *= d
     plan, offset = [], 0
     for a, shape in zip(ins, shapes[:-1]):
-        uses = blk.uses[a]
-        writes = [(i, k) for i, k in uses if i != index]
-        if len(uses) != 2 or len(writes) != 1 or offset % ALIGN_BYTES:
+        uses = sorted(u for u in blk.uses[a] if u[0] != index)
+        if offset % ALIGN_BYTES or not uses or uses[0][0] < 0 or \
+                any(i < 0 or i > index or
+                    not _is_kernel_call(mod, concats, blk.bindings[i].value) for i, _ in uses):
             return None
-        i, k = writes[0]
-        prod = blk.bindings[i].value
-        if not (isinstance(prod.op, tvm.ir.GlobalVar) and k == len(prod.args) - 1 and i < index
-                and isinstance(mod[prod.op], tirx.PrimFunc) and prod.op not in concats
-                and len(mod[prod.op].params) == len(prod.args)):
+        if [j for j, _ in uses].count(uses[0][0]) != 1:  # the writer takes it once
             return None
-        plan.append((a, prod.op, offset))
+        plan.append((a, [(blk.bindings[i].value.op, k) for i, k in uses], offset))
         offset += shape[axis] * row
     return out, plan
 
@@ -194,7 +214,7 @@ def concat_inplace_pass(record=None):
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecConcatInPlace")
     def _pass(mod, _ctx):
-        offset_funcs: set = set()
+        offset_funcs: dict = {}  # function -> parameters that take an offset
         removed = [0]
         concats = {gv for gv, f in mod.functions.items() if _tagged(f)}
         if not concats:
@@ -209,9 +229,11 @@ def concat_inplace_pass(record=None):
             body = relax.SeqExpr(blocks, func.body.body)
             mod[gv] = relax.Function(func.params, body, func.ret_ty, func.is_pure,
                                      func.attrs)
-        for gv in offset_funcs:
+        for gv, params in offset_funcs.items():
             func = mod[gv]
-            mod[gv] = accept_offset(func, len(func.params) - 1)
+            for k in sorted(params):
+                func = accept_offset(func, k)
+            mod[gv] = func
         called = _called(mod)
         for gv in concats - called:
             del mod[gv]
@@ -234,13 +256,16 @@ def _called(mod) -> set:
     return seen
 
 
-def _rewrite_block(mod, concats: set, bindings: list, result, offset_funcs: set,
+def _rewrite_block(mod, concats: set, bindings: list, result, offset_funcs: dict,
                    removed: list) -> list:
     blk = _Block(bindings)
     blk.escape(result)
-    plans = [(i, p) for i, p in ((i, _plan(mod, concats, blk, i)) for i, b in enumerate(bindings)
-                                 if isinstance(b.value, relax.Call)
-                                 and isinstance(b.value.op, tvm.ir.GlobalVar)) if p]
+    plans, claimed = [], set()
+    for i, b in enumerate(bindings):
+        plan = _plan(mod, concats, blk, i) if isinstance(b.value, relax.Call) else None
+        if plan and not claimed & {a for a, _, _ in plan[1]}:  # a tensor is one view
+            plans.append((i, plan))
+            claimed |= {a for a, _, _ in plan[1]}
     if not plans:
         return bindings
     removed[0] += len(plans)
@@ -251,9 +276,10 @@ def _rewrite_block(mod, concats: set, bindings: list, result, offset_funcs: set,
         drop.add(blk.alloc_at[out])
         hoist.setdefault(min(blk.alloc_at[a] for a, _, _ in inputs), []).append(
             bindings[blk.alloc_at[out]])
-        for a, func, offset in inputs:
+        for a, calls, offset in inputs:
             views[a] = (out, offset)
-            offset_funcs.add(func)
+            for func, param in calls:  # a view's offset is in the tensor its kernels get
+                offset_funcs.setdefault(func, set()).add(param)
     new = []
     for i, b in enumerate(bindings):
         new.extend(hoist.get(i, []))
