@@ -127,7 +127,24 @@ def _c2f():
     return make_model(nodes, [("x", [1, 8, 12, 12])], [("t", [1, 16, 12, 12])], inits)
 
 
-@pytest.mark.parametrize("build", [_unet_step, _sppf, _c2f], ids=["unet", "sppf", "c2f"])
+def _unet_up():
+    """A U-Net decoder step: the ConvTranspose's depth-to-space writes its slice (it no longer
+    fuses into the Concat) and the skip connection its own."""
+    rng = np.random.default_rng(10)
+    inits = {"tw": (rng.standard_normal((32, 16, 2, 2)) * 0.2).astype(np.float32),
+             "tb": rng.standard_normal(16).astype(np.float32)}
+    nodes = _conv(rng, "a", "x", 4, 16, 3, inits)
+    nodes.append(helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2]))
+    nodes += _conv(rng, "d", "p", 16, 32, 3, inits)
+    nodes += [helper.make_node("ConvTranspose", ["d", "tw", "tb"], ["u"], kernel_shape=[2, 2],
+                               strides=[2, 2]),
+              helper.make_node("Concat", ["a", "u"], ["cat"], axis=1)]
+    nodes += _conv(rng, "t", "cat", 32, 8, 3, inits)
+    return make_model(nodes, [("x", [1, 4, 16, 16])], [("t", [1, 8, 16, 16])], inits)
+
+
+@pytest.mark.parametrize("build", [_unet_step, _unet_up, _sppf, _c2f],
+                         ids=["skip", "unet_up", "sppf", "c2f"])
 def test_inputs_read_before_the_concat_are_written_in_place(tmp_path, build):
     k = _check(build(), tmp_path)
     assert k["concat_views"] == 1, k

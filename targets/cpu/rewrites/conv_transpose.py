@@ -42,7 +42,7 @@ import tvm
 from tvm import relax, te
 
 from ..compute import ints
-from .common import ADD, const_value, static_shape, use_counts
+from .common import ADD, KERNEL_ATTRS, const_value, static_shape, use_counts
 
 log = logging.getLogger("edgec.cpu")
 CONV_T = tvm.ir.Op.get("relax.nn.conv2d_transpose")
@@ -245,8 +245,11 @@ class ConvTransposeRewriter(relax.PyExprMutator):
             y, order = cat(parts), "c_phase"
         if last:
             return y
+        # out-elementwise fusable like a kernel: its epilogue (BN, ReLU) fuses, a following
+        # Concat does not (a U-Net's: it then has no copy, concat_inplace)
         return bb.call_te(depth_to_space_te, y, (n, cout, oh, ow), (sh, sw), (ch, cw),
-                          order == "phase_c", primfunc_name_hint="depth_to_space")
+                          order == "phase_c", primfunc_name_hint="depth_to_space",
+                          primfunc_attrs=KERNEL_ATTRS)
 
 
 # ----------------------------------------------------------------- depth-to-space schedule
