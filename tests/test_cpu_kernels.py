@@ -323,7 +323,8 @@ def test_winograd_transforms(m):
 
 def test_winograd_choice():
     """Tiles decide: F(4, 3) on 56x56 and 28x28 maps, F(2, 3) on 14x14, the direct kernel
-    on 7x7, strided, dilated, grouped, 1x1, narrow or small convolutions."""
+    on 7x7, strided, dilated, grouped, 1x1, narrow (fewer than 24 output channels) or small
+    convolutions."""
     def tile(c, h, k=None, stride=1, dil=1, groups=1, ksz=3, pads=(1, 1, 1, 1)):
         return winograd_tile(16, (1, c, h, h), (k or c, c, ksz, ksz), (stride,) * 2, pads,
                              (dil,) * 2, groups)
@@ -333,6 +334,9 @@ def test_winograd_choice():
     assert tile(64, 14) is None and tile(32, 28) is None  # too little work per image
     assert None is tile(64, 56, stride=2) is tile(64, 56, dil=2) is tile(64, 56, groups=2)
     assert None is tile(64, 56, ksz=1, pads=(0,) * 4) is tile(8, 56) is tile(64, 56, k=8)
+    # 16 output channels: the direct kernel, also where a vector holds them (U-Net levels)
+    assert None is tile(16, 256) is tile(32, 256, k=16)
+    assert tile(16, 128, k=32) == 4 and tile(96, 160, k=24) == 4
 
 
 def test_pixel_tile_choice():

@@ -96,26 +96,32 @@ def transform_weight(w: np.ndarray, m: int, lanes: int) -> np.ndarray:
 
 
 WINO_MIN_MACS = 6_000_000  # products' multiply-adds per image below which Winograd loses
+WINO_MIN_OC = 24  # output channels below which the input transform outweighs the products
 
 
 def winograd_tile(lanes: int, shape, wshape, strides, pads, dil, groups: int) -> int | None:
     """The tile size ``m`` to run a float convolution with, or None for the direct kernel.
 
-    3x3, stride 1, no dilation, groups 1, at least one vector of output channels and 16
-    input channels, and enough work: F(4, 3) with at least 36 tiles per image, else F(2, 3)
-    with at least 36 (so 56x56 and 28x28 maps take F(4, 3), 14x14 F(2, 3), 7x7 the direct
-    kernel), at most a quarter of the tiles' outputs beyond the map, and at least
-    ``WINO_MIN_MACS`` multiply-adds in the products per image. Measured on a Zen 4 core pair
-    (2 threads, one layer, against the direct kernel): 64@56 1.90x, 128@28 2.43x, 64@28
-    1.69x, 256@14 1.57x, 128@14 1.47x, 32@112 1.49x. Below the work threshold the gain at
-    batch 1 is small (32->64@14 1.09x, 64@14 1.21x, 32@28 1.31x) and with a batch, run image
-    by image, it turns into a loss (batch 8: 0.92x, 1.09x, 0.60x). 512@7 gains alone (1.17x)
-    but not inside ResNet-18, where its transformed weights (16 MiB against 9) are read from
-    memory."""
+    3x3, stride 1, no dilation, groups 1, at least one vector and ``WINO_MIN_OC`` output
+    channels and 16 input channels, and enough work: F(4, 3) with at least 36 tiles per
+    image, else F(2, 3) with at least 36 (so 56x56 and 28x28 maps take F(4, 3), 14x14
+    F(2, 3), 7x7 the direct kernel), at most a quarter of the tiles' outputs beyond the map, and
+    at least ``WINO_MIN_MACS`` multiply-adds in the products per image. Measured on a Zen 4
+    core pair (2 threads, one layer, against the direct kernel): 64@56 1.90x, 128@28 2.43x,
+    64@28 1.69x, 256@14 1.57x, 128@14 1.47x, 32@112 1.49x. Below the work threshold the gain
+    at batch 1 is small (32->64@14 1.09x, 64@14 1.21x, 32@28 1.31x) and with a batch, run
+    image by image, it turns into a loss (batch 8: 0.92x, 1.09x, 0.60x). 512@7 gains alone
+    (1.17x) but not inside ResNet-18, where its transformed weights (16 MiB against 9) are
+    read from memory. With 16 output channels the input transform (per input channel and
+    tile) outweighs the products it saves (a U-Net's 16-channel levels; interleaved, one
+    layer, direct against F(4, 3)): 16->16 at 256x256 0.81x the time (AVX-512) and 0.84x
+    (AVX2), 32->16 0.95x / 0.89x. From 24 on, Winograd is kept: 96->24 at 160x160 0.83x
+    direct on AVX-512 but 1.38x on AVX2 (three vectors of 8 channels), at 80x80 1.06x;
+    16->32 at 128x128 at par, 32->32 1.14x, 64->64 at 64x64 1.38x."""
     n, c, h, w = shape
     k = int(wshape[0])
     if tuple(wshape[2:]) != (3, 3) or list(strides) != [1, 1] or list(dil) != [1, 1] \
-            or groups != 1 or k < lanes or c < 16:
+            or groups != 1 or k < max(lanes, WINO_MIN_OC) or c < 16:
         return None
     pt, pl, pb, pr = pads
     oh, ow = h + pt + pb - 2, w + pl + pr - 2
