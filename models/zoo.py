@@ -53,8 +53,16 @@ channel count.
     eval mode), so activations stay O(1) and the map is not saturated at 0 or 1; the exporter
     folds BN into the convs but not into the ConvTranspose, so one BatchNormalization remains.
 
+  - ``unet``: a U-Net (Ronneberger et al.) at an edge device's width, built here in torch:
+    four 2x2 max-pool steps down (double 3x3 conv + BN + ReLU, widths 16-32-64-128-256) and
+    four up (ConvTranspose 2x2 stride 2 halving the channels, ``Concat`` with the skip
+    connection of the same level, double 3x3 conv), a 1x1 head: logits [batch, 2, H, W]
+    (two classes per pixel). Input [batch, 3, 256, 256]; ``image_size`` must be a multiple
+    of 16. BatchNormalization statistics as for ``db_detector`` (folded into the convs).
+
   ``seed`` fixes the weights (``torch.manual_seed``, the global torch RNG is left as it was).
-  Needs torch (and torchvision, except ``db_detector``, whose cache key says ``tvnone``).
+  Needs torch (and torchvision, except ``db_detector`` and ``unet``, whose cache keys say
+  ``tvnone``).
 * ``fashion_cnn``: the trained Fashion-MNIST CNN committed beside this file
   (``fashion_mnist_cnn.onnx``, BatchNormalization not folded), input [batch, 1, 28, 28]
   normalised as in ``edgec.models.fashion_mnist``. ``seed`` is ignored (trained weights).
@@ -129,8 +137,10 @@ _TORCHVISION = {
 _DENSE = {
     "lraspp_mobilenet_v3_large": (3, 224, 21),
     "db_detector": (3, 640, 1),
+    "unet": (3, 256, 2),
 }
 _TORCH = {**_TORCHVISION, **_DENSE}
+_TORCH_ONLY = {"db_detector", "unet"}  # built here in torch, no torchvision
 # torchvision constructor keyword arguments beyond weights=None
 _TV_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
 # BatchNorm statistics from a pass over seeded noise (see _calibrate_bn): GoogLeNet's
@@ -141,7 +151,7 @@ _TV_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
 _CALIBRATE_BN = {"googlenet", "shufflenet_v2_x1_0"}
 _BROAD = ["resnet50", "squeezenet1_1", "googlenet", "densenet121", "shufflenet_v2_x1_0",
           "vgg16", "mobilenet_v3_large", "regnet_x_400mf", "lraspp_mobilenet_v3_large",
-          "db_detector"]
+          "db_detector", "unet"]
 _ONNX = {
     "fashion_cnn": (1, 28, 10),
     "tiny_cnn": (3, 32, 10),
@@ -156,7 +166,8 @@ def names() -> list[str]:
 
 
 def torch_names() -> list[str]:
-    """Models that need torch to build (all but ``db_detector`` need torchvision too)."""
+    """Models that need torch to build (all but ``db_detector`` and ``unet`` need torchvision
+    too)."""
     return list(_TORCH)
 
 
@@ -224,6 +235,8 @@ def build(name: str, seed: int = 0, batch: int | None = 1,
     if name == "db_detector" and image_size is not None and image_size % 32:
         raise ValueError(f"db_detector needs an image size that is a multiple of 32, "
                          f"not {image_size}")
+    if name == "unet" and image_size is not None and image_size % 16:
+        raise ValueError(f"unet needs an image size that is a multiple of 16, not {image_size}")
     if name in _TORCH:
         return _build_torchvision(name, seed, batch, image_size)
     if name == "fashion_cnn":
@@ -344,6 +357,8 @@ def _torch_module(name: str, torch, torchvision):
     """The eval-mode torch module of zoo model ``name`` (weights from the current RNG)."""
     if name == "db_detector":
         return _db_detector(torch)
+    if name == "unet":
+        return _unet(torch)
     if name == "lraspp_mobilenet_v3_large":
         from torchvision.models import segmentation
 
@@ -365,7 +380,7 @@ def _torch_module(name: str, torch, torchvision):
 
 
 def _build_torchvision(name, seed, batch, image_size) -> onnx.ModelProto:
-    if name == "db_detector":  # torch alone
+    if name in _TORCH_ONLY:  # torch alone
         try:
             import torch
         except ImportError as e:
@@ -560,6 +575,37 @@ def _db_detector(torch):
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.normal_(0.0, 0.1)
     return _calibrate_bn(torch, model, 640)
+
+
+def _unet(torch):
+    """U-Net (Ronneberger et al.) at edge width, eval mode; see the module docstring."""
+    nn = torch.nn
+
+    def double(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(cout), nn.ReLU())
+
+    widths = [16, 32, 64, 128, 256]
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.ModuleList(double(c, w) for c, w in zip([3] + widths[:-1], widths))
+            self.up = nn.ModuleList(nn.ConvTranspose2d(w, w // 2, 2, 2) for w in widths[:0:-1])
+            self.dec = nn.ModuleList(double(w, w // 2) for w in widths[:0:-1])
+            self.head = nn.Conv2d(widths[0], 2, 1)
+
+        def forward(self, x):
+            skips = []
+            for i, block in enumerate(self.down):
+                x = block(x if i == 0 else nn.functional.max_pool2d(x, 2))
+                skips.append(x)
+            for up, dec, skip in zip(self.up, self.dec, skips[-2::-1]):
+                x = dec(torch.cat([skip, up(x)], dim=1))
+            return self.head(x)
+
+    return _calibrate_bn(torch, UNet(), 256)
 
 
 def _calibrate_bn(torch, model, size: int):

@@ -1,4 +1,4 @@
-"""The broad zoo (issue 22): more torchvision classifiers and two dense-prediction models.
+"""The broad zoo (issue 22): more torchvision classifiers and three dense-prediction models.
 
 Torch exports are slow, so the full-size exports are ``slow`` (``pytest -m slow
 tests/test_zoo_broad.py``); the default suite builds one cheap model, ``db_detector`` at 64x64.
@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 
 CLASSIFIERS = ["resnet50", "squeezenet1_1", "googlenet", "densenet121", "shufflenet_v2_x1_0",
                "vgg16", "mobilenet_v3_large", "regnet_x_400mf"]
-DENSE = ["lraspp_mobilenet_v3_large", "db_detector"]
+DENSE = ["lraspp_mobilenet_v3_large", "db_detector", "unet"]
 
 
 def _dims(vi) -> list:
@@ -40,7 +40,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def _require(name: str):
     pytest.importorskip("torch")
-    if name != "db_detector":
+    if name not in ("db_detector", "unet"):
         try:
             zoo._import_torchvision()
         except ImportError as e:
@@ -87,6 +87,10 @@ def test_broad_names_and_shapes():
     assert zoo.output_shape("resnet18", None) == ["batch", 1000]
     with pytest.raises(ValueError, match="multiple of 32"):
         zoo.build("db_detector", image_size=100)
+    assert zoo.input_shape("unet") == [1, 3, 256, 256]
+    assert zoo.output_shape("unet", None, 96) == ["batch", 2, 96, 96]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        zoo.build("unet", image_size=100)
 
 
 def test_bench_model_names():
@@ -161,6 +165,9 @@ def test_broad_zoo_builds(name):
         assert "ConvTranspose" in _ops(model)
     elif name == "lraspp_mobilenet_v3_large":
         assert y.shape == (1, 21, 224, 224) and "Resize" in _ops(model)
+    elif name == "unet":
+        assert y.shape == (1, 2, 256, 256)
+        assert {"ConvTranspose", "Concat", "MaxPool"} <= _ops(model)
     else:
         assert y.shape == (1, 1000)
 
