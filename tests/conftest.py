@@ -97,6 +97,25 @@ def compile_to(model, out: Path, target="x86", **kw):
     return compile_model(path, out, CompileOptions(target=target, **kw))
 
 
+def compile_and_compare(model, out: Path, target="x86", seed: int = 3, **kw):
+    """Compile ``model`` into ``out`` (``kw``: compile options) and, for x86, check it against
+    onnxruntime on random inputs (rtol 1e-4, atol 1e-4 * max|ref|); returns the report."""
+    from edgec.runtime import OrtSession, Session
+
+    report = compile_to(model, out, target=target, **kw)
+    if target != "x86":
+        return report
+    sess = Session(out)
+    rng = np.random.default_rng(seed)
+    feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32)
+             for i in sess.input_specs}
+    ref = OrtSession(model).run(None, feeds)
+    got = sess.run(None, feeds)
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(r).max()))
+    return report
+
+
 def assert_compile_refuses(src: Path, args: list[str], needle: str, out: Path) -> None:
     """``edgec compile src args --no-build -o out`` in a child process fails as the CLI
     promises for bad options: exit 2, one ``edgec: error:`` line naming ``needle``, no

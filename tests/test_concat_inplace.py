@@ -11,8 +11,7 @@ import pytest
 import tvm
 from onnx import helper
 
-from conftest import compile_to, make_model
-from edgec.runtime import OrtSession, Session
+from conftest import compile_and_compare, compile_to, make_model
 from edgec.targets.concat_inplace import accept_offset
 
 
@@ -29,16 +28,8 @@ def _conv(rng, name, x, ic, oc, k, inits, relu=True):
 
 
 def _check(model, tmp, target_options=None):
-    report = compile_to(model, tmp / "a", target_options=target_options or {})
-    sess = Session(tmp / "a")
-    rng = np.random.default_rng(5)
-    feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32)
-             for i in sess.input_specs}
-    ref = OrtSession(model).run(None, feeds)
-    got = sess.run(None, feeds)
-    for r, g in zip(ref, got):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(r).max()))
-    return report["kernels"]
+    return compile_and_compare(model, tmp / "a", seed=5,
+                               target_options=target_options or {})["kernels"]
 
 
 def _fire(squeeze, expand, hw, branches=(1, 3), tail=True):

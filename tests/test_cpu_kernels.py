@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import helper
 
-from conftest import compile_to, host_has, make_model
+from conftest import compile_and_compare, compile_to, host_has, make_model
 from edgec.runtime import OrtSession, Session, run_batched
 from edgec.targets.cpu.isa import simd_floats
 from edgec.targets.cpu.kernels.pixel_conv import conv_px_tile
@@ -28,19 +28,7 @@ SETTINGS = settings(max_examples=25, deadline=None,
 def _compile_and_compare(model, tmp, target="x86", **kw):
     """Compile ``model`` (``kw``: compile options) and, for x86, check it against
     onnxruntime on random inputs; returns the compile report."""
-    out = tmp / "art"
-    report = compile_to(model, out, target=target, **kw)
-    if target != "x86":
-        return report
-    sess = Session(out)
-    rng = np.random.default_rng(3)
-    feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32)
-             for i in sess.input_specs}
-    ref = OrtSession(model).run(None, feeds)
-    got = sess.run(None, feeds)
-    for r, g in zip(ref, got):
-        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(r).max()))
-    return report
+    return compile_and_compare(model, tmp / "art", target=target, **kw)
 
 
 EPILOGUES = ["none", "relu", "relu6", "silu", "hardswish", "residual"]
