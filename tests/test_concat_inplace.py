@@ -209,3 +209,19 @@ def test_accept_offset_reads_the_view_offset():
 def test_concat_in_place_builds_for_aarch64(tmp_path, target):
     report = compile_to(_fire(16, 32, 13), tmp_path / "a", target=target)
     assert report["kernels"]["concat_views"] == 1, report["kernels"]
+
+
+def test_concat_in_place_runs_on_emulated_board(tmp_path, rpc_board):
+    """The views (the VM's tensor view builtin, kernels taking offsets) on the TVM runtime
+    alone: the aarch64 build of a fire module on the emulated rpi4 board."""
+    from edgec.runtime import OrtSession
+    from edgec.runtime.remote import RemoteSession
+
+    m = _fire(16, 32, 13)
+    report = compile_to(m, tmp_path / "arm", target="rpi4")
+    assert report["kernels"]["concat_views"] == 1, report["kernels"]
+    x = np.random.default_rng(1).standard_normal((1, 8, 13, 13)).astype(np.float32)
+    got = RemoteSession(tmp_path / "arm", rpc_board.address, "rpi4").run(None, {"x": x})[0]
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
