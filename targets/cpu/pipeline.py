@@ -65,7 +65,10 @@ def schedule_phases(target, record: BuildRecord | None, tuning_db: str | None) -
     the tuning database ``tuning_db`` holds a schedule measured faster and ConvTranspose's
     depth-to-space functions (their own schedule)."""
     tuned = [apply_tuned_pass(target, tuning_db, record)] if tuning_db else []
-    return [mark_plain_concats(), *tuned, d2s_schedule_pass(target, record),
+    # concatenations are tagged after the tuned schedules are looked up (their keys hash the
+    # functions as tuning saw them) and before the default ones (which the tag's check
+    # cannot read)
+    return [*tuned, mark_plain_concats(), d2s_schedule_pass(target, record),
             schedule_pass(target, record)]
 
 
