@@ -1,8 +1,8 @@
 """Concatenations without a copy (targets/concat_inplace.py): producers write into their
 slices of the output. Each model is checked against onnxruntime, and the report says
-whether the copy was removed -- where it must not be (an input read elsewhere, unaligned
-or non-contiguous slices, an input the kernels did not write), it stays and the numbers
-still match."""
+whether the copy was removed -- where it must not be (an input read after the
+concatenation, unaligned or non-contiguous slices, an input no kernel wrote), it stays and
+the numbers still match."""
 
 from __future__ import annotations
 
