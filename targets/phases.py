@@ -6,8 +6,6 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .concat_inplace import concat_inplace_pass
-
 
 def front_phases(legalize: dict | None = None, pre: list | None = None,
                  folded: list | None = None) -> list:
@@ -31,17 +29,16 @@ def front_phases(legalize: dict | None = None, pre: list | None = None,
     ]
 
 
-def vm_lowering_phases(cuda_graphs: bool = False, concat_views: bool = False,
-                       record=None) -> list:
+def vm_lowering_phases(cuda_graphs: bool = False, before_planning: list | None = None) -> list:
     """The phases every target ends with: dataflow lowering, memory planning, VM lowering;
-    ``concat_views``: concatenations whose inputs' producers can write into the output lose
-    their copy (:mod:`.concat_inplace`, counted in ``record``)."""
+    ``before_planning``: target passes on the explicit allocations, before memory planning
+    (the CPU's copy-free concatenations)."""
     return [
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
-        *([concat_inplace_pass(record)] if concat_views else []),
+        *(before_planning or []),
         relax.transform.StaticPlanBlockMemory(),
         *([relax.transform.RewriteCUDAGraph()] if cuda_graphs else []),
         relax.transform.LowerAllocTensor(),

@@ -1,6 +1,6 @@
-"""Concatenations without a copy (targets/concat_inplace.py): producers write into their
-slices of the output. Each model is checked against onnxruntime, and the report says
-whether the copy was removed -- where it must not be (an input read after the
+"""Concatenations without a copy (targets/cpu/rewrites/concat_inplace.py): producers
+write into their slices of the output. Each model is checked against onnxruntime, and the
+report says whether the copy was removed -- where it must not be (an input read after the
 concatenation, unaligned or non-contiguous slices, an input no kernel wrote), it stays and
 the numbers still match."""
 
@@ -12,7 +12,7 @@ import tvm
 from onnx import helper
 
 from conftest import compile_and_compare, compile_to, make_model
-from edgec.targets.concat_inplace import accept_offset
+from edgec.targets.cpu.rewrites.concat_inplace import accept_offset
 
 
 def _conv(rng, name, x, ic, oc, k, inits, relu=True):

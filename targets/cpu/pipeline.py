@@ -16,11 +16,11 @@ schedules and tuning (:mod:`edgec.targets.tuning`) work on.
 
 from __future__ import annotations
 
-from ..concat_inplace import mark_plain_concats
 from ..phases import front_phases, vm_lowering_phases
 from ..records import BuildRecord
 from ..tuning_db import apply_tuned_pass
 from .isa import simd_floats
+from .rewrites.concat_inplace import concat_inplace_pass, mark_plain_concats
 from .rewrites.conv_transpose import conv_transpose_pass, d2s_schedule_pass
 from .rewrites.fast_math import make_fast_math_legalizers
 from .rewrites.nan_clamp import make_nan_clamp_legalizers, nan_clamp_pass
@@ -82,4 +82,4 @@ def cpu_front_phases(target, record: BuildRecord | None = None) -> list:
 def cpu_phases(target, record: BuildRecord | None = None, tuning_db: str | None = None) -> list:
     """Relax pipeline phases for LLVM CPU targets."""
     return [*cpu_front_phases(target, record), *schedule_phases(target, record, tuning_db),
-            *vm_lowering_phases(concat_views=True, record=record)]
+            *vm_lowering_phases(before_planning=[concat_inplace_pass(record)])]

@@ -31,8 +31,11 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
+from ..kernels.concat import CONCAT_BLOCK
+from ..schedule import all_blocks
+from .common import static_shape
+
 ALIGN_BYTES = 64  # kernels assume their buffers 64-byte aligned
-CONCAT_BLOCK = "T_concat"
 PLAIN_CONCAT_ATTR = "edgec.plain_concat"  # set before scheduling: the function only copies
 
 _ALLOC = tvm.ir.Op.get("relax.builtin.alloc_tensor")
@@ -73,7 +76,7 @@ def is_plain_concat(func) -> bool:
         return False
     try:
         sch = tvm.s_tir.Schedule(func)
-        blocks = [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        blocks = [sch.get(b) for b in all_blocks(sch)]
     except Exception:  # noqa: BLE001 -- not block-form TIR: not ours to judge
         return False
     return len(blocks) == 1 and blocks[0].name_hint == CONCAT_BLOCK and \
@@ -97,15 +100,6 @@ def mark_plain_concats():
 def _tagged(func) -> bool:
     return isinstance(func, tirx.PrimFunc) and func.attrs is not None and \
         bool(func.attrs.get(PLAIN_CONCAT_ATTR, False))
-
-
-def _static(ty) -> tuple[tuple[int, ...], str] | None:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        return tuple(int(d) for d in ty.shape.values), str(ty.dtype)
-    except (TypeError, AttributeError):
-        return None
 
 
 def _axis(shapes: list[tuple[int, ...]], out: tuple[int, ...]) -> int | None:
@@ -181,15 +175,13 @@ def _plan(mod, concats: set, blk: _Block, index: int):
     if len(set(ins)) != len(ins) or out in ins or \
             not any(i != index for i, _ in blk.uses[out]):  # an unread output: leave it
         return None
-    static = [_static(a.ty) for a in args]
-    if any(s is None for s in static):
+    shapes = [static_shape(a) for a in args]
+    if any(s is None for s in shapes):
         return None
-    shapes = [s[0] for s in static]
     axis = _axis(shapes[:-1], shapes[-1])
     if axis is None or any(d != 1 for d in shapes[-1][:axis]):
         return None
-    itemsize = tvm.DataType(static[-1][1]).bits // 8
-    row = itemsize
+    row = tvm.DataType(args[-1].ty.dtype).bits // 8
     for d in shapes[-1][axis + 1:]:
         row *= d
     plan, offset = [], 0
@@ -215,17 +207,21 @@ def concat_inplace_pass(record=None):
     @tvm.transform.module_pass(opt_level=0, name="EdgecConcatInPlace")
     def _pass(mod, _ctx):
         offset_funcs: dict = {}  # function -> parameters that take an offset
-        removed = [0]
         concats = {gv for gv, f in mod.functions.items() if _tagged(f)}
         if not concats:
             return mod
         for gv, func in list(mod.functions.items()):
             if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
                 continue
-            blocks = [relax.BindingBlock(_rewrite_block(mod, concats, list(b.bindings),
-                                                        func.body.body, offset_funcs, removed))
-                      if not isinstance(b, relax.DataflowBlock) else b
-                      for b in func.body.blocks]
+            blocks = []
+            for b in func.body.blocks:
+                if not isinstance(b, relax.DataflowBlock):
+                    bindings, removed = _rewrite_block(mod, concats, list(b.bindings),
+                                                       func.body.body, offset_funcs)
+                    b = relax.BindingBlock(bindings)
+                    if record is not None:
+                        record.concat_views += removed
+                blocks.append(b)
             body = relax.SeqExpr(blocks, func.body.body)
             mod[gv] = relax.Function(func.params, body, func.ret_ty, func.is_pure,
                                      func.attrs)
@@ -239,15 +235,15 @@ def concat_inplace_pass(record=None):
             del mod[gv]
             if record is not None:
                 record.kernels.pop(gv.name_hint, None)
-        if record is not None:
-            record.concat_views += removed[0]
         return mod
 
     return _pass
 
 
 def _called(mod) -> set:
-    """The global functions some Relax function of ``mod`` refers to."""
+    """The global functions some Relax function of ``mod`` refers to. (Not Relax's
+    DeadCodeElimination: after CallTIRRewrite a kernel call's result is an unused binding of
+    a function marked pure, which it would drop.)"""
     seen: set = set()
     for func in mod.functions.values():
         if isinstance(func, relax.Function):
@@ -256,8 +252,10 @@ def _called(mod) -> set:
     return seen
 
 
-def _rewrite_block(mod, concats: set, bindings: list, result, offset_funcs: dict,
-                   removed: list) -> list:
+def _rewrite_block(mod, concats: set, bindings: list, result,
+                   offset_funcs: dict) -> tuple[list, int]:
+    """``bindings`` with the copies of :func:`_plan`'s concatenations removed, and how many;
+    the kernels that now receive views go to ``offset_funcs``."""
     blk = _Block(bindings)
     blk.escape(result)
     plans, claimed = [], set()
@@ -267,8 +265,7 @@ def _rewrite_block(mod, concats: set, bindings: list, result, offset_funcs: dict
             plans.append((i, plan))
             claimed |= {a for a, _, _ in plan[1]}
     if not plans:
-        return bindings
-    removed[0] += len(plans)
+        return bindings, 0
     drop = {i for i, _ in plans}            # the copies
     hoist = {}                              # binding index -> output allocations moved there
     views = {}                              # input allocation -> (output, byte offset)
@@ -287,9 +284,8 @@ def _rewrite_block(mod, concats: set, bindings: list, result, offset_funcs: dict
             continue
         if b.var in views:
             out, offset = views[b.var]
-            shape, dtype = _static(b.var.ty)
             b = relax.VarBinding(b.var, relax.op.memory.view(
-                out, shape=shape, dtype=dtype,
+                out, shape=static_shape(b.var), dtype=str(b.var.ty.dtype),
                 relative_byte_offset=relax.prim_value(tirx.IntImm("int64", offset))))
         new.append(b)
-    return new
+    return new, len(plans)
