@@ -14,4 +14,29 @@ Two layers, imports going one way (the ground never imports the roof):
 
 __version__ = "0.1.0"
 
+import sys as _sys
+from importlib.abc import MetaPathFinder as _MetaPathFinder
+
+
+class _NoTorchForTvmFfi(_MetaPathFinder):
+    """``tvm_ffi`` (and ``tvm.relax``) import torch at their own import when torch is
+    installed, for a DLPack exchange with torch tensors that edgec never makes: 2-3 s of
+    every process that loads TVM (a CLI call, a bench or check worker). Torch is refused to
+    imports made by TVM's own modules (they catch the ImportError); anything else -- the
+    zoo's exporters -- imports it as usual, before or after."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        f = _sys._getframe(1)
+        while f is not None and f.f_globals.get("__name__", "").startswith("importlib"):
+            f = f.f_back
+        if f is not None and f.f_globals.get("__name__", "").split(".")[0] in ("tvm_ffi", "tvm"):
+            raise ImportError("edgec: torch is not loaded for tvm_ffi")
+        return None
+
+
+if not any(isinstance(f, _NoTorchForTvmFfi) for f in _sys.meta_path):
+    _sys.meta_path.insert(0, _NoTorchForTvmFfi())
+
 from .core.errors import EdgecError  # noqa: E402,F401

@@ -15,6 +15,7 @@ from edgec.core.errors import EdgecError
 from edgec.core.importer import graph_inputs, load_model, normalize
 from edgec.core.stats import model_stats
 from edgec.driver.pipeline import Pipeline, parse_sets, resolve_passes
+from edgec.passes import make_config
 from edgec.targets import get_target
 
 DEFAULT_OUT_SUFFIX = ".edgec"
@@ -126,6 +127,8 @@ def prepare(model_path: str | Path, opts: CompileOptions, pass_names: list[str] 
     pass_names = pass_names if pass_names is not None else resolve_passes(opts.preset,
                                                                           opts.passes)
     sets = parse_sets(opts.sets, pass_names)
+    for name in pass_names:  # bad options fail here, before the model is read or TVM loaded
+        make_config(name, sets.get(name))
     timings = {}
     t0 = time.perf_counter()
     source = load_model(model_path)
