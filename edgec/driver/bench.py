@@ -106,11 +106,17 @@ def time_artifact(artifact: str | Path, feeds: dict[str, np.ndarray], threads: i
 
 
 def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: int,
-                warmup: int) -> list[float]:
+                warmup: int, cpu: str | None = None) -> list[float]:
+    """Times from a fresh worker process; ``cpu``: the worker sees that x86 CPU family
+    (:mod:`edgec.driver.cpumask`: extensions the family lacks hidden from CPUID)."""
     import subprocess
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads))
+    if cpu:
+        from .cpumask import child_env
+
+        env = child_env(cpu, env)
     res = subprocess.run([sys.executable, "-m", "edgec.driver.bench", kind, str(path),
                           str(feeds_path), str(threads), str(repeat), str(warmup)],
                          capture_output=True, text=True, env=env, timeout=1800)
@@ -122,7 +128,8 @@ def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: i
 
 def bench(model_path: str | Path, artifact: str | Path, threads: int | None = None,
           repeat: int = 20, warmup: int = 3, peak: bool = True, rounds: int = 3,
-          board: dict | None = None, profile: bool = False) -> dict:
+          board: dict | None = None, profile: bool = False,
+          peer_cpu: str | None = None) -> dict:
     """Median latency of onnxruntime and of the artifact on the same inputs.
 
     Each runtime is timed in its own fresh process (once TVM has run in a process,
@@ -131,7 +138,10 @@ def bench(model_path: str | Path, artifact: str | Path, threads: int | None = No
     the artifact is timed on a board registered with TVM's RPC tracker (TVM's time evaluator
     there) and onnxruntime here, for reference only: no ratio across two machines.
     ``profile``: also each fused function's time beside onnxruntime's per-node profile
-    (:mod:`edgec.driver.profile`)."""
+    (:mod:`edgec.driver.profile`). ``peer_cpu`` (an x86 family such as ``haswell``):
+    onnxruntime runs as on that CPU (extensions it lacks hidden from CPUID, so its kernels
+    are the ones such a machine runs) and is timed on the host's kernels too
+    (``onnxruntime_host_ms``); the ratio is against the former."""
     import tempfile
 
     threads = threads or os.cpu_count() or 1
@@ -152,18 +162,24 @@ def bench(model_path: str | Path, artifact: str | Path, threads: int | None = No
     runs_here = board is None and not (manifest["device"] == "cpu" and
                                        manifest.get("host_arch") != os.uname().machine)
     per_round = max(1, -(-repeat // rounds))
-    ort_times, times = [], []
+    ort_times, times, host_times = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         np.savez(feeds_path, **feeds)
         for _ in range(rounds):
             ort_times += _run_worker("ort", Path(model_path), feeds_path, threads, per_round,
-                                     warmup)
+                                     warmup, cpu=peer_cpu)
+            if peer_cpu:
+                host_times += _run_worker("ort", Path(model_path), feeds_path, threads,
+                                          per_round, warmup)
             if runs_here:
                 times += _run_worker("tvm", Path(artifact), feeds_path, threads, per_round,
                                      warmup)
     result["onnxruntime_ms"] = float(np.median(ort_times) * 1e3)
     result["onnxruntime_gflops"] = 2 * macs_ref / (result["onnxruntime_ms"] / 1e3) / 1e9
+    if peer_cpu:
+        result["onnxruntime_cpu"] = peer_cpu
+        result["onnxruntime_host_ms"] = float(np.median(host_times) * 1e3)
     if board is not None:
         if profile:
             raise EdgecError("--profile runs the artifact here; it is not available over RPC")
@@ -183,7 +199,8 @@ def bench(model_path: str | Path, artifact: str | Path, threads: int | None = No
         n = max(3, min(repeat, 10))
         result["profile"] = {"repeat": n,
                              "edgec": edgec_profile(artifact, feeds, threads, n),
-                             "onnxruntime": ort_profile(model_path, feeds, threads, n)}
+                             "onnxruntime": ort_profile(model_path, feeds, threads, n,
+                                                          cpu=peer_cpu)}
     return result
 
 
@@ -208,7 +225,12 @@ def format_bench(r: dict) -> str:
              f"median of {r['repeat']}"]
     lines.append(f"  onnxruntime  {r['onnxruntime_ms']:9.3f} ms"
                  + (f"  {r['onnxruntime_gflops']:7.1f} GFLOP/s" if "onnxruntime_gflops" in r
-                    else "") + (f"  ({r['onnxruntime_on']})" if r.get("onnxruntime_on") else ""))
+                    else "") + (f"  ({r['onnxruntime_on']})" if r.get("onnxruntime_on") else "")
+                 + (f"  (as on a {r['onnxruntime_cpu']} CPU)" if r.get("onnxruntime_cpu")
+                    else ""))
+    if r.get("onnxruntime_host_ms"):
+        lines.append(f"  onnxruntime  {r['onnxruntime_host_ms']:9.3f} ms  (this host's kernels,"
+                     " for reference)")
     if r.get("edgec_on"):
         lines.append(f"  edgec        {r['edgec_ms']:9.3f} ms  {r['edgec_gflops']:7.1f} GFLOP/s"
                      f"  (on the {r['edgec_on']})")

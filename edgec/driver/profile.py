@@ -116,9 +116,11 @@ def edgec_profile(artifact: str | Path, feeds: dict, threads: int, repeat: int) 
     return {"functions": rows, "total_ms": total * 1e3, "run_ms": total_run * 1e3}
 
 
-def ort_profile(model: str | Path, feeds: dict, threads: int, repeat: int) -> dict:
-    """Per onnxruntime node: median seconds, share and op type."""
-    runs = _run_worker("ort", model, feeds, threads, repeat)
+def ort_profile(model: str | Path, feeds: dict, threads: int, repeat: int,
+                cpu: str | None = None) -> dict:
+    """Per onnxruntime node: median seconds, share and op type (``cpu``: as on that x86
+    family, :mod:`edgec.driver.cpumask`)."""
+    runs = _run_worker("ort", model, feeds, threads, repeat, cpu)
     ops = {k: v[1] for r in runs for k, v in r.items()}
     med = _median_table(runs, value=lambda v: v[0])
     total = sum(med.values())
@@ -138,11 +140,16 @@ def _kernels_of(artifact: Path) -> tuple[dict, dict]:
     return kernels, dict(k.get("macs", {}))
 
 
-def _run_worker(kind: str, path, feeds: dict, threads: int, repeat: int) -> list:
+def _run_worker(kind: str, path, feeds: dict, threads: int, repeat: int,
+                cpu: str | None = None) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         np.savez(feeds_path, **feeds)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads))
+        if cpu:
+            from .cpumask import child_env
+
+            env = child_env(cpu, env)
         res = subprocess.run([sys.executable, "-m", "edgec.driver.profile", kind, str(path),
                               str(feeds_path), str(threads), str(repeat)],
                              capture_output=True, text=True, env=env, timeout=3600)

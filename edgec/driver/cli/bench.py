@@ -15,6 +15,10 @@ def add_parser(sub) -> None:
                    help="also each fused function's time, share, GFLOP/s and kernel, beside "
                    "onnxruntime's per-node profile")
     b.add_argument("--top", type=int, default=15, help="profile rows shown (default 15)")
+    b.add_argument("--peer-cpu", metavar="FAMILY",
+                   help="run onnxruntime as on that x86 CPU family (e.g. haswell: AVX-512, "
+                   "VNNI and AMX hidden from it, as for an artifact built with -mcpu haswell); "
+                   "needs CPUID faulting (Linux, flag cpuid_fault)")
     b.add_argument("--json", metavar="FILE")
     b.set_defaults(fn=run)
 
@@ -23,7 +27,7 @@ def run(a) -> int:
     from edgec.driver.bench import bench, format_bench
 
     res = bench(a.model, a.artifact, threads=a.threads, repeat=a.repeat, board=board_of(a),
-                profile=a.profile)
+                profile=a.profile, peer_cpu=a.peer_cpu)
     print(format_bench(res))
     if res.get("profile"):
         from edgec.driver.profile import format_profile
