@@ -328,3 +328,29 @@ def test_check_scores_the_named_output(tmp_path):
     assert_user_error(edgec(*args[:3], "--data", tmp_path / "val5.npz"), "output 'boxes'",
                       "--output")
     assert_user_error(edgec(*args, "--output", "nope"), "'nope' is not an output")
+
+
+def test_bad_pass_option_fails_before_tvm_or_the_model_loads(tmp_path):
+    """A bad --set is refused from the pass's config alone: TVM is not loaded, and the model
+    (here not even ONNX) is not read."""
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"not a model")
+    code = ("import sys; from edgec.driver.cli import main; "
+            f"rc = main(['compile', {str(bad)!r}, '--passes', 'cluster', '--set', "
+            f"'cluster.bits=0', '-o', {str(tmp_path / 'o')!r}]); "
+            "print(rc, 'tvm' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.stdout.split() == ["2", "False"], (res.stdout, res.stderr)
+    assert "bits must be within 1..4" in res.stderr and not (tmp_path / "o").exists()
+
+
+def test_tvm_loads_without_torch_and_torch_still_imports():
+    """TVM's modules are refused torch at their import (2-3 s saved per process); the zoo's
+    exporters still get it afterwards."""
+    pytest.importorskip("torch")
+    code = ("import sys, edgec, tvm; from tvm import relax; "
+            "print('torch' in sys.modules); import torch; print(torch.zeros(2).sum().item())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.split() == ["False", "0.0"], res

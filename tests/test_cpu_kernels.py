@@ -470,7 +470,9 @@ def test_fast_sigmoid_accuracy(tmp_path):
     assert np.max(np.abs(got - ref) / ref) < 1e-5
 
 
-@pytest.mark.parametrize("target", ["rpi4", "rpi5", "arm64"])
+# rpi4 (Cortex-A72, no dotprod) in the default run; the other two CPUs with the slow tests
+@pytest.mark.parametrize("target", ["rpi4", pytest.param("rpi5", marks=pytest.mark.slow),
+                                    pytest.param("arm64", marks=pytest.mark.slow)])
 def test_kernels_build_for_aarch64(tmp_path, target):
     from conftest import conv_bn_model
 

@@ -77,6 +77,7 @@ def test_unknown_family_and_unsupported_host_are_clear_errors(monkeypatch):
 
 
 @needs_mask
+@pytest.mark.slow  # ~25 s: a compile and six timing workers
 def test_bench_cli_peer_cpu(tmp_path, capsys):
     """``edgec bench --peer-cpu haswell`` times onnxruntime both ways and says which is which."""
     from edgec.driver.cli import main

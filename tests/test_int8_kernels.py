@@ -164,7 +164,8 @@ def test_left_float_with_reason(tmp_path):
 
 
 @pytest.mark.parametrize("target,isa", [("rpi5", "dotprod"), ("rpi4", "generic"),
-                                        ("arm64", "generic")])
+                                        pytest.param("arm64", "generic",
+                                                     marks=pytest.mark.slow)])
 def test_int8_kernels_build_for_aarch64(tmp_path, target, isa):
     m, _ = qdq_conv(np.random.default_rng(4), 1, 16, 32, 3, 1, 1, (1, 1, 1, 1), 10, 10)
     report = compile_to(m, tmp_path / "a", target=target)

@@ -264,6 +264,7 @@ def test_torch_zoo_seed_cache_and_small_images():
 
 
 @pytest.mark.torch
+@pytest.mark.slow  # ~23 s of training
 def test_build_on_data_spreads_top1_over_the_classes():
     """Random weights, BatchNorm statistics and a ridge head fit on the images: the top-1 is
     no longer one class for every picture, and the head separates what it was fit on."""

@@ -221,6 +221,7 @@ def test_bad_val_is_refused_before_searching(task, tmp_path):
     assert not any((tmp_path / n).exists() for n in "efg")
 
 
+@pytest.mark.slow  # 80 s: compiles and times every candidate (CI runs -m slow too)
 def test_latency_objective_compiles_and_times_what_may_be_chosen(task):
     """``--objective latency``: the original and every candidate within the budget are built
     and timed (the others never are); the chosen one is the fastest measured within budget."""

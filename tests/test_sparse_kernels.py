@@ -210,7 +210,9 @@ def _three_layers(rng):
     return make_model(nodes, [("x", [1, 16, 6, 10])], [("y", [1, 10])], inits, opset=14)
 
 
-@pytest.mark.parametrize("target", ["rpi4", "rpi5", "arm64"])
+# rpi4 in the default run; the other two CPUs with the slow tests
+@pytest.mark.parametrize("target", ["rpi4", pytest.param("rpi5", marks=pytest.mark.slow),
+                                    pytest.param("arm64", marks=pytest.mark.slow)])
 def test_sparse_kernels_build_for_aarch64(tmp_path, monkeypatch, target):
     monkeypatch.setenv("EDGEC_SPARSE", "sparse")
     report = compile_to(_three_layers(np.random.default_rng(6)), tmp_path / "a",

@@ -41,8 +41,11 @@ def test_small_zoo(name, batch, tmp_path):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("name,batch", [("resnet18", 1), ("mobilenet_v2", 2),
-                                        ("efficientnet_b0", 1)])
+@pytest.mark.parametrize("name,batch", [
+    ("resnet18", 1),
+    # ~20 s each: with the slow tests (CI runs -m slow too); the zoo bench compiles all
+    pytest.param("mobilenet_v2", 2, marks=pytest.mark.slow),
+    pytest.param("efficientnet_b0", 1, marks=pytest.mark.slow)])
 def test_torchvision_zoo(name, batch, tmp_path):
     pytest.importorskip("torch")
     _check(name, batch, tmp_path)
