@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,47 @@ def compile_and_compare(model, out: Path, target="x86", seed: int = 3, **kw):
     for r, g in zip(ref, got):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(r).max()))
     return report
+
+
+def edgec_here(*args):
+    """``edgec ARGS`` run in this process (a child costs ~2 s of imports per call), with what a
+    child would show: the exit status, and stdout/stderr captured both at Python's level and
+    at the file descriptors (native output, warnings printed as a child prints them)."""
+    import contextlib
+    import io
+    import subprocess
+    import tempfile
+    import warnings
+
+    from edgec.driver.cli import main
+
+    py_out, py_err = io.StringIO(), io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        saved = os.dup(1), os.dup(2)
+        os.dup2(fo.fileno(), 1)
+        os.dup2(fe.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(py_out), contextlib.redirect_stderr(py_err), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("default")
+                warnings.showwarning = lambda m, c, f, n, file=None, line=None: print(
+                    warnings.formatwarning(m, c, f, n, line), file=sys.stderr, end="")
+                try:
+                    rc = main([str(a) for a in args])
+                except SystemExit as e:  # argparse
+                    rc = e.code if isinstance(e.code, int) else 1
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        fo.seek(0)
+        fe.seek(0)
+        out = py_out.getvalue() + fo.read().decode(errors="replace")
+        err = py_err.getvalue() + fe.read().decode(errors="replace")
+    return subprocess.CompletedProcess(list(args), rc, out, err)
 
 
 def assert_compile_refuses(src: Path, args: list[str], needle: str, out: Path) -> None:

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from conftest import conv_bn_model, make_model
+from conftest import conv_bn_model, edgec_here, make_model
 
 
 def edgec(*args, cwd=None):
@@ -116,8 +116,8 @@ def test_bad_calib(model_dir):
     for f, needle in [("wrongname.npz", "lacks input(s) x"), ("wrongshape.npz", "shape"),
                       ("nan.npz", "NaN"), ("ints.npz", "dtype"), ("missing.npz", "not found"),
                       ("huge.npz", "beyond float32"), ("norows.npz", "0 rows")]:
-        res = edgec("compile", model_dir / "m.onnx", "--calib", model_dir / f, "-o",
-                    model_dir / "o")
+        res = edgec_here("compile", model_dir / "m.onnx", "--calib", model_dir / f, "-o",
+                         model_dir / "o")
         assert_user_error(res, needle)
     nothing_written(model_dir, before)
 
@@ -240,12 +240,12 @@ def test_run_user_errors(model_dir):
     np.savez(model_dir / "empty.npz", x=np.zeros((0, 3, 12, 12), np.float32))
     np.savez(model_dir / "ok.npz", x=np.zeros((2, 3, 12, 12), np.float32))
     np.savez(model_dir / "ints.npz", x=np.zeros((2, 3, 12, 12), np.int64))
-    assert_user_error(edgec("run", model_dir / "art", "--data", model_dir / "empty.npz", "-o",
-                            model_dir / "p.npz"), "0 rows")
-    assert_user_error(edgec("run", model_dir / "art", "--data", model_dir / "ok.npz", "-o",
-                            model_dir), "not a folder")
-    assert_user_error(edgec("run", model_dir / "art", "--data", model_dir / "ints.npz", "-o",
-                            model_dir / "p.npz"), "dtype int64")
+    assert_user_error(edgec_here("run", model_dir / "art", "--data", model_dir / "empty.npz",
+                                 "-o", model_dir / "p.npz"), "0 rows")
+    assert_user_error(edgec_here("run", model_dir / "art", "--data", model_dir / "ok.npz", "-o",
+                                 model_dir), "not a folder")
+    assert_user_error(edgec_here("run", model_dir / "art", "--data", model_dir / "ints.npz",
+                                 "-o", model_dir / "p.npz"), "dtype int64")
     assert not (model_dir / "p.npz").exists()
     res = edgec("run", model_dir / "art", "--data", model_dir / "ok.npz", "-o",
                 model_dir / "p.npz", "--threads", "64")
@@ -325,9 +325,9 @@ def test_check_scores_the_named_output(tmp_path):
     # labels 0..2 against 4 box coordinates scored as classes would give a number: refused
     np.savez(tmp_path / "val5.npz", x=rng.standard_normal((6, 8)).astype(np.float32),
              labels=np.array([0, 1, 2, 3, 4, 4]))
-    assert_user_error(edgec(*args[:3], "--data", tmp_path / "val5.npz"), "output 'boxes'",
+    assert_user_error(edgec_here(*args[:3], "--data", tmp_path / "val5.npz"), "output 'boxes'",
                       "--output")
-    assert_user_error(edgec(*args, "--output", "nope"), "'nope' is not an output")
+    assert_user_error(edgec_here(*args, "--output", "nope"), "'nope' is not an output")
 
 
 def test_bad_pass_option_fails_before_tvm_or_the_model_loads(tmp_path):

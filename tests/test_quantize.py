@@ -5,15 +5,13 @@ vs the compiled TVM model, fp16, bias correction, sensitivity, exclusions and ba
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import compile_to, conv_bn_model, make_model, ort_run
+from conftest import compile_to, conv_bn_model, edgec_here, make_model, ort_run
 from edgec.core.errors import EdgecError
 from edgec.passes import PassContext, make_config, run_pass
 from edgec.passes._quant_calib import (BINS, Observer, activation_range, fake_quant,
@@ -447,11 +445,6 @@ def test_fp16_relu6_clip(tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 
-def edgec(*args):
-    return subprocess.run([sys.executable, "-m", "edgec.driver.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
-
-
 def test_cli_bad_calib_and_missing_calib(tmp_path):
     onnx.save(conv_bn_model(), tmp_path / "m.onnx")
     np.savez(tmp_path / "wrongname.npz", y=np.zeros((4, 3, 12, 12), np.float32))
@@ -461,8 +454,8 @@ def test_cli_bad_calib_and_missing_calib(tmp_path):
     for f, needle in [("wrongname.npz", "lacks input(s) x"), ("wrongshape.npz", "shape"),
                       ("nan.npz", "NaN"), ("ints.npz", "dtype"), (None, "--calib")]:
         calib = ["--calib", tmp_path / f] if f else []
-        res = edgec("compile", tmp_path / "m.onnx", "--passes", "quantize", *calib,
-                    "--no-build", "-o", tmp_path / "o")
+        res = edgec_here("compile", tmp_path / "m.onnx", "--passes", "quantize", *calib,
+                         "--no-build", "-o", tmp_path / "o")
         assert res.returncode == 2, res.stderr
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and needle in lines[0], res.stderr
