@@ -563,8 +563,9 @@ def test_avx2_kernels(tmp_path):
     (16, 24, 3, 1, 1, 13, "residual"), (8, 20, 1, 1, 0, 17, "relu"), (6, 16, 3, 2, 1, 45, "none"),
     (12, 12, 5, 1, 2, 23, "residual"), (512, 40, 1, 1, 0, 13, "relu")])
 def test_packed_conv_odd_widths(tmp_path, mcpu, c, k, ksz, stride, pad, w, epi):
-    """Rows whose width has no divisor near the register tile (primes on AVX2's 12 columns)
-    are computed padded to one (13 -> 14, two 7-column tiles) and stored unpadded."""
+    """Rows whose width has no divisor near the register tile (primes above AVX2's 13
+    columns) are computed padded to one (17 -> 18, two 9-column tiles) and stored unpadded;
+    a 13-wide row is one 13-column tile on AVX2."""
     from edgec.targets.cpu.kernels.packed_conv import padded_width
     from edgec.targets.cpu.isa import max_cols
 
@@ -581,11 +582,23 @@ def test_packed_conv_odd_widths(tmp_path, mcpu, c, k, ksz, stride, pad, w, epi):
     report = compile_to(m, out, target_options=opts)
     assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
     if mcpu == "haswell":
-        assert padded_width(ow, max_cols(8)) > ow or ow <= 12 or ow % 6 == 0
+        assert padded_width(ow, max_cols(8)) > ow or ow <= 13 or ow % 6 == 0
     x = rng.standard_normal((1, c, h, w)).astype(np.float32)
     ref = OrtSession(m).run(None, {"x": x})[0]
     np.testing.assert_allclose(Session(out).run(None, {"x": x})[0], ref, rtol=1e-4,
                                atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+def test_avx2_float_tile_takes_a_13_wide_row():
+    """AVX2 float tiles take up to 13 columns (15 of 16 ymm), so a 13-wide row is one tile
+    rather than padded to two 7-column ones; 17 still pads (two 9s); int8 tiles keep 12."""
+    from edgec.targets.cpu.isa import int_cols, max_cols
+    from edgec.targets.cpu.kernels.packed_conv import padded_width
+    from edgec.targets.cpu.schedule import default_tile
+
+    assert padded_width(13, max_cols(8)) == 13 and default_tile(125, 13, max_cols(8)) == (1, 13)
+    assert padded_width(17, max_cols(8)) == 18 and default_tile(5, 18, max_cols(8)) == (1, 9)
+    assert int_cols(8) == 12 and int_cols(16) == max_cols(16) == 14
 
 
 def test_deep_1x1_tile_choice():

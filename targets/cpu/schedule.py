@@ -12,7 +12,7 @@ from typing import Callable
 
 import tvm
 
-from .isa import DotISA, max_cols
+from .isa import DotISA, int_cols, max_cols
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,13 @@ class RuleContext:
 
     @property
     def max_cols(self) -> int:
+        """Columns of a float register tile (:func:`~.isa.max_cols`)."""
         return max_cols(self.lanes)
+
+    @property
+    def int_cols(self) -> int:
+        """Columns of an int8 register tile (:func:`~.isa.int_cols`)."""
+        return int_cols(self.lanes)
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ def schedule_int8_conv(sch, block, isa: DotISA, max_cols: int) -> None:
 
 def _apply(sch, blocks, ctx) -> str:
     isa = kernel_isa(sch, blocks[0], ctx.isa)
-    schedule_int8_conv(sch, blocks[0], isa, ctx.max_cols)
+    schedule_int8_conv(sch, blocks[0], isa, ctx.int_cols)
     return "conv2d-int8-" + isa.name
 
 

@@ -204,7 +204,7 @@ def schedule_int8_winograd(sch, gemm, isa, max_cols: int) -> None:
 
 def _apply(sch, blocks, ctx) -> str:
     isa = kernel_isa(sch, blocks[0], ctx.isa)
-    schedule_int8_winograd(sch, blocks[0], isa, ctx.max_cols)
+    schedule_int8_winograd(sch, blocks[0], isa, ctx.int_cols)
     return "conv2d-int8wino-" + isa.name
 
 

@@ -49,9 +49,9 @@ def pack_weight(w: np.ndarray, lanes: int, blocks: int | None = None) -> np.ndar
 def padded_width(ow: int, max_cols: int) -> int:
     """The output columns the packed kernel computes for an ``ow``-wide map: ``ow`` when it
     has a divisor of at least half a register tile, else the fewest columns that a tile of
-    ``max_cols / 2 .. max_cols`` divides (13 columns with 12-column tiles: 14, two 7-column
-    tiles, instead of thirteen 1-column tiles that load a weight vector per FMA; the extra
-    columns read zero padding and are never stored)."""
+    ``max_cols / 2 .. max_cols`` divides (17 columns with AVX2's 13-column tiles: 18, two
+    9-column tiles, instead of seventeen 1-column tiles that load a weight vector per FMA;
+    the extra columns read zero padding and are never stored)."""
     from ..schedule import pick_tile
 
     if ow <= max_cols or pick_tile(ow, max_cols) * 2 >= max_cols:
