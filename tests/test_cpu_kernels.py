@@ -603,8 +603,8 @@ def test_avx2_float_tile_takes_a_13_wide_row():
 
 def test_deep_1x1_tile_choice():
     """Deep 1x1 convolutions on AVX-512 rows of 28+ columns take 4 channel blocks x up to 7
-    columns; 14-wide rows, shallow or spatial windows, AVX2 and channel counts that are no
-    multiple of 4 blocks keep the default tile."""
+    columns, on AVX2 rows of at most 14 columns 4 x 2; other widths, shallow or spatial
+    windows and channel counts that are no multiple of 4 blocks keep the default tile."""
     from edgec.targets.cpu.kernels.packed_conv import deep_tile
 
     assert deep_tile(16, 512, 1, 1, 28, 8) == (4, 7)
@@ -616,6 +616,29 @@ def test_deep_1x1_tile_choice():
     assert deep_tile(16, 512, 3, 3, 28, 8) is None
     assert deep_tile(16, 512, 1, 1, 28, 6) is None
     assert deep_tile(16, 512, 1, 1, 29, 8) is None  # a prime width: 1-column tiles
+    # AVX2: narrow rows (<= 14 columns) of a 1x1 over >= 96 channels: 4 blocks x 2 columns
+    assert deep_tile(8, 1024, 1, 1, 14, 32) == (4, 2)
+    assert deep_tile(8, 2048, 1, 1, 7, 64) == (4, 2)
+    assert deep_tile(8, 96, 1, 1, 14, 72) == (4, 2)
+    assert deep_tile(8, 64, 1, 1, 14, 48) is None
+    assert deep_tile(8, 512, 1, 1, 15, 16) is None
+    assert deep_tile(8, 512, 3, 3, 14, 16) is None
+    assert deep_tile(8, 512, 1, 1, 14, 125) is None  # 1000 channels: no multiple of 4 blocks
+
+
+@pytest.mark.parametrize("ic,oc,hw,epi", [(1024, 64, 14, "residual"), (256, 96, 7, "relu"),
+                                          (128, 32, 13, "none")])
+def test_avx2_narrow_1x1_tile_matches(tmp_path, ic, oc, hw, epi):
+    """The AVX2 4 x 2 tile of narrow 1x1 convolutions (a last tile of one column on odd
+    rows) against onnxruntime, built with -mcpu haswell on any host."""
+    rng = np.random.default_rng(ic + hw)
+    inits = {"W": (rng.standard_normal((oc, ic, 1, 1)) * 0.05).astype(np.float32),
+             "B": rng.standard_normal(oc).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"])]
+    last = _epilogue(epi, "y", nodes, inits, "x", [1, ic, hw, hw], [1, oc, hw, hw])
+    m = make_model(nodes, [("x", [1, ic, hw, hw])], [(last, [1, oc, hw, hw])], inits)
+    report = _compile_and_compare(m, tmp_path, target_options={"mcpu": "haswell"})
+    assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
 
 
 @pytest.mark.parametrize("mcpu,tile", [("skylake-avx512", [4, 7]), ("haswell", None)])

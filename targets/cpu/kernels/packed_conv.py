@@ -34,6 +34,9 @@ ROWS_OUTER_WEIGHTS = 2 << 20  # bytes: a strided 1x1 conv's weights re-read per 
 MIN_PAD_BLOCKS = 9  # channel blocks, at least, before one of zeros is added (channel_blocks)
 # a 1x1 convolution over a deep reduction on rows of at least DEEP_WIDTH columns (AVX-512)
 DEEP_IC, DEEP_WIDTH, DEEP_BLOCKS, DEEP_COLS = 256, 28, 4, 7
+# AVX2: a 1x1 convolution over at least NARROW_IC input channels on rows of at most
+# NARROW_WIDTH columns takes 4 channel blocks x 2 columns (deep_tile)
+NARROW_IC, NARROW_WIDTH = 96, 14
 
 
 def pack_weight(w: np.ndarray, lanes: int, blocks: int | None = None) -> np.ndarray:
@@ -91,7 +94,19 @@ def deep_tile(lanes: int, ic: int, kh: int, kw: int, ow: int, occ: int
     interleaved runs: ResNet-50's 512->128 at 28x28 0.80-0.84x the time, 256->512 at 56x56
     stride 2 0.96x; whole ResNet-50 and DenseNet-121 0.96-0.98x. Not on 14-wide rows
     (1024->256 at 14x14: 1.04x with 4 x 7, 1.07-1.17x with 2 x 7 and 4 x 2), nor on AVX2,
-    where 2 x 7, 3 x 4 and 2 x 4 ran at par with the default 1 x 7. None: the default tile."""
+    where 2 x 7, 3 x 4 and 2 x 4 ran at par with the default 1 x 7.
+
+    AVX2 on narrow rows (at most ``NARROW_WIDTH`` columns, at least ``NARROW_IC`` input
+    channels): 4 vectors of output channels x 2 columns (8 accumulators; per reduction step 4
+    weight loads, 2 broadcasts, 8 FMAs, and each input line read by 4 channel blocks at once)
+    instead of the default 1 x 7. Interleaved one-layer runs, ``-mcpu haswell``: 1024->256 at
+    14x14 0.71-0.75x the time, 256->1024 0.84x, 512->128 0.81x, 128->512 0.90x, 96->576 0.92x;
+    on 7x7 rows (a last tile of one column) 2048->512 0.79x, 512->2048 0.81x. Tried there too:
+    6 x 2 (0.68x at 14x14, 1.39x at 7x7), 8 x 1 0.81x, 4 x 1 0.98x, 2 x 7 0.97x, rows outer
+    0.94x. None: the default tile."""
+    if lanes == 8:
+        narrow = (kh, kw) == (1, 1) and ic >= NARROW_IC and ow <= NARROW_WIDTH and occ % 4 == 0
+        return (4, 2) if narrow else None
     if lanes != 16 or (kh, kw) != (1, 1) or ic < DEEP_IC or ow < DEEP_WIDTH or occ % DEEP_BLOCKS:
         return None
     cols = pick_tile(ow, DEEP_COLS)
