@@ -60,6 +60,15 @@ def test_masked_onnxruntime_computes_the_same(tmp_path):
 
 
 @needs_mask
+def test_a_real_segfault_still_kills_the_masked_child():
+    """The handler steps over faulting cpuid instructions only: a genuine bad read dies of
+    SIGSEGV as it would unmasked (no loop, no hang)."""
+    res = subprocess.run([sys.executable, "-c", "import ctypes; ctypes.string_at(0)"],
+                         capture_output=True, env=cpumask.child_env("haswell"), timeout=120)
+    assert res.returncode == -11
+
+
+@needs_mask
 def test_library_is_built_once(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEC_CACHE", str(tmp_path))
     lib = cpumask.library("haswell")

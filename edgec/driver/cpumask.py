@@ -60,7 +60,9 @@ static unsigned masks[N_MASKS][4] = {MASKS};   /* leaf, subleaf, register, bit *
 static void on_segv(int sig, siginfo_t *si, void *ctx) {
     ucontext_t *uc = (ucontext_t *)ctx;
     unsigned char *ip = (unsigned char *)uc->uc_mcontext.gregs[REG_RIP];
-    if (ip[0] != 0x0f || ip[1] != 0xa2) {          /* not cpuid: die as we would have */
+    /* a faulting cpuid is a general protection fault (SI_KERNEL); anything else -- a real
+       segfault, perhaps at an unreadable RIP -- dies as it would have */
+    if (si->si_code != SI_KERNEL || ip[0] != 0x0f || ip[1] != 0xa2) {
         signal(SIGSEGV, SIG_DFL);
         return;
     }
