@@ -112,14 +112,12 @@ def _run_worker(kind: str, path: Path, feeds_path: Path, threads: int, repeat: i
     import subprocess
     import sys
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads))
-    if cpu:
-        from .cpumask import child_env
+    from .cpumask import worker_env
 
-        env = child_env(cpu, env)
     res = subprocess.run([sys.executable, "-m", "edgec.driver.bench", kind, str(path),
                           str(feeds_path), str(threads), str(repeat), str(warmup)],
-                         capture_output=True, text=True, env=env, timeout=1800)
+                         capture_output=True, text=True, env=worker_env(threads, cpu),
+                         timeout=1800)
     if res.returncode != 0:
         raise RuntimeError(f"bench worker ({kind}) failed: "
                            f"{one_line(res.stderr, None, last=True) or '?'}")

@@ -96,6 +96,10 @@ __attribute__((constructor)) static void install(void) {
 """
 
 
+def _cc() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc")
+
+
 def supported() -> str | None:
     """None when this host can mask CPUID for a child, else why not (one line)."""
     if os.uname().machine not in ("x86_64", "amd64"):
@@ -106,7 +110,7 @@ def supported() -> str | None:
         return "no /proc/cpuinfo"
     if "cpuid_fault" not in flags.split():
         return "this CPU (or its hypervisor) has no CPUID faulting (flag cpuid_fault)"
-    if not (shutil.which("cc") or shutil.which("gcc")):
+    if not _cc():
         return "no C compiler (cc) to build the CPUID mask"
     return None
 
@@ -128,7 +132,7 @@ def library(family: str) -> Path:
     if lib.is_file():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
-    cc = shutil.which("cc") or shutil.which("gcc")
+    cc = _cc()
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         c = Path(tmp) / "cpumask.c"
         c.write_text(src)
@@ -139,6 +143,13 @@ def library(family: str) -> Path:
             raise EdgecError(f"building the CPUID mask failed: {res.stderr.strip()[:300]}")
         os.replace(out, lib)                     # atomic: never a half-written library
     return lib
+
+
+def worker_env(threads: int, cpu: str | None = None) -> dict[str, str]:
+    """The environment of a timing worker: ``threads`` threads for TVM and OpenMP, and with
+    ``cpu`` the CPUID mask of that family (:func:`child_env`)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads))
+    return child_env(cpu, env) if cpu else env
 
 
 def child_env(family: str, env: dict[str, str] | None = None) -> dict[str, str]:

@@ -16,7 +16,6 @@ over the runs, with the node's op type. Both run in fresh processes, as ``bench`
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from edgec.core.errors import one_line
+
+from .cpumask import worker_env
 
 BUILTINS = "vm builtins"
 
@@ -145,14 +146,10 @@ def _run_worker(kind: str, path, feeds: dict, threads: int, repeat: int,
     with tempfile.TemporaryDirectory() as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         np.savez(feeds_path, **feeds)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads))
-        if cpu:
-            from .cpumask import child_env
-
-            env = child_env(cpu, env)
         res = subprocess.run([sys.executable, "-m", "edgec.driver.profile", kind, str(path),
                               str(feeds_path), str(threads), str(repeat)],
-                             capture_output=True, text=True, env=env, timeout=3600)
+                             capture_output=True, text=True, env=worker_env(threads, cpu),
+                             timeout=3600)
     if res.returncode != 0:
         raise RuntimeError(f"profile worker ({kind}) failed: "
                            f"{one_line(res.stderr, None, last=True) or '?'}")
