@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from onnx import helper
 
 from conftest import compile_and_compare, compile_to, host_has, make_model
@@ -873,11 +873,72 @@ def test_resize_by_scales(tmp_path, opset):
                                OrtSession(m).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode,coord,nearest,shape,scales", [
+    ("nearest", "asymmetric", "round_prefer_ceil", [1, 3, 7, 5], [1, 1, 1.5, 1.3]),
+    ("nearest", "half_pixel", "round_prefer_floor", [1, 2, 9, 9], [1, 1, 1.2, 0.7]),
+    ("nearest", "tf_half_pixel_for_nn", "floor", [1, 2, 3, 4], [1, 1, 1.3, 2]),
+    ("linear", "half_pixel", "", [1, 4, 7, 6], [1, 1, 1.5, 1.7]),
+    ("linear", "pytorch_half_pixel", "", [1, 2, 10, 5], [1, 1, 0.75, 1]),
+    ("linear", "asymmetric", "", [1, 2, 5, 8], [1, 1, 2.5, 1.1])])
+def test_resize_at_a_scale_the_size_does_not_keep(tmp_path, mode, coord, nearest, shape, scales):
+    """7 rows at scale 1.5 give 10, and 10 / 7 != 1.5: onnxruntime samples at x / 1.5, TVM's
+    importer turned the scales into sizes (x * 7 / 10, another row for most outputs). Such
+    a Resize is lowered to gathers at onnxruntime's coordinates; 2x-style scales keep the
+    kernel (``test_resize_by_scales``)."""
+    attrs = {"nearest_mode": nearest} if nearest else {}
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], mode=mode,
+                            coordinate_transformation_mode=coord, **attrs)
+    out = [int(np.floor(np.float32(n) * np.float32(s))) for n, s in zip(shape, scales)]
+    m = make_model([node], [("x", shape)], [("y", out)],
+                   {"scales": np.array(scales, np.float32)}, opset=13)
+    report = compile_to(m, tmp_path / "a")
+    assert "resize" not in report["kernels"]["counts"], report["kernels"]
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(Session(tmp_path / "a").run(None, {"x": x})[0],
+                               OrtSession(m).run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_resize_coordinates_match_onnxruntime():
+    """The kernel's index tables against onnxruntime's nearest Resize (sizes input) over
+    every small upsample and downsample, mode and rounding: float32 rounding of the
+    coordinate decides ties (10 -> 12 asymmetric puts output 9 at 7.5; dividing by the
+    scale gave 7.4999995 and picked pixel 7)."""
+    from edgec.core.resize_coords import nearest_index
+    bad = []
+    for coord in ["asymmetric", "half_pixel", "tf_half_pixel_for_nn", "pytorch_half_pixel",
+                  "align_corners"]:
+        for nm in ["round_prefer_ceil", "round_prefer_floor", "floor", "ceil"]:
+            for size in range(1, 11):
+                # one model per (mode, rounding, size): outputs 1..24 side by side as rows
+                outs = list(range(1, 25))
+                nodes, outputs = [], []
+                for o in outs:
+                    nodes.append(helper.make_node(
+                        "Resize", ["x", "", "", f"s{o}"], [f"y{o}"], mode="nearest",
+                        coordinate_transformation_mode=coord, nearest_mode=nm))
+                    outputs.append((f"y{o}", [1, 1, 1, o]))
+                m = make_model(nodes, [("x", [1, 1, 1, size])], outputs,
+                               {f"s{o}": np.array([1, 1, 1, o], np.int64) for o in outs},
+                               opset=13)
+                got = OrtSession(m).run(None, {"x": np.arange(size, dtype=np.float32)
+                                               .reshape(1, 1, 1, size)})
+                for o, y in zip(outs, got):
+                    if not (nearest_index(size, o, coord, nm) == y.ravel()).all():
+                        bad.append((coord, nm, size, o))
+    assert not bad, bad[:10]
+
+
 @given(c=st.integers(1, 10), h=st.integers(1, 12), w=st.integers(1, 12),
        oh=st.integers(1, 30), ow=st.integers(1, 30), mode=st.sampled_from(["linear", "nearest"]),
        coord=st.sampled_from(["half_pixel", "align_corners", "asymmetric",
-                              "pytorch_half_pixel"]),
+                              "pytorch_half_pixel", "tf_half_pixel_for_nn"]),
        nearest=st.sampled_from(["floor", "ceil", "round_prefer_floor", "round_prefer_ceil"]))
+@example(c=1, h=1, w=10, oh=1, ow=12, mode="nearest", coord="asymmetric",
+         nearest="round_prefer_ceil")  # output 9 at exactly 7.5
+@example(c=2, h=3, w=7, oh=3, ow=2, mode="nearest", coord="asymmetric",
+         nearest="round_prefer_ceil")  # 7 -> 2: output 1 at exactly 3.5
+@example(c=1, h=3, w=4, oh=3, ow=6, mode="nearest", coord="tf_half_pixel_for_nn",
+         nearest="round_prefer_ceil")  # rows unchanged: onnxruntime copies them
 @SETTINGS
 def test_resize_shapes(tmp_path_factory, c, h, w, oh, ow, mode, coord, nearest):
     sizes = np.array([1, c, oh, ow], np.int64)

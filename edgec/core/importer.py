@@ -280,8 +280,106 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
                        onnx.helper.find_min_ir_version_for(list(m.opset_import), True))
     _fix_input_shapes(m, input_shapes or {}, notes)
     m = _infer_shapes(m)
+    if _resize_at_given_scale(m, notes):
+        m = _infer_shapes(m)
     notes.opset = opset_of(m)
     return m, notes
+
+
+def _static_shapes(m: onnx.ModelProto) -> dict[str, list[int]]:
+    out = {}
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape") and tt.shape.dim and all(
+                d.HasField("dim_value") for d in tt.shape.dim):
+            out[vi.name] = [d.dim_value for d in tt.shape.dim]
+    return out
+
+
+def _resize_at_given_scale(m: onnx.ModelProto, notes: ImportNotes) -> bool:
+    """A 4-D nearest or linear Resize by a constant ``scales`` input that its output size
+    does not keep (7 pixels at 1.5 give 10, and 10 / 7 != 1.5) becomes gathers along H and
+    W at onnxruntime's coordinates, ``x / scale``: TVM's importer turns scales into sizes
+    and samples at ``x * 7 / 10``, another pixel for most outputs. Where the ratios agree
+    (every export at 2x, or sizes given) the Resize stays for the resize kernel::
+
+        nearest:  Y = Gather(Gather(X, iy, axis=2), ix, axis=3)
+        linear:   T = Gather(X, y0, 2) * (1 - ay) + Gather(X, y1, 2) * ay,  then along W
+    """
+    from .resize_coords import COORD_MODES, linear_taps, nearest_index
+
+    inits = {t.name: t for t in m.graph.initializer}
+    shapes = _static_shapes(m)
+    f = np.float32
+    nodes, changed = [], False
+    for node in m.graph.node:
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        dec = (lambda v: v.decode() if isinstance(v, bytes) else v)  # noqa: E731
+        mode = dec(a.get("mode", "nearest"))
+        coord = dec(a.get("coordinate_transformation_mode", "half_pixel"))
+        ins = list(node.input) + [""] * 4
+        x_shape = shapes.get(ins[0])
+        if (node.op_type != "Resize" or node.domain not in ("", "ai.onnx")
+                or ins[2] not in inits or ins[3] or mode not in ("nearest", "linear")
+                or coord not in COORD_MODES or a.get("antialias", 0) or "axes" in a
+                or x_shape is None or len(x_shape) != 4):
+            nodes.append(node)
+            continue
+        scales = numpy_helper.to_array(inits[ins[2]]).astype(f).ravel()
+        if scales.size != 4 or scales[0] != 1 or scales[1] != 1 or not (scales > 0).all():
+            nodes.append(node)
+            continue
+        out = [int(np.floor(f(n) * s)) for n, s in zip(x_shape, scales)]
+        if out == x_shape or min(out) < 1 or all(
+                f(o) / f(n) == s for n, o, s in zip(x_shape[2:], out[2:], scales[2:])):
+            nodes.append(node)  # onnxruntime copies, or the sizes say the same
+            continue
+        rounding = dec(a.get("nearest_mode", "round_prefer_floor"))
+        cur = ins[0]
+        for axis in (2, 3):
+            size, n_out, s = x_shape[axis], out[axis], float(scales[axis])
+            if s == 1:
+                continue
+            tag = f"{node.name}/at_scale/{'hw'[axis - 2]}"
+            last = axis == 3 or scales[3] == 1
+            dst = node.output[0] if last else f"{tag}/out"
+
+            def const(name, arr):
+                m.graph.initializer.append(numpy_helper.from_array(arr, name))
+                return name
+
+            def gather(idx, name, src=cur):
+                nodes.append(onnx.helper.make_node(
+                    "Gather", [src, const(f"{name}/idx", idx.astype(np.int64))], [name],
+                    axis=axis, name=name))
+                return name
+
+            if mode == "nearest":
+                idx = nearest_index(size, n_out, coord, rounding, s)
+                nodes.append(onnx.helper.make_node(
+                    "Gather", [cur, const(f"{tag}/idx", idx.astype(np.int64))], [dst],
+                    axis=axis, name=f"{tag}/gather"))
+            else:
+                i0, i1, w = linear_taps(size, n_out, coord, s)
+                shape = [n_out, 1] if axis == 2 else [n_out]
+                g0, g1 = gather(i0, f"{tag}/g0"), gather(i1, f"{tag}/g1")
+                w1 = const(f"{tag}/w1", w.reshape(shape))
+                w0 = const(f"{tag}/w0", (f(1) - w).astype(f).reshape(shape))
+                nodes += [onnx.helper.make_node("Mul", [g0, w0], [f"{tag}/p0"],
+                                                name=f"{tag}/p0"),
+                          onnx.helper.make_node("Mul", [g1, w1], [f"{tag}/p1"],
+                                                name=f"{tag}/p1"),
+                          onnx.helper.make_node("Add", [f"{tag}/p0", f"{tag}/p1"], [dst],
+                                                name=f"{tag}/sum")]
+            cur = dst
+        changed = True
+        notes.add(f"Resize '{node.name}': scales {scales[2:].tolist()} do not keep the "
+                  f"ratio of its output {out[2:]} to {x_shape[2:]}: lowered to gathers at "
+                  "onnxruntime's coordinates (x / scale)")
+    if changed:
+        del m.graph.node[:]
+        m.graph.node.extend(nodes)
+    return changed
 
 
 def check_model(m: onnx.ModelProto) -> None:

@@ -23,59 +23,15 @@ import numpy as np
 import tvm
 from tvm import te
 
+from edgec.core.resize_coords import (COORD_MODES, ROUNDING, linear_taps,  # noqa: F401
+                                       nearest_index, source_coords)
+
 from ..compute import ints
 from ..schedule import (ScheduleRule, blocks_named, extent, fuse_epilogue,
                         vectorize_in_vectors)
 
 RESIZE_BLOCK = "edgec_resize"
 ROWS_BLOCK = "edgec_resize_rows"
-COORD_MODES = ("half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel",
-               "tf_half_pixel_for_nn")
-ROUNDING = ("round", "round_prefer_floor", "round_prefer_ceil", "floor", "ceil", "")
-
-
-def source_coords(size: int, out: int, mode: str) -> np.ndarray:
-    """The source coordinate of each output index, as onnxruntime computes it (float32,
-    dividing by the scale ``out / size``; TOPI multiplies by ``size / out``, which rounds
-    otherwise: 4 -> 14 pixels put output 10 at 2.5000002 instead of 2.5, and a nearest
-    ``round_prefer_floor`` then picked the other pixel)."""
-    f = np.float32
-    x = np.arange(out, dtype=f)
-    scale = f(out) / f(size)
-    if mode == "half_pixel":
-        return (x + f(0.5)) / scale - f(0.5)
-    if mode == "align_corners":
-        return x * f(size - 1) / f(out - 1) if out > 1 else np.zeros(out, f)
-    if mode == "asymmetric":
-        return x / scale
-    if mode == "pytorch_half_pixel":
-        return (x + f(0.5)) / scale - f(0.5) if out > 1 else np.zeros(out, f)
-    if mode == "tf_half_pixel_for_nn":
-        return (x + f(0.5)) / scale
-    raise ValueError(f"coordinate_transformation_mode {mode!r}")
-
-
-def nearest_index(size: int, out: int, mode: str, rounding: str) -> np.ndarray:
-    """Source index per output index, nearest mode, clamped to the image."""
-    f = np.float32
-    if rounding == "":
-        rounding = "round" if mode == "align_corners" else "floor"
-    x = source_coords(size, out, mode)
-    idx = {"round": lambda v: np.sign(v) * np.floor(np.abs(v) + f(0.5)),  # half away from 0
-           "round_prefer_floor": lambda v: np.ceil(v - f(0.5)),
-           "round_prefer_ceil": lambda v: np.floor(v + f(0.5)),
-           "floor": np.floor, "ceil": np.ceil}[rounding](x)
-    return np.clip(idx, 0, size - 1).astype(np.int32)
-
-
-def linear_taps(size: int, out: int, mode: str):
-    """``(i0, i1, a)``: the two source indices and the weight of the second, from the
-    coordinate clamped to the image (onnxruntime's bilinear)."""
-    x = np.clip(source_coords(size, out, mode), 0, size - 1).astype(np.float32)
-    lo = np.floor(x)
-    a = (x - lo).astype(np.float32)
-    lo = lo.astype(np.int64)
-    return lo.astype(np.int32), np.minimum(lo + 1, size - 1).astype(np.int32), a
 
 
 def resize_tables(h: int, w: int, oh: int, ow: int, method: str, mode: str, rounding: str):
