@@ -23,6 +23,7 @@ import numpy as np
 from tvm import te
 
 from ..compute import conv_out, ints, pad_likely
+from ..isa import max_cols
 from ..schedule import (ScheduleRule, blocks_named, default_tile, extent, fuse_epilogue,
                         parallel_pad, pick_tile, register_tile, vectorize_innermost)
 
@@ -37,6 +38,9 @@ DEEP_IC, DEEP_WIDTH, DEEP_BLOCKS, DEEP_COLS = 256, 28, 4, 7
 # AVX2: a 1x1 convolution over at least NARROW_IC input channels on rows of at most
 # NARROW_WIDTH columns takes 4 channel blocks x 2 columns (deep_tile)
 NARROW_IC, NARROW_WIDTH = 96, 14
+# AVX-512: such a convolution on rows too wide for two channel blocks of the default tile
+# (8 to 27 columns) takes 2 (or 3) channel blocks x tiles of at most NARROW_COLS_512 columns
+NARROW_COLS_512, NARROW_BLOCKS_512 = 7, 8
 
 
 def pack_weight(w: np.ndarray, lanes: int, blocks: int | None = None) -> np.ndarray:
@@ -103,10 +107,29 @@ def deep_tile(lanes: int, ic: int, kh: int, kw: int, ow: int, occ: int
     14x14 0.71-0.75x the time, 256->1024 0.84x, 512->128 0.81x, 128->512 0.90x, 96->576 0.92x;
     on 7x7 rows (a last tile of one column) 2048->512 0.79x, 512->2048 0.81x. Tried there too:
     6 x 2 (0.68x at 14x14, 1.39x at 7x7), 8 x 1 0.81x, 4 x 1 0.98x, 2 x 7 0.97x, rows outer
-    0.94x. None: the default tile."""
+    0.94x.
+
+    AVX-512 on rows of 8 to 27 columns (at least ``DEEP_IC`` input channels and
+    ``NARROW_BLOCKS_512`` channel blocks; the default there is one channel block x the whole
+    row, 14 loads per 13 or 14 FMAs): 2 channel blocks (3 where the count is odd) x the row
+    cut in tiles of at most 7 columns (13 -> 7 + 6). Interleaved one-layer runs (Sapphire
+    Rapids, 2 threads): SqueezeNet's classifier 512->1000 at 13x13 (63 blocks, 3 x 7) 0.79x
+    the time, 1024->256 at 14x14 0.85x, 992->128 0.83x, 512->128 0.78x, 528->256 0.88x,
+    256->1024 0.94x; whole SqueezeNet 0.96x, ResNet-50 0.97x, GoogLeNet 0.99x, DenseNet-121
+    at par. Narrower layers won alone (512->64 at 13x13 0.85x, 384->64 and 576->96 at
+    14x14 with a residual 0.83x and 0.95x, 96->576 0.94x) but not in MobileNetV2 (1.04x)
+    and EfficientNet-B0 (1.01x), hence the input channels and blocks; 64->256 at 13x13
+    1.06x, 128->32 1.11x; 2 x 14 spills (1.3-1.7x), 4 x 7 0.96-1.11x. None: the default
+    tile."""
     if lanes == 8:
         narrow = (kh, kw) == (1, 1) and ic >= NARROW_IC and ow <= NARROW_WIDTH and occ % 4 == 0
         return (4, 2) if narrow else None
+    if lanes == 16 and (kh, kw) == (1, 1) and ic >= DEEP_IC and \
+            max_cols(lanes) // 2 < ow < DEEP_WIDTH and occ >= NARROW_BLOCKS_512:
+        # the default is one channel block x the whole row (14 loads per 13 FMAs)
+        blocks = next((k for k in (2, 3) if occ % k == 0), None)
+        if blocks is not None:
+            return blocks, -(-ow // -(-ow // NARROW_COLS_512))
     if lanes != 16 or (kh, kw) != (1, 1) or ic < DEEP_IC or ow < DEEP_WIDTH or occ % DEEP_BLOCKS:
         return None
     cols = pick_tile(ow, DEEP_COLS)
@@ -201,9 +224,9 @@ def _rows_outer(sch, block, ow: int, weight_bytes: int) -> bool:
     enough (at most ``ROWS_OUTER_WEIGHTS``) to be re-read per row instead. Interleaved, one
     layer: 256->512 onto 28x28 0.65x the time on AVX2 (0.98 on AVX-512, where the deep tile
     chunks it), 512->1024 onto 14x14 0.73x (AVX2) and 0.81x (AVX-512); 1024->2048 onto 7x7,
-    8 MiB of weights, 1.25x and 1.02x: left channel-block first. (On AVX2 the narrow 4 x 2
-    tile of :func:`deep_tile` now takes 512->1024 onto 14x14, chunked: 0.89x the time of
-    rows outer.)"""
+    8 MiB of weights, 1.25x and 1.02x: left channel-block first. (The narrow tiles of
+    :func:`deep_tile` now take 512->1024 onto 14x14, chunked: on AVX2 0.89x the time of
+    rows outer, on AVX-512 0.63x.)"""
     if weight_bytes > ROWS_OUTER_WEIGHTS:
         return False
     # the padded input is the update's only 4-D read (the weights and the output are 5-D)
