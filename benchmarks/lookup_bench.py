@@ -5,8 +5,9 @@
 
 1. Gemm 1024 x 1024 (weights fit in L2) and 4096 x 4096 (they do not) (bias, batch 1) with
    weights of 2, 4 and 16 distinct values (codebook
-   weights, seeded): the lookup kernel (edgec fp32 compile of the codebook model); edgec's
-   dense fp32 kernel on the same model (``EDGEC_LOOKUP=0``); edgec's int8 kernel (``--passes
+   weights, seeded): the lookup kernel (edgec fp32 compile of the codebook model with
+   ``EDGEC_LOOKUP=force``: also where the chooser takes the dense kernel, the last column);
+   edgec's dense fp32 kernel on the same model (``EDGEC_LOOKUP=0``); edgec's int8 kernel (``--passes
    quantize`` of the dense random model, calibrated on 64 random rows); onnxruntime on the
    codebook model (fp32) and on the int8 QDQ artifact's ``model.onnx``. All edgec timings by
    the TVM runtime in this process (3 alternating rounds, fastest round median), onnxruntime
@@ -88,12 +89,13 @@ def gemm_table(mcpu, repeat, threads, tmp: Path, size: int = 1024, counts=(2, 4,
     for values in counts:
         src = tmp / f"cb{values}.onnx"
         onnx.save(gemm(values, size, size), src)
-        rep = _compile(src, tmp / f"lut{values}", mcpu)
+        rep = _compile(src, tmp / f"lut{values}", mcpu, env={"EDGEC_LOOKUP": "force"})
         (layer,) = rep["kernels"]["structured"]
         assert layer["kernel"] == "lookup", layer
+        (chosen,) = _compile(src, tmp / f"default{values}", mcpu)["kernels"]["structured"]
         _compile(src, tmp / f"fp{values}", mcpu, env={"EDGEC_LOOKUP": "0"})
         arts += [tmp / f"lut{values}", tmp / f"fp{values}"]
-        rows.append((values, src, layer))
+        rows.append((values, src, layer, chosen["kernel"]))
     times = dict(zip(arts, _timers(arts, repeat)))
     int8_ms = times[tmp / "int8"] * 1e3
     ort_q = bench(tmp / "int8" / "model.onnx", tmp / "int8", threads=threads, repeat=repeat,
@@ -101,9 +103,10 @@ def gemm_table(mcpu, repeat, threads, tmp: Path, size: int = 1024, counts=(2, 4,
     print(f"edgec int8 (quantize, {_int8_kernel(tmp / 'int8')}): {int8_ms:.4f} ms; "
           f"onnxruntime on its QDQ model.onnx: {ort_q:.4f} ms\n")
     print("| values | lookup ms | fp32 dense ms | int8 ms | onnxruntime fp32 ms | "
-          "lookup vs int8 | vs fp32 | vs onnxruntime | multiplies executed | weight bytes |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for values, src, layer in rows:
+          "lookup vs int8 | vs fp32 | vs onnxruntime | multiplies executed | weight bytes | "
+          "kernel by default |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for values, src, layer, chosen in rows:
         lut = times[tmp / f"lut{values}"] * 1e3
         fp = times[tmp / f"fp{values}"] * 1e3
         ort = bench(src, tmp / f"lut{values}", threads=threads, repeat=repeat,
@@ -111,7 +114,8 @@ def gemm_table(mcpu, repeat, threads, tmp: Path, size: int = 1024, counts=(2, 4,
         share = layer["multiplies_executed"] / layer["multiplies_dense"]
         print(f"| {values} | {lut:.4f} | {fp:.4f} | {int8_ms:.4f} | {ort:.4f} | "
               f"{int8_ms / lut:.2f}x | {fp / lut:.2f}x | {ort / lut:.2f}x | {100 * share:.2f} % | "
-              f"{layer['weight_bytes'] / 1e3:.0f} kB of {layer['dense_bytes'] / 1e3:.0f} |")
+              f"{layer['weight_bytes'] / 1e3:.0f} kB of {layer['dense_bytes'] / 1e3:.0f} | "
+              f"{chosen} |")
     print()
 
 

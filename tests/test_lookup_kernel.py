@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from onnx import helper
 
-from conftest import compile_to, make_model
+from conftest import compile_to, host_has, make_model
 from edgec.runtime import OrtSession, Session
 from edgec.targets.cpu.kernels import lut as LT
 
@@ -52,7 +52,10 @@ def test_lookup_matches_onnxruntime(tmp_path_factory, rows, k, n, values, trans_
                     target_options={"mcpu": mcpu} if mcpu else {})
     (layer,) = report["kernels"]["structured"]
     g = LT.group_size(layer["distinct_values"])
-    if 16 * g * -(-k // g) * LT.MIN_SAVING > n * k:  # the tables would cost too much
+    avx2 = mcpu == "haswell" or not host_has("avx512f")
+    if avx2 and g < LT.MIN_GROUP_AVX2:  # an 8-lane lookup of fewer weights: slower there
+        assert layer["kernel"] == "dense" and "AVX2" in layer["reason"], layer
+    elif 16 * g * -(-k // g) * LT.MIN_SAVING > n * k:  # the tables would cost too much
         assert layer["kernel"] == "dense" and "multiplies" in layer["reason"], layer
     else:
         assert layer["kernel"] == "lookup", layer
@@ -60,22 +63,29 @@ def test_lookup_matches_onnxruntime(tmp_path_factory, rows, k, n, values, trans_
 
 
 def test_multiplies_and_size(tmp_path):
-    """1024 x 1024 with 4 values: tables of 16 entries per pair of inputs (2 * 16 * 512
-    multiplies) instead of 1024 * 1024, 2 bits per weight in the library."""
+    """1024 x 1024 with 4 values, built for AVX-512 (run where the host has it): tables of
+    16 entries per pair of inputs (2 * 16 * 512 multiplies) instead of 1024 * 1024, 2 bits
+    per weight in the library. For AVX2 the dense kernel, which is faster there, says why."""
     rng = np.random.default_rng(0)
     m = _gemm(rng, 1, 1024, 1024, 4)
-    report = _check(m, tmp_path / "art", rng.standard_normal((1, 1024)).astype(np.float32))
+    x = rng.standard_normal((1, 1024)).astype(np.float32)
+    opts = {"target_options": {"mcpu": "skylake-avx512"}}
+    report = (_check(m, tmp_path / "art", x, **opts) if host_has("avx512f")
+              else compile_to(m, tmp_path / "art", **opts))
     (layer,) = report["kernels"]["structured"]
     assert layer["multiplies_dense"] == 1024 * 1024
     assert layer["multiplies_executed"] == 2 * 16 * 512
     assert layer["weight_bytes"] <= layer["dense_bytes"] / 15
     assert "lookup" in "".join(report["kernels"]["functions"].values())
+    avx2 = _check(m, tmp_path / "avx2", x, target_options={"mcpu": "haswell"})
+    (layer,) = avx2["kernels"]["structured"]
+    assert layer["kernel"] == "dense" and "2 weights per 8-lane lookup" in layer["reason"]
 
 
 def test_matmul_3d_and_what_stays_dense(tmp_path):
     rng = np.random.default_rng(1)
-    code = rng.standard_normal(3).astype(np.float32)
-    w = code[rng.integers(0, 3, (24, 100))]
+    code = rng.standard_normal(2).astype(np.float32)  # 2 values: the kernel on either ISA
+    w = code[rng.integers(0, 2, (24, 100))]
     m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [("x", [1, 3, 24])],
                    [("y", [1, 3, 100])], {"W": w})
     x = rng.standard_normal((1, 3, 24)).astype(np.float32)
@@ -115,9 +125,12 @@ def test_codebook_packing_roundtrip():
     assert LT.codebook(np.arange(17, dtype=np.float32).reshape(1, 17), 16) is None
 
 
-@pytest.mark.parametrize("values", [2, 4])
-def test_lookup_with_relu6_and_zero_codeword(tmp_path, values):
-    """A codebook that holds 0 (weights both sparse and shared): the lookup kernel, exact."""
+@pytest.mark.parametrize("values,mcpu", [(2, "haswell"), (4, "skylake-avx512")])
+def test_lookup_with_relu6_and_zero_codeword(tmp_path, values, mcpu):
+    """A codebook that holds 0 (weights both sparse and shared): the lookup kernel, exact
+    (AVX2 with 2 values; AVX-512 with 4, run where the host has it)."""
+    if mcpu == "skylake-avx512" and not host_has("avx512f"):
+        pytest.skip("AVX-512 build: this host cannot run it")
     rng = np.random.default_rng(3)
     code = np.concatenate([[0.0], rng.standard_normal(values - 1)]).astype(np.float32)
     w = code[rng.integers(0, values, (140, 50))]
@@ -125,6 +138,7 @@ def test_lookup_with_relu6_and_zero_codeword(tmp_path, values):
     m = make_model([helper.make_node("Gemm", ["x", "G"], ["y"], transB=1),
                     helper.make_node("Clip", ["y", "lo", "hi"], ["z"])],
                    [("x", [2, 50])], [("z", [2, 140])], inits, opset=14)
-    rep = _check(m, tmp_path / "a", rng.standard_normal((2, 50)).astype(np.float32) * 3)
+    rep = _check(m, tmp_path / "a", rng.standard_normal((2, 50)).astype(np.float32) * 3,
+                 target_options={"mcpu": mcpu})
     (layer,) = rep["kernels"]["structured"]
     assert layer["kernel"] == "lookup"

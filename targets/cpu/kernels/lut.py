@@ -35,6 +35,11 @@ from .sparse import KERNEL_ATTR, MACS_ATTR, clamp_epilogue
 MAX_VALUES = 16
 MAX_ROWS = 4        # batch rows: each row builds its own tables; past this the dense kernel
 MIN_SAVING = 4      # the tables' multiplies must be this many times fewer than dense
+# AVX2: inputs per lookup, at least. An 8-lane lookup is two vpermps and a blend against one
+# FMA per 8 weights in the dense kernel; 1024 x 1024 at batch 1 (-mcpu haswell, one run):
+# 2 values (4 per lookup) 0.57x the dense kernel's time, 4 values (2) 1.10x, 16 values (1)
+# 2.0x. (AVX-512, one vpermps per 16 lanes: 0.12x, 0.17x, 0.36x.)
+MIN_GROUP_AVX2 = 4
 VO = 4              # output vectors per task (independent accumulator chains)
 
 

@@ -24,8 +24,9 @@ is the kernel's epilogue. The kernels are hand-scheduled (``tirx.is_scheduled``)
 to fusion. Every layer with zeros or few values gets a
 :class:`~edgec.targets.records.StructuredLayer` in the build record: the kernel it got,
 why, and the multiplies it executes against the dense layer's. ``EDGEC_SPARSE=dense`` /
-``=sparse`` overrides the break-even, ``EDGEC_LOOKUP=0`` turns the lookup kernel off
-(benchmarks compare the kernels on one model).
+``=sparse`` overrides the break-even, ``EDGEC_LOOKUP=0`` turns the lookup kernel off,
+``=force`` takes it also where the dense kernel is faster (benchmarks compare the kernels
+on one model).
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ def _positions(kind: str, call) -> int:
 
 def lookup_enabled() -> bool:
     return os.environ.get("EDGEC_LOOKUP", "").strip().lower() not in ("0", "off", "no")
+
+
+def lookup_forced() -> bool:
+    """``EDGEC_LOOKUP=force``: the lookup kernel wherever it applies, also where the dense
+    kernel is faster (AVX2 with more than 2 values; benchmarks time both)."""
+    return os.environ.get("EDGEC_LOOKUP", "").strip().lower() == "force"
 
 
 def _per_channel(bias, oc: int, axis_from_end: int) -> bool:
@@ -212,6 +219,13 @@ class StructuredRewriter(relax.PyExprMutator):
             return None
         cb = LT.codebook(w2d, self.lanes)
         dense, executed = LT.multiplies(rows, cb)
+        if self.lanes == 8 and cb.group < LT.MIN_GROUP_AVX2 and not lookup_forced():
+            if not wt.zeros:
+                self._note(kind, wt, "gemm", "dense",
+                           f"{cb.count} values: {cb.group} weights per 8-lane lookup, slower "
+                           f"than the dense kernel on AVX2 (it pays from {LT.MIN_GROUP_AVX2}, "
+                           "at most 2 values)", call=call)
+            return None
         if executed * LT.MIN_SAVING > dense:
             if not wt.zeros:
                 self._note(kind, wt, "gemm", "dense",
