@@ -297,3 +297,39 @@ def test_stats_count_large_constant_of_shape_weights():
     assert [x.op_type for x in norm.graph.node] == ["ConstantOfShape", "MatMul"]
     st = model_stats(norm)
     assert st.params >= n * n and st.bytes >= 4 * n * n
+
+
+def _resize_by_scales(scale: float, size: int, declared: int, batch="N"):
+    """Resize(x, scales) * 2 with the output size an exporter declares (PyTorch: float32)."""
+    g = helper.make_graph(
+        [helper.make_node("Resize", ["x", "", "s"], ["r"], mode="linear"),
+         helper.make_node("Mul", ["r", "two"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 3, size, size])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT,
+                                       [batch, 3, declared, declared])],
+        [numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "s"),
+         numpy_helper.from_array(np.array(2, np.float32), "two")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+def test_resize_size_rounded_in_float32_as_onnxruntime(tmp_path):
+    """``interpolate(scale_factor=0.7)`` on 10 pixels: PyTorch declares 7 (float32, as
+    onnxruntime computes), onnx's strict inference says 6 (float64) and refused the model.
+    It is normalized to sizes (the same coordinates: 7 / 10 is 0.7 in float32), compiles and
+    matches onnxruntime; a declared shape that is simply wrong is still refused."""
+    from conftest import compile_to
+    from edgec.runtime import Session
+
+    m = _resize_by_scales(0.7, 10, 7)
+    out, notes = normalize(m, {"x": (1, 3, 10, 10)})
+    (resize,) = [n for n in out.graph.node if n.op_type == "Resize"]
+    assert resize.input[2] == "" and resize.input[3], list(resize.input)
+    assert any("given as sizes" in n for n in notes.notes), notes.notes
+    compile_to(m, tmp_path / "a", input_shapes={"x": (1, 3, 10, 10)})
+    x = np.random.default_rng(0).standard_normal((1, 3, 10, 10)).astype(np.float32)
+    np.testing.assert_allclose(Session(tmp_path / "a").run(None, {"x": x})[0],
+                               ort_run(m, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(EdgecError, match="existing shape differ"):
+        normalize(_resize_by_scales(2.0, 4, 9, batch=1))

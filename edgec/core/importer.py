@@ -268,7 +268,7 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
     if m.ir_version < 4:
         # IR < 4 requires every initializer to be a graph input; we drop those inputs.
         m.ir_version = 4
-    check_model(m)
+    check_model(m, notes)
     _drop_initializer_inputs(m, notes)
     name_nodes(m)
     _constants_to_initializers(m, notes)
@@ -281,7 +281,9 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
     _fix_input_shapes(m, input_shapes or {}, notes)
     m = _infer_shapes(m)
     if _resize_at_given_scale(m, notes):
-        m = _infer_shapes(m)
+        m = _infer_shapes(_without_value_shapes(m))  # inferred from the Resizes as they were
+    if any("differ from onnx's inference" in n for n in notes.notes):
+        check_model(m)  # consistent now, or refused with onnx's words
     notes.opset = opset_of(m)
     return m, notes
 
@@ -330,9 +332,22 @@ def _resize_at_given_scale(m: onnx.ModelProto, notes: ImportNotes) -> bool:
             nodes.append(node)
             continue
         out = [int(np.floor(f(n) * s)) for n, s in zip(x_shape, scales)]
-        if out == x_shape or min(out) < 1 or all(
-                f(o) / f(n) == s for n, o, s in zip(x_shape[2:], out[2:], scales[2:])):
-            nodes.append(node)  # onnxruntime copies, or the sizes say the same
+        if out == x_shape or min(out) < 1:
+            nodes.append(node)  # onnxruntime copies
+            continue
+        if all(f(o) / f(n) == s for n, o, s in zip(x_shape[2:], out[2:], scales[2:])):
+            if out != [int(np.floor(n * float(s))) for n, s in zip(x_shape, scales)]:
+                # onnx's inference rounds the product in float64: sizes say the same
+                # for onnxruntime and onnx's inference agrees with them
+                sizes = f"{node.name}/sizes"
+                m.graph.initializer.append(numpy_helper.from_array(
+                    np.array(out, np.int64), sizes))
+                node.input[:] = [ins[0], ins[1], "", sizes]
+                changed = True
+                notes.add(f"Resize '{node.name}': scales {scales[2:].tolist()} give "
+                          f"{out[2:]} in float32 (onnxruntime) and fewer in float64 (onnx's "
+                          "inference): given as sizes")
+            nodes.append(node)  # the sizes say the same
             continue
         rounding = dec(a.get("nearest_mode", "round_prefer_floor"))
         cur = ins[0]
@@ -382,9 +397,21 @@ def _resize_at_given_scale(m: onnx.ModelProto, notes: ImportNotes) -> bool:
     return changed
 
 
-def check_model(m: onnx.ModelProto) -> None:
+# What onnx's strict inference says where a model's declared shape and the inferred one
+# differ; a Resize by scales can be the cause (below)
+SHAPE_CONFLICT = "Inferred shape and existing shape differ"
+
+
+def check_model(m: onnx.ModelProto, notes: ImportNotes | None = None) -> None:
     """ONNX's full checker (with strict shape inference), as onnxruntime applies it: duplicate
-    output names, dangling inputs, bad opsets or attributes are refused, naming the rule."""
+    output names, dangling inputs, bad opsets or attributes are refused, naming the rule.
+
+    With ``notes``, a declared shape that onnx's inference contradicts is let through with
+    a note (the structural checks still run): onnx computes a Resize's output size from
+    its scales in float64, onnxruntime (and PyTorch's exporter, and TVM) in float32, so
+    ``interpolate(scale_factor=0.7)`` on 10 pixels declares 7 where onnx infers 6;
+    :func:`_resize_at_given_scale` rewrites such a Resize to sizes and the shapes are
+    inferred again."""
     if opset_of(m) < 1:
         raise EdgecError(f"invalid ONNX model: default-domain opset {opset_of(m)}")
     if any(o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")
@@ -402,9 +429,26 @@ def check_model(m: onnx.ModelProto) -> None:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         msg = next((ln for ln in str(e).splitlines() if ln.strip()
                     and not ln.strip().startswith("==>")), e)  # the checker's own words
+        if notes is not None and SHAPE_CONFLICT in str(e) and any(
+                n.op_type == "Resize" for n in m.graph.node):
+            check_model(_without_value_shapes(m))
+            notes.add(f"declared shapes differ from onnx's inference ({one_line(msg, 300)}); "
+                      "inferred again after import")
+            return
         raise EdgecError(f"invalid ONNX model: {one_line(msg)}") from None
     except ValueError as e:  # over 2 GiB, or protobuf's own refusals
         raise EdgecError(f"invalid ONNX model: {one_line(e)}") from None
+
+
+def _without_value_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without the declared shapes of intermediate values and outputs."""
+    c = onnx.ModelProto()
+    c.CopyFrom(m)
+    del c.graph.value_info[:]
+    for o in c.graph.output:
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.ClearField("shape")
+    return c
 
 
 def _drop_initializer_inputs(m: onnx.ModelProto, notes: ImportNotes) -> None:
