@@ -363,21 +363,19 @@ def _resize_at_given_scale(m: onnx.ModelProto, notes: ImportNotes) -> bool:
                 m.graph.initializer.append(numpy_helper.from_array(arr, name))
                 return name
 
-            def gather(idx, name, src=cur):
+            def gather(idx, name, out, src=cur, ax=axis):
                 nodes.append(onnx.helper.make_node(
-                    "Gather", [src, const(f"{name}/idx", idx.astype(np.int64))], [name],
-                    axis=axis, name=name))
-                return name
+                    "Gather", [src, const(f"{name}/idx", idx.astype(np.int64))], [out],
+                    axis=ax, name=name))
+                return out
 
             if mode == "nearest":
-                idx = nearest_index(size, n_out, coord, rounding, s)
-                nodes.append(onnx.helper.make_node(
-                    "Gather", [cur, const(f"{tag}/idx", idx.astype(np.int64))], [dst],
-                    axis=axis, name=f"{tag}/gather"))
+                gather(nearest_index(size, n_out, coord, rounding, s), f"{tag}/gather", dst)
             else:
                 i0, i1, w = linear_taps(size, n_out, coord, s)
                 shape = [n_out, 1] if axis == 2 else [n_out]
-                g0, g1 = gather(i0, f"{tag}/g0"), gather(i1, f"{tag}/g1")
+                g0 = gather(i0, f"{tag}/g0", f"{tag}/g0")
+                g1 = gather(i1, f"{tag}/g1", f"{tag}/g1")
                 w1 = const(f"{tag}/w1", w.reshape(shape))
                 w0 = const(f"{tag}/w0", (f(1) - w).astype(f).reshape(shape))
                 nodes += [onnx.helper.make_node("Mul", [g0, w0], [f"{tag}/p0"],
