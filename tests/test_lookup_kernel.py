@@ -53,7 +53,7 @@ def test_lookup_matches_onnxruntime(tmp_path_factory, rows, k, n, values, trans_
     (layer,) = report["kernels"]["structured"]
     g = LT.group_size(layer["distinct_values"])
     avx2 = mcpu == "haswell" or not host_has("avx512f")
-    if avx2 and g < LT.MIN_GROUP_AVX2:  # an 8-lane lookup of fewer weights: slower there
+    if avx2 and 4 * n * k <= LT.AVX2_DENSE_BYTES[g]:  # an 8-lane lookup of < 4 weights
         assert layer["kernel"] == "dense" and "AVX2" in layer["reason"], layer
     elif 16 * g * -(-k // g) * LT.MIN_SAVING > n * k:  # the tables would cost too much
         assert layer["kernel"] == "dense" and "multiplies" in layer["reason"], layer
@@ -80,6 +80,11 @@ def test_multiplies_and_size(tmp_path):
     avx2 = _check(m, tmp_path / "avx2", x, target_options={"mcpu": "haswell"})
     (layer,) = avx2["kernels"]["structured"]
     assert layer["kernel"] == "dense" and "2 weights per 8-lane lookup" in layer["reason"]
+    # past 4 MiB of dense weights (here 1088 x 1024) the lookup kernel on AVX2 too
+    wide = compile_to(_gemm(rng, 1, 1024, 1088, 4), tmp_path / "wide",
+                      target_options={"mcpu": "haswell"})
+    (layer,) = wide["kernels"]["structured"]
+    assert layer["kernel"] == "lookup", layer
 
 
 def test_matmul_3d_and_what_stays_dense(tmp_path):

@@ -35,11 +35,16 @@ from .sparse import KERNEL_ATTR, MACS_ATTR, clamp_epilogue
 MAX_VALUES = 16
 MAX_ROWS = 4        # batch rows: each row builds its own tables; past this the dense kernel
 MIN_SAVING = 4      # the tables' multiplies must be this many times fewer than dense
-# AVX2: inputs per lookup, at least. An 8-lane lookup is two vpermps and a blend against one
-# FMA per 8 weights in the dense kernel; 1024 x 1024 at batch 1 (-mcpu haswell, one run):
-# 2 values (4 per lookup) 0.57x the dense kernel's time, 4 values (2) 1.10x, 16 values (1)
-# 2.0x. (AVX-512, one vpermps per 16 lanes: 0.12x, 0.17x, 0.36x.)
-MIN_GROUP_AVX2 = 4
+# AVX2: an 8-lane lookup is two vpermps and a blend against one FMA per 8 weights in the
+# dense kernel, so with fewer than 4 inputs per lookup the lookup kernel pays only where the
+# dense kernel's float32 weights (O x K x 4 bytes) are more than AVX2_DENSE_BYTES[g] and
+# stream from further out. Batch 1, -mcpu haswell, lookup / dense time (one run each size):
+#   values (g)      1024^2 (4 MiB)  1280^2 (6.3 MiB)  1536^2 (9 MiB)  2048^2  4096^2
+#   2 (4)               0.66            -                -              -      0.19
+#   4 (2)               1.18           0.55             0.46           0.44    0.37
+#   16 (1)              2.16           1.05             0.89           0.79     -
+# (AVX-512, one vpermps per 16 lanes, at 1024^2: 0.12, 0.17, 0.36.)
+AVX2_DENSE_BYTES = {1: 8 << 20, 2: 4 << 20, 3: 0, 4: 0}
 VO = 4              # output vectors per task (independent accumulator chains)
 
 
@@ -170,6 +175,12 @@ def lut_func(x_shape, y_shape, cb: Codebook, lanes: int, lo: float | None = None
 
     return lut.with_attr(KERNEL_ATTR, f"lookup({Kc} values, {g} per lookup)").with_attr(
         MACS_ATTR, int(R * G * g * 16))
+
+
+def avx2_pays(cb: Codebook) -> bool:
+    """Whether the lookup kernel beats the dense one on AVX2 for this weight
+    (:data:`AVX2_DENSE_BYTES`)."""
+    return 4 * cb.rows * cb.inputs > AVX2_DENSE_BYTES[cb.group]
 
 
 def multiplies(rows: int, cb: Codebook) -> tuple[int, int]:

@@ -219,12 +219,12 @@ class StructuredRewriter(relax.PyExprMutator):
             return None
         cb = LT.codebook(w2d, self.lanes)
         dense, executed = LT.multiplies(rows, cb)
-        if self.lanes == 8 and cb.group < LT.MIN_GROUP_AVX2 and not lookup_forced():
+        if self.lanes == 8 and not LT.avx2_pays(cb) and not lookup_forced():
             if not wt.zeros:
                 self._note(kind, wt, "gemm", "dense",
                            f"{cb.count} values: {cb.group} weights per 8-lane lookup, slower "
-                           f"than the dense kernel on AVX2 (it pays from {LT.MIN_GROUP_AVX2}, "
-                           "at most 2 values)", call=call)
+                           f"on AVX2 than the dense kernel while its weights are at most "
+                           f"{LT.AVX2_DENSE_BYTES[cb.group] >> 20} MiB", call=call)
             return None
         if executed * LT.MIN_SAVING > dense:
             if not wt.zeros:
