@@ -621,8 +621,14 @@ def test_deep_1x1_tile_choice():
     assert deep_tile(8, 96, 1, 1, 14, 72) == (4, 2)
     assert deep_tile(8, 64, 1, 1, 14, 48) is None
     assert deep_tile(8, 512, 1, 1, 15, 16) is None
-    assert deep_tile(8, 512, 3, 3, 14, 16) is None
+    assert deep_tile(8, 512, 3, 3, 14, 16) == (4, 2)  # a window: the spatial rule below
     assert deep_tile(8, 512, 1, 1, 14, 125) is None  # 1000 channels: no multiple of 4 blocks
+    # AVX2 spatial windows where the default is 1 block x 7-13 columns: 4 x 2 as well
+    assert deep_tile(8, 32, 3, 3, 28, 4) == (4, 2)
+    assert deep_tile(8, 64, 5, 5, 14, 12) == (4, 2)
+    assert deep_tile(8, 64, 3, 3, 6, 8) is None     # 2 x 6 by default
+    assert deep_tile(8, 64, 3, 3, 28, 6) is None    # no multiple of 4 blocks
+    assert deep_tile(8, 3, 3, 3, 112, 4) is None    # an image stem
     # AVX-512 rows of 8..27 columns (the default: 1 block x the row), >= 256 channels in,
     # >= 8 blocks out: 2 blocks (3 when odd) x at most 7 columns
     assert deep_tile(16, 1024, 1, 1, 14, 16) == (2, 7)
@@ -649,6 +655,27 @@ def test_avx2_narrow_1x1_tile_matches(tmp_path, ic, oc, hw, epi):
     m = make_model(nodes, [("x", [1, ic, hw, hw])], [(last, [1, oc, hw, hw])], inits)
     report = _compile_and_compare(m, tmp_path, target_options={"mcpu": "haswell"})
     assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
+
+
+@pytest.mark.parametrize("ic,oc,hw,k,stride,epi", [
+    (32, 32, 28, 3, 1, "relu"), (64, 128, 15, 3, 2, "none"), (16, 32, 13, 5, 1, "relu6")])
+def test_avx2_spatial_4x2_tile_matches(tmp_path, ic, oc, hw, k, stride, epi):
+    """The AVX2 4 x 2 tile of convolutions with a spatial window (28 columns; a stride-2
+    map of 8; 13 columns: a last tile of one) against onnxruntime, built with -mcpu haswell
+    on any host, and the tile in the scheduled update."""
+    rng = np.random.default_rng(ic + hw)
+    inits = {"W": (rng.standard_normal((oc, ic, k, k)) * 0.05).astype(np.float32),
+             "B": rng.standard_normal(oc).astype(np.float32)}
+    ohw = (hw + 2 * (k // 2) - k) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[k // 2] * 4,
+                              strides=[stride] * 2)]
+    last = _epilogue(epi, "y", nodes, inits, "x", [1, ic, hw, hw], [1, oc, ohw, ohw])
+    m = make_model(nodes, [("x", [1, ic, hw, hw])], [(last, [1, oc, ohw, ohw])], inits)
+    report = _compile_and_compare(m, tmp_path, target_options={"mcpu": "haswell"})
+    assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
+    name = "edgec_conv2d_packed_update"
+    (_, extents), = _scheduled_updates(m, [name], {"mcpu": "haswell"})[name]
+    assert extents[-1] == 8 and extents[-3:-1] == [4, 2], extents
 
 
 @pytest.mark.parametrize("ic,oc,hw,epi", [(512, 1000, 13, "relu"), (1024, 256, 14, "residual"),

@@ -107,7 +107,13 @@ def deep_tile(lanes: int, ic: int, kh: int, kw: int, ow: int, occ: int
     14x14 0.71-0.75x the time, 256->1024 0.84x, 512->128 0.81x, 128->512 0.90x, 96->576 0.92x;
     on 7x7 rows (a last tile of one column) 2048->512 0.79x, 512->2048 0.81x. Tried there too:
     6 x 2 (0.68x at 14x14, 1.39x at 7x7), 8 x 1 0.81x, 4 x 1 0.98x, 2 x 7 0.97x, rows outer
-    0.94x.
+    0.94x. The same 4 x 2 for AVX2 convolutions with a spatial window (a multiple of 4
+    channel blocks, not an image stem) where the default is one block x 7-13 columns:
+    interleaved, one layer, ``-mcpu haswell``: the Fashion CNN's 3x3 32->32 at 28x28 0.70x,
+    64->64 and 32->64 at 14x14 0.91x; ResNet's 3x3 stride 2 64->128 onto 28x28 0.77x,
+    128->256 0.87x, 256->512 onto 7x7 0.92x; DenseNet's 128->32 at 14x14 0.73x; 5x5 16->32
+    at 28x28 0.86x, 32->96 at 14x14 0.88x; 48->64 5x5 at 27x27 (a last tile of one
+    column) 1.03x. (2 x 4 0.97x, 2 x 6 1.05-1.26x, 1 x 14 1.07x.)
 
     AVX-512 on rows of 8 to 27 columns (at least ``DEEP_IC`` input channels and
     ``NARROW_BLOCKS_512`` channel blocks; the default there is one channel block x the whole
@@ -123,7 +129,10 @@ def deep_tile(lanes: int, ic: int, kh: int, kw: int, ow: int, occ: int
     tile."""
     if lanes == 8:
         narrow = (kh, kw) == (1, 1) and ic >= NARROW_IC and ow <= NARROW_WIDTH and occ % 4 == 0
-        return (4, 2) if narrow else None
+        # a spatial window where the default tile is one channel block (rows of 7+ columns)
+        spatial = kh * kw > 1 and ic > STEM_CHANNELS and occ % 4 == 0 and \
+            default_tile(occ, ow, max_cols(lanes))[0] == 1
+        return (4, 2) if narrow or spatial else None
     if lanes == 16 and (kh, kw) == (1, 1) and ic >= DEEP_IC and \
             max_cols(lanes) // 2 < ow < DEEP_WIDTH and occ >= NARROW_BLOCKS_512:
         # the default is one channel block x the whole row (14 loads per 13 FMAs)
