@@ -642,17 +642,25 @@ def test_deep_1x1_tile_choice():
     assert deep_tile(16, 512, 3, 3, 14, 16) is None
 
 
+def _conv_with_epilogue(ic, oc, hw, epi, k=1, stride=1):
+    """``Conv(k x k, stride, same padding) + bias`` then the epilogue ``epi`` on a square map
+    (weights seeded by the shape)."""
+    rng = np.random.default_rng(ic + hw)
+    inits = {"W": (rng.standard_normal((oc, ic, k, k)) * 0.05).astype(np.float32),
+             "B": rng.standard_normal(oc).astype(np.float32)}
+    ohw = (hw + 2 * (k // 2) - k) // stride + 1
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[k // 2] * 4,
+                              strides=[stride] * 2)]
+    last = _epilogue(epi, "y", nodes, inits, "x", [1, ic, hw, hw], [1, oc, ohw, ohw])
+    return make_model(nodes, [("x", [1, ic, hw, hw])], [(last, [1, oc, ohw, ohw])], inits)
+
+
 @pytest.mark.parametrize("ic,oc,hw,epi", [(1024, 64, 14, "residual"), (256, 96, 7, "relu"),
                                           (128, 32, 13, "none")])
 def test_avx2_narrow_1x1_tile_matches(tmp_path, ic, oc, hw, epi):
     """The AVX2 4 x 2 tile of narrow 1x1 convolutions (a last tile of one column on odd
     rows) against onnxruntime, built with -mcpu haswell on any host."""
-    rng = np.random.default_rng(ic + hw)
-    inits = {"W": (rng.standard_normal((oc, ic, 1, 1)) * 0.05).astype(np.float32),
-             "B": rng.standard_normal(oc).astype(np.float32)}
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"])]
-    last = _epilogue(epi, "y", nodes, inits, "x", [1, ic, hw, hw], [1, oc, hw, hw])
-    m = make_model(nodes, [("x", [1, ic, hw, hw])], [(last, [1, oc, hw, hw])], inits)
+    m = _conv_with_epilogue(ic, oc, hw, epi)
     report = _compile_and_compare(m, tmp_path, target_options={"mcpu": "haswell"})
     assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
 
@@ -663,14 +671,7 @@ def test_avx2_spatial_4x2_tile_matches(tmp_path, ic, oc, hw, k, stride, epi):
     """The AVX2 4 x 2 tile of convolutions with a spatial window (28 columns; a stride-2
     map of 8; 13 columns: a last tile of one) against onnxruntime, built with -mcpu haswell
     on any host, and the tile in the scheduled update."""
-    rng = np.random.default_rng(ic + hw)
-    inits = {"W": (rng.standard_normal((oc, ic, k, k)) * 0.05).astype(np.float32),
-             "B": rng.standard_normal(oc).astype(np.float32)}
-    ohw = (hw + 2 * (k // 2) - k) // stride + 1
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[k // 2] * 4,
-                              strides=[stride] * 2)]
-    last = _epilogue(epi, "y", nodes, inits, "x", [1, ic, hw, hw], [1, oc, ohw, ohw])
-    m = make_model(nodes, [("x", [1, ic, hw, hw])], [(last, [1, oc, ohw, ohw])], inits)
+    m = _conv_with_epilogue(ic, oc, hw, epi, k, stride)
     report = _compile_and_compare(m, tmp_path, target_options={"mcpu": "haswell"})
     assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
     name = "edgec_conv2d_packed_update"
@@ -685,12 +686,7 @@ def test_narrow_avx512_1x1_tile_matches(tmp_path, ic, oc, hw, epi):
     6) and 2 x 7 / 2 x 5 tiles of narrow deep 1x1 convolutions against onnxruntime (on AVX2
     hosts the same models through the AVX2 tiles); the tile built for AVX-512 on any host is
     checked by ``test_narrow_avx512_tile_is_applied``."""
-    rng = np.random.default_rng(ic + hw)
-    inits = {"W": (rng.standard_normal((oc, ic, 1, 1)) * 0.05).astype(np.float32),
-             "B": rng.standard_normal(oc).astype(np.float32)}
-    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"])]
-    last = _epilogue(epi, "y", nodes, inits, "x", [1, ic, hw, hw], [1, oc, hw, hw])
-    m = make_model(nodes, [("x", [1, ic, hw, hw])], [(last, [1, oc, hw, hw])], inits)
+    m = _conv_with_epilogue(ic, oc, hw, epi)
     report = _compile_and_compare(m, tmp_path)
     assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]
 

@@ -53,7 +53,7 @@ def test_lookup_matches_onnxruntime(tmp_path_factory, rows, k, n, values, trans_
     (layer,) = report["kernels"]["structured"]
     g = LT.group_size(layer["distinct_values"])
     avx2 = mcpu == "haswell" or not host_has("avx512f")
-    if avx2 and 4 * n * k <= LT.AVX2_DENSE_BYTES[g]:  # an 8-lane lookup of < 4 weights
+    if avx2 and 4 * n * k <= LT.AVX2_DENSE_BYTES.get(g, 0):  # an 8-lane lookup of < 4 weights
         assert layer["kernel"] == "dense" and "AVX2" in layer["reason"], layer
     elif 16 * g * -(-k // g) * LT.MIN_SAVING > n * k:  # the tables would cost too much
         assert layer["kernel"] == "dense" and "multiplies" in layer["reason"], layer

@@ -20,7 +20,8 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
 from .errors import EdgecError, one_line
-from .graph import opset_of
+from .graph import attr, initializers, opset_of, value_shapes
+from .resize_coords import COORD_MODES, linear_taps, nearest_index
 
 # The opset every pass sees. Models below it are converted up (ops like Clip, Squeeze,
 # ReduceSum and Split take their constants as inputs from 13 on); models above are kept.
@@ -268,7 +269,7 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
     if m.ir_version < 4:
         # IR < 4 requires every initializer to be a graph input; we drop those inputs.
         m.ir_version = 4
-    check_model(m, notes)
+    shape_conflict = check_model(m, notes)
     _drop_initializer_inputs(m, notes)
     name_nodes(m)
     _constants_to_initializers(m, notes)
@@ -281,21 +282,12 @@ def normalize(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
     _fix_input_shapes(m, input_shapes or {}, notes)
     m = _infer_shapes(m)
     if _resize_at_given_scale(m, notes):
-        m = _infer_shapes(_without_value_shapes(m))  # inferred from the Resizes as they were
-    if any("differ from onnx's inference" in n for n in notes.notes):
+        _clear_value_shapes(m)  # inferred from the Resizes as they were
+        m = _infer_shapes(m)
+    if shape_conflict:
         check_model(m)  # consistent now, or refused with onnx's words
     notes.opset = opset_of(m)
     return m, notes
-
-
-def _static_shapes(m: onnx.ModelProto) -> dict[str, list[int]]:
-    out = {}
-    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
-        tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.HasField("shape") and tt.shape.dim and all(
-                d.HasField("dim_value") for d in tt.shape.dim):
-            out[vi.name] = [d.dim_value for d in tt.shape.dim]
-    return out
 
 
 def _resize_at_given_scale(m: onnx.ModelProto, notes: ImportNotes) -> bool:
@@ -308,23 +300,21 @@ def _resize_at_given_scale(m: onnx.ModelProto, notes: ImportNotes) -> bool:
         nearest:  Y = Gather(Gather(X, iy, axis=2), ix, axis=3)
         linear:   T = Gather(X, y0, 2) * (1 - ay) + Gather(X, y1, 2) * ay,  then along W
     """
-    from .resize_coords import COORD_MODES, linear_taps, nearest_index
-
-    inits = {t.name: t for t in m.graph.initializer}
-    shapes = _static_shapes(m)
+    inits = initializers(m)
+    shapes = value_shapes(m)
     f = np.float32
     nodes, changed = [], False
     for node in m.graph.node:
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-        dec = (lambda v: v.decode() if isinstance(v, bytes) else v)  # noqa: E731
-        mode = dec(a.get("mode", "nearest"))
-        coord = dec(a.get("coordinate_transformation_mode", "half_pixel"))
+        if node.op_type != "Resize" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        mode = attr(node, "mode", b"nearest").decode()
+        coord = attr(node, "coordinate_transformation_mode", b"half_pixel").decode()
         ins = list(node.input) + [""] * 4
-        x_shape = shapes.get(ins[0])
-        if (node.op_type != "Resize" or node.domain not in ("", "ai.onnx")
-                or ins[2] not in inits or ins[3] or mode not in ("nearest", "linear")
-                or coord not in COORD_MODES or a.get("antialias", 0) or "axes" in a
-                or x_shape is None or len(x_shape) != 4):
+        x_shape = list(shapes.get(ins[0], ()))
+        if (ins[2] not in inits or ins[3] or mode not in ("nearest", "linear")
+                or coord not in COORD_MODES or attr(node, "antialias", 0)
+                or attr(node, "axes") is not None or len(x_shape) != 4 or not all(x_shape)):
             nodes.append(node)
             continue
         scales = numpy_helper.to_array(inits[ins[2]]).astype(f).ravel()
@@ -349,7 +339,7 @@ def _resize_at_given_scale(m: onnx.ModelProto, notes: ImportNotes) -> bool:
                           "inference): given as sizes")
             nodes.append(node)  # the sizes say the same
             continue
-        rounding = dec(a.get("nearest_mode", "round_prefer_floor"))
+        rounding = attr(node, "nearest_mode", b"round_prefer_floor").decode()
         cur = ins[0]
         for axis in (2, 3):
             size, n_out, s = x_shape[axis], out[axis], float(scales[axis])
@@ -400,7 +390,7 @@ def _resize_at_given_scale(m: onnx.ModelProto, notes: ImportNotes) -> bool:
 SHAPE_CONFLICT = "Inferred shape and existing shape differ"
 
 
-def check_model(m: onnx.ModelProto, notes: ImportNotes | None = None) -> None:
+def check_model(m: onnx.ModelProto, notes: ImportNotes | None = None) -> bool:
     """ONNX's full checker (with strict shape inference), as onnxruntime applies it: duplicate
     output names, dangling inputs, bad opsets or attributes are refused, naming the rule.
 
@@ -409,7 +399,7 @@ def check_model(m: onnx.ModelProto, notes: ImportNotes | None = None) -> None:
     its scales in float64, onnxruntime (and PyTorch's exporter, and TVM) in float32, so
     ``interpolate(scale_factor=0.7)`` on 10 pixels declares 7 where onnx infers 6;
     :func:`_resize_at_given_scale` rewrites such a Resize to sizes and the shapes are
-    inferred again."""
+    inferred again. Returns whether such a conflict was let through."""
     if opset_of(m) < 1:
         raise EdgecError(f"invalid ONNX model: default-domain opset {opset_of(m)}")
     if any(o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")
@@ -429,24 +419,25 @@ def check_model(m: onnx.ModelProto, notes: ImportNotes | None = None) -> None:
                     and not ln.strip().startswith("==>")), e)  # the checker's own words
         if notes is not None and SHAPE_CONFLICT in str(e) and any(
                 n.op_type == "Resize" for n in m.graph.node):
-            check_model(_without_value_shapes(m))
+            bare = onnx.ModelProto()
+            bare.CopyFrom(m)
+            _clear_value_shapes(bare)
+            check_model(bare)
             notes.add(f"declared shapes differ from onnx's inference ({one_line(msg, 300)}); "
                       "inferred again after import")
-            return
+            return True
         raise EdgecError(f"invalid ONNX model: {one_line(msg)}") from None
     except ValueError as e:  # over 2 GiB, or protobuf's own refusals
         raise EdgecError(f"invalid ONNX model: {one_line(e)}") from None
+    return False
 
 
-def _without_value_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy without the declared shapes of intermediate values and outputs."""
-    c = onnx.ModelProto()
-    c.CopyFrom(m)
-    del c.graph.value_info[:]
-    for o in c.graph.output:
+def _clear_value_shapes(m: onnx.ModelProto) -> None:
+    """Drop the shapes of intermediate values and outputs (stale, or to be inferred again)."""
+    del m.graph.value_info[:]
+    for o in m.graph.output:
         if o.type.HasField("tensor_type"):
             o.type.tensor_type.ClearField("shape")
-    return c
 
 
 def _drop_initializer_inputs(m: onnx.ModelProto, notes: ImportNotes) -> None:
@@ -608,11 +599,7 @@ def _fix_input_shapes(m: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     if changed and not differs:
         pass  # only restated the shapes the model has: nothing is stale
     elif changed:
-        # Shapes inferred for the old input shape are stale now.
-        del m.graph.value_info[:]
-        for o in m.graph.output:
-            if o.type.HasField("tensor_type"):
-                o.type.tensor_type.ClearField("shape")
+        _clear_value_shapes(m)  # inferred for the old input shape: stale now
         notes.add("input shapes fixed: " + ", ".join(
             f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items()))
 

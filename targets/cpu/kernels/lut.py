@@ -44,7 +44,7 @@ MIN_SAVING = 4      # the tables' multiplies must be this many times fewer than 
 #   4 (2)               1.18           0.55             0.46           0.44    0.37
 #   16 (1)              2.16           1.05             0.89           0.79     -
 # (AVX-512, one vpermps per 16 lanes, at 1024^2: 0.12, 0.17, 0.36.)
-AVX2_DENSE_BYTES = {1: 8 << 20, 2: 4 << 20, 3: 0, 4: 0}
+AVX2_DENSE_BYTES = {1: 8 << 20, 2: 4 << 20}  # by g; with 4 inputs per lookup: always
 VO = 4              # output vectors per task (independent accumulator chains)
 
 
@@ -180,7 +180,7 @@ def lut_func(x_shape, y_shape, cb: Codebook, lanes: int, lo: float | None = None
 def avx2_pays(cb: Codebook) -> bool:
     """Whether the lookup kernel beats the dense one on AVX2 for this weight
     (:data:`AVX2_DENSE_BYTES`)."""
-    return 4 * cb.rows * cb.inputs > AVX2_DENSE_BYTES[cb.group]
+    return 4 * cb.rows * cb.inputs > AVX2_DENSE_BYTES.get(cb.group, 0)
 
 
 def multiplies(rows: int, cb: Codebook) -> tuple[int, int]:

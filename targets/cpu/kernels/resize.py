@@ -23,8 +23,7 @@ import numpy as np
 import tvm
 from tvm import te
 
-from edgec.core.resize_coords import (COORD_MODES, ROUNDING, linear_taps,  # noqa: F401
-                                       nearest_index, source_coords)
+from edgec.core.resize_coords import linear_taps, nearest_index
 
 from ..compute import ints
 from ..schedule import (ScheduleRule, blocks_named, extent, fuse_epilogue,

@@ -15,7 +15,9 @@ import functools
 import tvm
 from tvm import relax
 
-from ..kernels.resize import COORD_MODES, ROUNDING, resize_tables, resize_te
+from edgec.core.resize_coords import COORD_MODES, ROUNDING
+
+from ..kernels.resize import resize_tables, resize_te
 from .common import KERNEL_ATTRS as _KERNEL
 from .common import rewrite_functions, static_shape
 

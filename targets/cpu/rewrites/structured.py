@@ -224,7 +224,7 @@ class StructuredRewriter(relax.PyExprMutator):
                 self._note(kind, wt, "gemm", "dense",
                            f"{cb.count} values: {cb.group} weights per 8-lane lookup, slower "
                            f"on AVX2 than the dense kernel while its weights are at most "
-                           f"{LT.AVX2_DENSE_BYTES[cb.group] >> 20} MiB", call=call)
+                           f"{LT.AVX2_DENSE_BYTES.get(cb.group, 0) >> 20} MiB", call=call)
             return None
         if executed * LT.MIN_SAVING > dense:
             if not wt.zeros:
