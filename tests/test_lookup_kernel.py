@@ -42,19 +42,22 @@ def _check(m, out, x, **kw):
 @SETTINGS
 @given(rows=st.integers(1, 4), k=st.integers(1, 70), n=st.integers(1, 200),
        values=st.integers(1, 16), trans_b=st.integers(0, 1), relu=st.booleans(),
-       bias=st.booleans(), mcpu=st.sampled_from([None, "haswell"]))
+       bias=st.booleans(), mcpu=st.sampled_from([None, "haswell"]), force=st.booleans())
 def test_lookup_matches_onnxruntime(tmp_path_factory, rows, k, n, values, trans_b, relu, bias,
-                                    mcpu):
+                                    mcpu, force):
     rng = np.random.default_rng(rows * 131 + k * 7 + n)
     m = _gemm(rng, rows, k, n, values, trans_b, relu, bias)
     x = rng.standard_normal((rows, k)).astype(np.float32)
-    report = _check(m, tmp_path_factory.mktemp("lut") / "art", x,
-                    target_options={"mcpu": mcpu} if mcpu else {})
+    with pytest.MonkeyPatch.context() as mp:
+        if force:  # the lookup kernel also where the dense one is faster
+            mp.setenv("EDGEC_LOOKUP", "force")
+        report = _check(m, tmp_path_factory.mktemp("lut") / "art", x,
+                        target_options={"mcpu": mcpu} if mcpu else {})
     (layer,) = report["kernels"]["structured"]
     g = LT.group_size(layer["distinct_values"])
-    avx2 = mcpu == "haswell" or not host_has("avx512f")
-    if avx2 and 4 * n * k <= LT.AVX2_DENSE_BYTES.get(g, 0):  # an 8-lane lookup of < 4 weights
-        assert layer["kernel"] == "dense" and "AVX2" in layer["reason"], layer
+    lanes = 8 if mcpu == "haswell" or not host_has("avx512f") else 16
+    if not force and 4 * n * k <= LT.DENSE_BYTES[lanes].get(g, 0):  # lookups of < 4 weights
+        assert layer["kernel"] == "dense" and f"{lanes}-lane lookup" in layer["reason"], layer
     elif 16 * g * -(-k // g) * LT.MIN_SAVING > n * k:  # the tables would cost too much
         assert layer["kernel"] == "dense" and "multiplies" in layer["reason"], layer
     else:
@@ -62,10 +65,43 @@ def test_lookup_matches_onnxruntime(tmp_path_factory, rows, k, n, values, trans_
         assert layer["multiplies_executed"] * LT.MIN_SAVING <= layer["multiplies_dense"]
 
 
+@pytest.mark.parametrize("rows,n,cores", [(1, 1024, 2), (3, 200, 2), (4, 130, 3), (2, 64, 5),
+                                          (1, 300, 1)])
+def test_lookup_chunks_build_their_own_tables(rows, n, cores):
+    """The output tiles are split into the target's cores' worth of parallel chunks (a
+    divisor of the tile count), each building the tables of its rows itself: the tables are
+    allocated inside the parallel loop (one shared table, written by one core and read by
+    the other, ran 2x slower on 2 cores). Results against numpy for each split, built for
+    the host's ISA."""
+    import tvm
+
+    lanes = 16 if host_has("avx512f") else 8
+    rng = np.random.default_rng(n)
+    code = rng.standard_normal(4).astype(np.float32)
+    w = code[rng.integers(0, 4, (n, 40))]
+    cb = LT.codebook(w, lanes)
+    tiles = rows * cb.packed.shape[0]
+    chunks = max(c for c in range(1, min(cores, tiles) + 1) if tiles % c == 0)
+    f = LT.lut_func((rows, 40), (rows, n), cb, lanes, cores=cores)
+    text = f.script()
+    head, _, tiles_loop = text.partition(f"for ch in T.parallel({chunks}):")
+    assert tiles_loop and "T.parallel" not in head + tiles_loop
+    assert "table = T.alloc_buffer" in tiles_loop.split("for tt in")[0]
+    mcpu = "skylake-avx512" if lanes == 16 else "haswell"
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+    x = rng.standard_normal((rows, 40)).astype(np.float32)
+    bias = np.zeros(cb.packed.shape[0] * cb.packed.shape[2], np.float32)
+    args = [tvm.runtime.tensor(a) for a in (x, cb.coef, cb.packed, bias,
+                                            np.zeros((rows, n), np.float32))]
+    lib["main"](*args)
+    np.testing.assert_allclose(args[-1].numpy(), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
 def test_multiplies_and_size(tmp_path):
     """1024 x 1024 with 4 values, built for AVX-512 (run where the host has it): tables of
     16 entries per pair of inputs (2 * 16 * 512 multiplies) instead of 1024 * 1024, 2 bits
-    per weight in the library. For AVX2 the dense kernel, which is faster there, says why."""
+    per weight in the library. Where the dense kernel is faster, it is taken and says why."""
     rng = np.random.default_rng(0)
     m = _gemm(rng, 1, 1024, 1024, 4)
     x = rng.standard_normal((1, 1024)).astype(np.float32)
@@ -77,14 +113,20 @@ def test_multiplies_and_size(tmp_path):
     assert layer["multiplies_executed"] == 2 * 16 * 512
     assert layer["weight_bytes"] <= layer["dense_bytes"] / 15
     assert "lookup" in "".join(report["kernels"]["functions"].values())
-    avx2 = _check(m, tmp_path / "avx2", x, target_options={"mcpu": "haswell"})
-    (layer,) = avx2["kernels"]["structured"]
+    # AVX2 with 2 weights per 8-lane lookup: the dense kernel up to 3 MiB of dense weights
+    # (here 768 x 1024), the lookup kernel past it (1024 x 1024)
+    small = compile_to(_gemm(rng, 1, 1024, 768, 4), tmp_path / "small",
+                       target_options={"mcpu": "haswell"})
+    (layer,) = small["kernels"]["structured"]
     assert layer["kernel"] == "dense" and "2 weights per 8-lane lookup" in layer["reason"]
-    # past 4 MiB of dense weights (here 1088 x 1024) the lookup kernel on AVX2 too
-    wide = compile_to(_gemm(rng, 1, 1024, 1088, 4), tmp_path / "wide",
-                      target_options={"mcpu": "haswell"})
-    (layer,) = wide["kernels"]["structured"]
+    (layer,) = _check(m, tmp_path / "avx2", x,
+                      target_options={"mcpu": "haswell"})["kernels"]["structured"]
     assert layer["kernel"] == "lookup", layer
+    # AVX-512 with 16 values (1 weight per lookup): dense up to 3 MiB
+    many = compile_to(_gemm(rng, 1, 512, 512, 16), tmp_path / "many",
+                      target_options={"mcpu": "skylake-avx512"})
+    (layer,) = many["kernels"]["structured"]
+    assert layer["kernel"] == "dense" and "1 weights per 16-lane lookup" in layer["reason"]
 
 
 def test_matmul_3d_and_what_stays_dense(tmp_path):
@@ -126,7 +168,7 @@ def test_codebook_packing_roundtrip():
                 j, i = divmod(k, cb.group)
                 digit = (codes[j, o] // cb.count ** i) % cb.count
                 assert vals[digit] == w[o, k]
-    assert LT.codebook(rng.standard_normal((4, 5)).astype(np.float32), 16) is None or True
+    assert LT.codebook(rng.standard_normal((4, 5)).astype(np.float32), 16) is None  # 20 values
     assert LT.codebook(np.arange(17, dtype=np.float32).reshape(1, 17), 16) is None
 
 

@@ -35,16 +35,19 @@ from .sparse import KERNEL_ATTR, MACS_ATTR, clamp_epilogue
 MAX_VALUES = 16
 MAX_ROWS = 4        # batch rows: each row builds its own tables; past this the dense kernel
 MIN_SAVING = 4      # the tables' multiplies must be this many times fewer than dense
-# AVX2: an 8-lane lookup is two vpermps and a blend against one FMA per 8 weights in the
-# dense kernel, so with fewer than 4 inputs per lookup the lookup kernel pays only where the
-# dense kernel's float32 weights (O x K x 4 bytes) are more than AVX2_DENSE_BYTES[g] and
-# stream from further out. Batch 1, -mcpu haswell, lookup / dense time (one run each size):
-#   values (g)      1024^2 (4 MiB)  1280^2 (6.3 MiB)  1536^2 (9 MiB)  2048^2  4096^2
-#   2 (4)               0.66            -                -              -      0.19
-#   4 (2)               1.18           0.55             0.46           0.44    0.37
-#   16 (1)              2.16           1.05             0.89           0.79     -
-# (AVX-512, one vpermps per 16 lanes, at 1024^2: 0.12, 0.17, 0.36.)
-AVX2_DENSE_BYTES = {1: 8 << 20, 2: 4 << 20}  # by g; with 4 inputs per lookup: always
+# An 8-lane lookup (AVX2: two vpermps and a blend) or a 16-lane one (AVX-512: one vpermps)
+# of fewer than 4 weights does not beat one FMA per 8 or 16 weights of the dense kernel
+# while the dense kernel's float32 weights (O x K x 4 bytes) stay in the cores' L2; past
+# DENSE_BYTES[lanes][g] they stream from further out and the lookup kernel wins. Batch 1,
+# 2 cores (2 MiB L2 each), lookup / dense time (one run each; 2026-12-04, tables per chunk):
+#   values (g)         512^2  768^2  1024^2  1280^2  (1, 2.25, 4, 6.25 MiB)
+#   AVX2    4 (2)       1.44   1.52   0.78    0.44
+#   AVX2   16 (1)       2.60   2.79   1.59    0.81
+#   AVX-512 4 (2)       0.81    -     0.27     -
+#   AVX-512 16 (1)      1.20   1.12   0.52     -
+# With 2 values (4 inputs per lookup) the lookup kernel always wins. A smaller L2 (a real
+# Haswell has 256 KiB) moves the break-even down: these limits keep the dense kernel there.
+DENSE_BYTES = {8: {1: 5 << 20, 2: 3 << 20}, 16: {1: 3 << 20}}  # by lanes, then g
 VO = 4              # output vectors per task (independent accumulator chains)
 
 
@@ -103,9 +106,11 @@ def codebook(w2d: np.ndarray, lanes: int) -> Codebook | None:
 
 
 def lut_func(x_shape, y_shape, cb: Codebook, lanes: int, lo: float | None = None,
-             hi: float | None = None):
+             hi: float | None = None, cores: int = 1):
     """``y = clamp(x @ W^T + bias)`` for ``x`` (``x_shape``, seen as ``[rows, K]``) and the
-    codebook weight; arguments ``(x, coef[g, 16], packed, bias[tiles * lanes * VO], y)``."""
+    codebook weight; arguments ``(x, coef[g, 16], packed, bias[tiles * lanes * VO], y)``.
+    The output tiles are split into ``cores`` parallel chunks (the target's core count),
+    each building the tables of its rows itself."""
     if lanes not in (8, 16):
         raise ValueError("the lookup kernel needs AVX2 or AVX-512")
     K, O, Kc, g = cb.inputs, cb.rows, cb.count, cb.group
@@ -113,6 +118,8 @@ def lut_func(x_shape, y_shape, cb: Codebook, lanes: int, lo: float | None = None
     NT, G2, W = cb.packed.shape
     G = 2 * G2
     L = lanes
+    CH = next(c for c in range(max(1, min(int(cores), R * NT)), 0, -1) if R * NT % c == 0)
+    TPC = R * NT // CH                      # tiles per chunk (CH: a divisor, the chunks)
     x_shape, y_shape = tuple(int(d) for d in x_shape), tuple(int(d) for d in y_shape)
     epi = clamp_epilogue(lo, hi)
     f32 = "float32"
@@ -147,40 +154,50 @@ def lut_func(x_shape, y_shape, cb: Codebook, lanes: int, lo: float | None = None
         T.func_attr({"tirx.noalias": True})
         x = T.decl_buffer((R, K), f32, data=x_.data)
         y = T.decl_buffer((R, O), f32, data=y_.data)
-        table = T.alloc_buffer((R, G, 16), f32)
-        for r in range(R):  # one vector of 16 entries per group: g multiply-adds
-            for j in range(G):
-                for e in T.vectorized(16):
-                    table[r, j, e] = T.float32(0)
-                for i in T.unroll(g):
+        for ch in T.parallel(CH):
+            # each chunk of tiles builds its own tables: a table another core wrote is
+            # read line by line from that core's cache (1024 x 1024 with 4 values: 17.6 us
+            # on 2 cores with one shared table, 8.5 with one per chunk; 1 core: 16.4)
+            table = T.alloc_buffer((R, G, 16), f32)
+            for r in range(ch * TPC // NT, ((ch + 1) * TPC - 1) // NT + 1):  # the chunk's rows
+                for j in range(G):  # one vector of 16 entries per group: g multiply-adds
                     for e in T.vectorized(16):
-                        table[r, j, e] = table[r, j, e] + coef[i, e] * column(coef, x, r, j, i)
-        for t in T.parallel(R * NT):
-            acc = T.alloc_buffer((VO, L), f32, scope="local")
-            r = t // NT
-            for v in T.unroll(VO):
-                for lane in T.vectorized(L):
-                    acc[v, lane] = bias[t % NT * W + v * L + lane]
-            for j2 in range(G2):
+                        table[r, j, e] = T.float32(0)
+                    for i in T.unroll(g):
+                        for e in T.vectorized(16):
+                            table[r, j, e] = table[r, j, e] + coef[i, e] * column(coef, x, r, j, i)
+            for tt in range(TPC):
+                acc = T.alloc_buffer((VO, L), f32, scope="local")
+                t = ch * TPC + tt
+                r = t // NT
                 for v in T.unroll(VO):
-                    w = T.Cast(vec, idx[t % NT, j2, T.ramp(v * L, 1, L)])
-                    acc[v, T.ramp(0, 1, L)] = acc[v, T.ramp(0, 1, L)] + \
-                        lookup(table, r, 2 * j2, w) + \
-                        lookup(table, r, 2 * j2 + 1,
-                               T.shift_right(w, T.Broadcast(T.int32(4), L)))
-            for v in T.unroll(VO):
-                for lane in T.vectorized(L):
-                    if t % NT * W + v * L + lane < O:
-                        y[r, t % NT * W + v * L + lane] = epi(acc[v, lane])
+                    for lane in T.vectorized(L):
+                        acc[v, lane] = bias[t % NT * W + v * L + lane]
+                for j2 in range(G2):
+                    for v in T.unroll(VO):
+                        w = T.Cast(vec, idx[t % NT, j2, T.ramp(v * L, 1, L)])
+                        acc[v, T.ramp(0, 1, L)] = acc[v, T.ramp(0, 1, L)] + \
+                            lookup(table, r, 2 * j2, w) + \
+                            lookup(table, r, 2 * j2 + 1,
+                                   T.shift_right(w, T.Broadcast(T.int32(4), L)))
+                for v in T.unroll(VO):
+                    for lane in T.vectorized(L):
+                        if t % NT * W + v * L + lane < O:
+                            y[r, t % NT * W + v * L + lane] = epi(acc[v, lane])
 
     return lut.with_attr(KERNEL_ATTR, f"lookup({Kc} values, {g} per lookup)").with_attr(
         MACS_ATTR, int(R * G * g * 16))
 
 
-def avx2_pays(cb: Codebook) -> bool:
-    """Whether the lookup kernel beats the dense one on AVX2 for this weight
-    (:data:`AVX2_DENSE_BYTES`)."""
-    return 4 * cb.rows * cb.inputs > AVX2_DENSE_BYTES.get(cb.group, 0)
+def dense_limit(cb: Codebook, lanes: int) -> int:
+    """Dense float32 weight bytes up to which the dense kernel is faster (:data:`DENSE_BYTES`;
+    0: the lookup kernel always pays)."""
+    return DENSE_BYTES.get(lanes, {}).get(cb.group, 0)
+
+
+def pays(cb: Codebook, lanes: int) -> bool:
+    """Whether the lookup kernel beats the dense one for this weight at ``lanes``."""
+    return 4 * cb.rows * cb.inputs > dense_limit(cb, lanes)
 
 
 def multiplies(rows: int, cb: Codebook) -> tuple[int, int]:

@@ -109,7 +109,7 @@ def lookup_enabled() -> bool:
 
 def lookup_forced() -> bool:
     """``EDGEC_LOOKUP=force``: the lookup kernel wherever it applies, also where the dense
-    kernel is faster (AVX2 with more than 2 values; benchmarks time both)."""
+    kernel is faster (small weights with more than 2 values; benchmarks time both)."""
     return os.environ.get("EDGEC_LOOKUP", "").strip().lower() == "force"
 
 
@@ -124,9 +124,11 @@ def _per_channel(bias, oc: int, axis_from_end: int) -> bool:
 
 @relax.expr_functor.mutator
 class StructuredRewriter(relax.PyExprMutator):
-    def __init__(self, mod, lanes: int, isa: str, record: BuildRecord | None):
+    def __init__(self, mod, lanes: int, isa: str, record: BuildRecord | None,
+                 cores: int = 1):
         super().__init__(mod)
         self.lanes, self.isa, self.record = lanes, isa, record
+        self.cores = cores
         self.plans: list[_Plan] = []
         self.count = 0
 
@@ -219,12 +221,12 @@ class StructuredRewriter(relax.PyExprMutator):
             return None
         cb = LT.codebook(w2d, self.lanes)
         dense, executed = LT.multiplies(rows, cb)
-        if self.lanes == 8 and not LT.avx2_pays(cb) and not lookup_forced():
+        if not LT.pays(cb, self.lanes) and not lookup_forced():
             if not wt.zeros:
                 self._note(kind, wt, "gemm", "dense",
-                           f"{cb.count} values: {cb.group} weights per 8-lane lookup, slower "
-                           f"on AVX2 than the dense kernel while its weights are at most "
-                           f"{LT.AVX2_DENSE_BYTES.get(cb.group, 0) >> 20} MiB", call=call)
+                           f"{cb.count} values: {cb.group} weights per {self.lanes}-lane "
+                           f"lookup, slower than the dense kernel while its weights are at "
+                           f"most {LT.dense_limit(cb, self.lanes) >> 20} MiB", call=call)
             return None
         if executed * LT.MIN_SAVING > dense:
             if not wt.zeros:
@@ -306,7 +308,7 @@ class StructuredRewriter(relax.PyExprMutator):
         if plan.kind == "lookup":
             cb = plan.codebook
             ys = (*xs[:-1], cb.rows)
-            func = LT.lut_func(xs, ys, cb, self.lanes, plan.lo, plan.hi)
+            func = LT.lut_func(xs, ys, cb, self.lanes, plan.lo, plan.hi, self.cores)
             rows = int(np.prod(xs[:-1]))
             self._note("matmul", plan.wt, "gemm", "lookup",
                        f"{cb.count} distinct values: {cb.group} weights per table lookup",
@@ -388,10 +390,11 @@ def structured_pass(target, record: BuildRecord | None = None):
     lanes = simd_floats(target)
     arch = "aarch64" if "aarch64" in str(target.attrs.get("mtriple", "")) else "x86_64"
     isa = K.isa_key(lanes, arch)
+    cores = int(target.attrs.get("num-cores", 1) or 1)
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecStructuredWeights")
     def _pass(mod, _ctx):
-        rw = StructuredRewriter(mod, lanes, isa, record)
+        rw = StructuredRewriter(mod, lanes, isa, record, cores)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
                 rw.scan(func)
