@@ -14,8 +14,8 @@ import tvm
 
 from ..records import BuildRecord
 from .isa import select_isa, simd_floats
-from .kernels import (concat, dense, generic, int8_conv, int8_pixel, int8_winograd, matmul,
-                      packed_conv, pixel_conv, resize, row_conv, stem_conv,
+from .kernels import (concat, dense, generic, group_conv, int8_conv, int8_pixel, int8_winograd,
+                      matmul, packed_conv, pixel_conv, resize, row_conv, stem_conv,
                       winograd)
 from .kernels.sparse import KERNEL_ATTR, MACS_ATTR
 from .schedule import RuleContext, mac_count
@@ -31,6 +31,7 @@ RULES = [
     stem_conv.RULE,       # float convolutions of an image (<= 4 channels), pixels in the lanes
     packed_conv.RULE,     # float convolutions, packed weights
     row_conv.RULE,        # depthwise convolutions and max pools, a row at a time
+    group_conv.RULE,      # grouped convolutions, narrow groups: a row x a group's channels
     dense.RULE,           # matmuls by a constant weight, packed per tile of outputs
     resize.RULE,          # nearest / bilinear resize from compile-time tables
     matmul.RULE,          # one matmul (TOPI's)

@@ -137,12 +137,33 @@ def fuse_epilogue(sch, producer, loop, prepare=None) -> list:
     names = [sch.get(b).name_hint for b in blocks]
     start = names.index(sch.get(producer).name_hint) + 1
     moved = []
-    for blk in blocks[start:]:
+    rest = blocks[start:]
+    for i, blk in enumerate(rest):
         if prepare is not None:
             prepare(blk)
-        sch.reverse_compute_at(blk, loop, preserve_unit_loops=True)
+        try:
+            sch.reverse_compute_at(blk, loop, preserve_unit_loops=True)
+        except Exception:  # noqa: BLE001 - see below
+            # an epilogue that writes more than the tile it reads (MobileNetV3's
+            # squeeze-excitation scale times the whole feature map, a [C, 1, 1] tile
+            # broadcast to [C, H, W]): it and what follows it stay after the kernel, in
+            # parallel and vectorized, instead of leaving the function unscheduled
+            for later in rest[i:]:
+                parallel_elementwise(sch, later)
+            break
         moved.append(blk)
     return moved
+
+
+def parallel_elementwise(sch, block) -> None:
+    """A block at the root: its outer loops fused in parallel, the innermost vectorized."""
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    try:
+        sch.vectorize(loops[-1])
+    except Exception:  # noqa: BLE001 - a scalar innermost loop is still correct
+        pass
 
 
 def vectorize_innermost(sch, blocks) -> None:

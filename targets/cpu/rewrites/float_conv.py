@@ -4,9 +4,11 @@ A ``relax.nn.conv2d`` with constant NCHW/OIHW float32 weights and a static input
 this order of preference: Winograd (:mod:`..kernels.winograd`), the pixels-in-lanes 1x1
 kernel (:mod:`..kernels.pixel_conv`), the stem kernel for an image's few channels
 (:mod:`..kernels.stem_conv`), the packed direct convolution
-(:mod:`..kernels.packed_conv`), or for depthwise the row kernel (:mod:`..kernels.row_conv`);
-anything else goes to TOPI's default. A ``relax.matmul`` of a static 2-D float32 input by a
-constant 2-D weight (Gemm, MatMul) becomes the packed dense kernel (:mod:`..kernels.dense`).
+(:mod:`..kernels.packed_conv`), for depthwise the row kernel (:mod:`..kernels.row_conv`),
+for other grouped convolutions whose groups are not whole vectors of output channels the
+grouped row kernel (:mod:`..kernels.group_conv`); anything else goes to TOPI's default. A
+``relax.matmul`` of a static 2-D float32 input by a constant 2-D weight (Gemm, MatMul)
+becomes the packed dense kernel (:mod:`..kernels.dense`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..kernels.dense import dense_packed_te, pack_dense
 from ..kernels.packed_conv import (channel_blocks, conv_packed_te, grouped_applies, pack_weight,
                                    padded_width)
 from ..kernels.pixel_conv import conv1x1_px_te, conv_px_tile, pack_weight_px
+from ..kernels.group_conv import gconv_applies, gconv_te
 from ..kernels.row_conv import dwconv_te
 from ..kernels.stem_conv import conv_stem_te, pack_weight_stem, stem_tile
 from .common import KERNEL_ATTRS as _KERNEL
@@ -86,6 +89,10 @@ def _emit_conv(bb, call, w, lanes: int):
     if groups == c and oc == c and w.shape[1] == 1:
         return bb.call_te(functools.partial(dwconv_te, lanes=lanes), data, weight,
                           strides, pads, dil, primfunc_name_hint="dwconv2d",
+                          primfunc_attrs=_KERNEL)
+    if gconv_applies(c, oc, w.shape[1], groups, lanes):
+        return bb.call_te(functools.partial(gconv_te, groups=groups, lanes=lanes), data,
+                          weight, strides, pads, dil, primfunc_name_hint="gconv2d",
                           primfunc_attrs=_KERNEL)
     return None
 
