@@ -33,7 +33,10 @@ channel count.
     Slice with Shape/Gather/Div arithmetic left in the graph, Concat; ReduceMean head),
     ``vgg16`` (large 3x3 convs, two 4096-wide Gemm, 138 M parameters, a 0.55 GB file),
     ``mobilenet_v3_large`` (depthwise convs, squeeze-excitation, HardSigmoid/hard-swish as
-    HardSigmoid*Mul at opset 13), ``regnet_x_400mf`` (grouped 3x3 convs, residual Add). The
+    HardSigmoid*Mul at opset 13), ``regnet_x_400mf`` (grouped 3x3 convs, residual Add),
+    ``resnext50_32x4d`` (ResNet-50's bottlenecks with 3x3 convs in 32 groups of 4-32
+    channels), ``regnet_y_400mf`` (grouped 3x3 convs of group width 8 with
+    squeeze-excitation). The
     exporter leaves Identity nodes in these graphs (equal initializers, such as the
     zero-initialised biases, deduplicated to one).
   - ``lraspp_mobilenet_v3_large``: torchvision.models.segmentation's LR-ASPP on a MobileNetV3
@@ -132,6 +135,8 @@ _TORCHVISION = {
     "vgg16": (3, 224, 1000),
     "mobilenet_v3_large": (3, 224, 1000),
     "regnet_x_400mf": (3, 224, 1000),
+    "resnext50_32x4d": (3, 224, 1000),
+    "regnet_y_400mf": (3, 224, 1000),
 }
 # Dense prediction (per-pixel output [batch, channels, H, W]), built with torch.
 _DENSE = {
@@ -150,8 +155,8 @@ _TV_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
 # two random inputs.
 _CALIBRATE_BN = {"googlenet", "shufflenet_v2_x1_0"}
 _BROAD = ["resnet50", "squeezenet1_1", "googlenet", "densenet121", "shufflenet_v2_x1_0",
-          "vgg16", "mobilenet_v3_large", "regnet_x_400mf", "lraspp_mobilenet_v3_large",
-          "db_detector", "unet"]
+          "vgg16", "mobilenet_v3_large", "regnet_x_400mf", "resnext50_32x4d", "regnet_y_400mf",
+          "lraspp_mobilenet_v3_large", "db_detector", "unet"]
 _ONNX = {
     "fashion_cnn": (1, 28, 10),
     "tiny_cnn": (3, 32, 10),
@@ -172,7 +177,7 @@ def torch_names() -> list[str]:
 
 
 def broad_names() -> list[str]:
-    """The broad benchmark zoo (issue 22): eight classifiers and the two dense models."""
+    """The broad benchmark zoo (issue 22): ten classifiers and three dense models."""
     return list(_BROAD)
 
 
