@@ -18,7 +18,7 @@ from edgec.targets.cpu.rewrites.conv_transpose import phase_weight
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
-CONV_KINDS = ("conv2d-packed", "conv2d-stem", "conv2d-px", "conv2d-winograd-f4",
+CONV_KINDS = ("gconv2d", "conv2d-packed", "conv2d-stem", "conv2d-px", "conv2d-winograd-f4",
               "conv2d-winograd-f2",
               "dwconv2d",
               # the phase weights of a kernel the stride does not divide hold zeros (16 taps
@@ -129,17 +129,23 @@ def test_special_cases(tmp_path, case):
         assert "dwconv2d" in kernels["counts"], kernels
 
 
-def test_many_groups_stay_on_topi_path(tmp_path):
-    """More groups than the rewrite splits (not depthwise): TOPI's loop, reported as such."""
-    m = convt_model(1, 24, 12, 4, 4, (2, 2), (2, 2), group=12)
-    report = compile_to(m, tmp_path / "g12")
-    fns = report["kernels"]["functions"]
-    assert list(fns.values()) in (["reduce"], ["generic"]), fns  # one TOPI function, as is
-    assert "conv2d_transpose" in next(iter(fns)), fns
-    sess = Session(tmp_path / "g12")
-    x = np.random.default_rng(0).standard_normal((1, 24, 4, 4)).astype(np.float32)
-    ref = OrtSession(m).run(None, {"x": x})[0]
-    np.testing.assert_allclose(sess.run(None, {"x": x})[0], ref, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("mcpu", [None, "haswell"])
+@pytest.mark.parametrize("group,cin,cout,k,s", [(12, 24, 12, 2, 2), (16, 32, 64, 2, 2),
+                                                (4, 8, 8, 4, 3), (2, 8, 8, 2, 2)])
+def test_many_groups_one_grouped_conv(tmp_path, mcpu, group, cin, cout, k, s):
+    """Grouped (not depthwise): one grouped convolution of the groups' phases (the packed
+    kernel where a group's outputs x phases are whole vectors, else the grouped row kernel)
+    and the depth-to-space; before, more than 8 groups stayed on TOPI's loop. 1x1 phases in
+    at most SLICED_GROUPS groups: a pixel-kernel conv per group, concatenated."""
+    from edgec.targets.cpu.rewrites.conv_transpose import SLICED_GROUPS
+
+    m = convt_model(1, cin, cout, 4, 5, (k, k), (s, s), group=group)
+    kernels = check(m, tmp_path / f"g{group}", mcpu=mcpu)
+    assert kernels["counts"].get("depth-to-space") == 1, kernels
+    if group <= SLICED_GROUPS and k == s:
+        assert len(kernels["functions"]) > 2, kernels  # the slices, their concatenation
+    else:  # no per-group slices, no concatenation
+        assert len(kernels["functions"]) == 2, kernels
 
 
 def test_disabled_by_env(tmp_path, monkeypatch):
