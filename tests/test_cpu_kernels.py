@@ -416,6 +416,47 @@ def test_gemm(tmp_path, m_, k_, n_, trans_b, mcpu):
                                atol=1e-4 * max(1.0, np.abs(ref).max()))
 
 
+@pytest.mark.parametrize("shape,n", [((1, 7, 7, 96), 40), ((2, 3, 10, 24), 72), ((1, 50, 48), 20),
+                                     ((1, 14, 14, 64), 256)])
+@pytest.mark.parametrize("mcpu", [None, "haswell"], ids=["host", "avx2"])
+def test_matmul_of_rows_with_gelu(tmp_path, shape, n, mcpu):
+    """ConvNeXt's Linear on a channels-last map: ``X[1, H, W, C] @ W + b`` then GELU (Erf),
+    the leading axes as rows of the packed dense kernel (a row count the register tile does
+    not divide is padded), the output tile outer, GELU's erf vectorized (fast_erf)."""
+    rng = np.random.default_rng(n)
+    k = shape[-1]
+    inits = {"W": (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32),
+             "b": rng.standard_normal(n).astype(np.float32),
+             "r2": np.array(np.sqrt(2.0), np.float32), "one": np.array(1.0, np.float32),
+             "half": np.array(0.5, np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Div", ["a", "r2"], ["d"]),
+             helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]),
+             helper.make_node("Mul", ["a", "e1"], ["g"]),
+             helper.make_node("Mul", ["g", "half"], ["y"])]
+    m = make_model(nodes, [("x", list(shape))], [("y", [*shape[:-1], n])], inits)
+    report = _compile_and_compare(m, tmp_path, target_options={"mcpu": mcpu} if mcpu else {})
+    assert report["kernels"]["counts"] == {"dense-packed": 1}, report["kernels"]
+
+
+def test_fast_erf_accuracy(tmp_path):
+    """Erf without libm (TVM's fast_erf, vectorizable): within 5e-7 of erf over [-10, 10];
+    NaN stays NaN, +-inf give +-1."""
+    import math
+
+    x = np.linspace(-10, 10, 8001, dtype=np.float32).reshape(1, 8001)
+    x[0, :3] = [np.nan, np.inf, -np.inf]
+    m = make_model([helper.make_node("Erf", ["x"], ["y"])], [("x", [1, 8001])],
+                   [("y", [1, 8001])])
+    compile_to(m, tmp_path / "erf")
+    got = Session(tmp_path / "erf").run(None, {"x": x})[0][0]
+    assert np.isnan(got[0]) and got[1] == 1.0 and got[2] == -1.0
+    ref = np.array([math.erf(v) for v in x[0, 3:].astype(np.float64)])
+    assert np.max(np.abs(got[3:] - ref)) < 5e-7
+
+
 def test_matmul_without_constant_weight(tmp_path):
     """Two activations (or a batched constant) keep TOPI's matmul with the generic tile."""
     rng = np.random.default_rng(1)

@@ -28,6 +28,13 @@ MAX_VECTORS = 4  # vectors of outputs per tile (accumulators per row)
 MAX_ROWS = 4     # rows per register tile
 
 
+def dense_rows(m: int, lanes: int) -> int:
+    """Rows per register tile: all of a small batch (at most :data:`MAX_ROWS`); for more rows
+    (a ConvNeXt block's ``[1, H, W, C] @ W``: H x W rows) 4 on AVX-512 (16 accumulators of 32
+    registers), 2 with 16 registers (4 x 4 spilled), the rows padded to a multiple."""
+    return m if m <= MAX_ROWS else (MAX_ROWS if lanes >= 16 else 2)
+
+
 def dense_vectors(n: int, lanes: int) -> int:
     """Vectors per output tile: up to :data:`MAX_VECTORS`, fewer for a narrow layer."""
     return max(1, min(MAX_VECTORS, -(-n // lanes)))
@@ -43,30 +50,50 @@ def pack_dense(w: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(wp.reshape(k, tiles, t).transpose(1, 0, 2))
 
 
-def dense_packed_te(x, wp, n: int):
-    """``Y[m, j] = sum_k X[m, k] * W[k, j]`` for ``j < n`` from the packed weight."""
-    m, k = ints(x.shape)
+def dense_packed_te(x, wp, n: int, lanes: int = 16):
+    """``Y[..., m, j] = sum_k X[..., m, k] * W[k, j]`` for ``j < n`` from the packed weight.
+    An N-D ``X`` (ConvNeXt's and transformers' ``[1, H, W, C] @ W``) keeps its leading axes;
+    the register tile's rows lie along the last of them, padded to a multiple of the tile
+    (rows past it are computed from the last row and not stored)."""
+    *lead, k = ints(x.shape)
+    outer, rows = lead[:-1], lead[-1]
     tiles, k2, t = ints(wp.shape)
     assert k2 == k, (k, k2)
+    r = min(dense_rows(int(np.prod(lead)), lanes), rows)
+    rp = -(-rows // r) * r
     rk = te.reduce_axis((0, k), "rk")
-    packed = te.compute((m, tiles, t),
-                        lambda i, jo, jt: te.sum(x[i, rk] * wp[jo, rk, jt], axis=[rk]),
-                        name=DENSE_BLOCK)
-    return te.compute((m, n), lambda i, j: packed[i, j // t, j % t], name="edgec_dense_unpack")
+
+    def row(i):
+        return te.min(i, rows - 1) if rp > rows else i
+
+    packed = te.compute(
+        (*outer, rp, tiles, t),
+        lambda *idx: te.sum(x[(*idx[:-3], row(idx[-3]), rk)] * wp[idx[-2], rk, idx[-1]],
+                            axis=[rk]),
+        name=DENSE_BLOCK)
+    return te.compute((*lead, n), lambda *ij: packed[(*ij[:-1], ij[-1] // t, ij[-1] % t)],
+                      name="edgec_dense_unpack")
 
 
 def schedule_dense(sch, block, lanes: int) -> None:
     """Register tile: ``R`` rows x ``V`` vectors of the tile's outputs; per reduction step
     ``V`` contiguous weight-vector loads, ``R`` broadcasts and ``R * V`` FMAs; the row
-    blocks x output tiles are the parallel tasks; the epilogue per tile."""
-    i, jo, jt, rk = sch.get_loops(block)
-    r = pick_tile(extent(sch, i), MAX_ROWS)
+    blocks x output tiles are the parallel tasks (output tile outer where there are many
+    rows: its weights stay in cache across the row blocks); the epilogue per tile."""
+    *outer, i, jo, jt, rk = sch.get_loops(block)
+    m = extent(sch, i) * int(np.prod([extent(sch, o) for o in outer]))
+    r = pick_tile(extent(sch, i), dense_rows(m, lanes))
     io, ii = sch.split(i, [None, r])
     t = extent(sch, jt)
     jv, jb = sch.split(jt, [None, min(lanes, t)])
-    sch.reorder(io, jo, rk, ii, jv, jb)
-    epilogue = fuse_epilogue(sch, block, jo)
-    sch.parallel(sch.fuse(io, jo))
+    if m > MAX_ROWS:
+        sch.reorder(jo, *outer, io, rk, ii, jv, jb)
+        epilogue = fuse_epilogue(sch, block, io)
+        sch.parallel(sch.fuse(jo, *outer, io))
+    else:
+        sch.reorder(*outer, io, jo, rk, ii, jv, jb)
+        epilogue = fuse_epilogue(sch, block, jo)
+        sch.parallel(sch.fuse(*outer, io, jo))
     sch.unroll(ii)
     sch.unroll(jv)
     sch.vectorize(jb)

@@ -142,9 +142,10 @@ def make_maxpool_legalizer(lanes: int):
 
 
 def make_matmul_legalizer(lanes: int):
-    """relax.matmul ``X[M, K] @ W[K, N]`` with a constant float32 ``W`` and a static
-    float32 ``X`` through the packed dense kernel; anything else (batched, broadcast,
-    dynamic, another type) goes to TOPI's default."""
+    """relax.matmul ``X[..., M, K] @ W[K, N]`` with a constant 2-D float32 ``W`` and a
+    static float32 ``X`` (its leading axes flattened into rows) through the packed dense
+    kernel; anything else (a batched weight, dynamic, another type) goes to TOPI's
+    default."""
     def legalize(bb, call):
         x, w = call.args
         xs = x.ty.shape
@@ -152,10 +153,11 @@ def make_matmul_legalizer(lanes: int):
               and str(w.ty.dtype) == "float32" else None)
         if (wv is not None and wv.ndim == 2 and wv.size > 0 and str(x.ty.dtype) == "float32"
                 and str(call.ty.dtype) == "float32" and xs is not None
-                and len(xs.values) == 2 and _static(xs) and int(xs.values[0]) > 0
-                and int(xs.values[1]) == wv.shape[0]):
+                and len(xs.values) >= 2 and _static(xs)
+                and all(int(d) > 0 for d in xs.values[:-1])
+                and int(xs.values[-1]) == wv.shape[0]):
             return bb.call_te(dense_packed_te, x, relax.const(pack_dense(wv, lanes)),
-                              wv.shape[1], primfunc_name_hint="dense_packed",
+                              wv.shape[1], lanes, primfunc_name_hint="dense_packed",
                               primfunc_attrs=_KERNEL)
         return default_matmul(bb, call)
 
