@@ -36,7 +36,8 @@ channel count.
     HardSigmoid*Mul at opset 13), ``regnet_x_400mf`` (grouped 3x3 convs, residual Add),
     ``resnext50_32x4d`` (ResNet-50's bottlenecks with 3x3 convs in 32 groups of 4-32
     channels), ``regnet_y_400mf`` (grouped 3x3 convs of group width 8 with
-    squeeze-excitation). The
+    squeeze-excitation), ``convnext_tiny`` (7x7 depthwise convs, LayerNorm and Linear layers
+    with GELU on channels-last maps between Transposes, layer scale). The
     exporter leaves Identity nodes in these graphs (equal initializers, such as the
     zero-initialised biases, deduplicated to one).
   - ``lraspp_mobilenet_v3_large``: torchvision.models.segmentation's LR-ASPP on a MobileNetV3
@@ -137,6 +138,7 @@ _TORCHVISION = {
     "regnet_x_400mf": (3, 224, 1000),
     "resnext50_32x4d": (3, 224, 1000),
     "regnet_y_400mf": (3, 224, 1000),
+    "convnext_tiny": (3, 224, 1000),
 }
 # Dense prediction (per-pixel output [batch, channels, H, W]), built with torch.
 _DENSE = {
@@ -156,7 +158,7 @@ _TV_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
 _CALIBRATE_BN = {"googlenet", "shufflenet_v2_x1_0"}
 _BROAD = ["resnet50", "squeezenet1_1", "googlenet", "densenet121", "shufflenet_v2_x1_0",
           "vgg16", "mobilenet_v3_large", "regnet_x_400mf", "resnext50_32x4d", "regnet_y_400mf",
-          "lraspp_mobilenet_v3_large", "db_detector", "unet"]
+          "convnext_tiny", "lraspp_mobilenet_v3_large", "db_detector", "unet"]
 _ONNX = {
     "fashion_cnn": (1, 28, 10),
     "tiny_cnn": (3, 32, 10),
@@ -177,7 +179,7 @@ def torch_names() -> list[str]:
 
 
 def broad_names() -> list[str]:
-    """The broad benchmark zoo (issue 22): ten classifiers and three dense models."""
+    """The broad benchmark zoo (issue 22): eleven classifiers and three dense models."""
     return list(_BROAD)
 
 

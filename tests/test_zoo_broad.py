@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 
 CLASSIFIERS = ["resnet50", "squeezenet1_1", "googlenet", "densenet121", "shufflenet_v2_x1_0",
                "vgg16", "mobilenet_v3_large", "regnet_x_400mf", "resnext50_32x4d",
-               "regnet_y_400mf"]
+               "regnet_y_400mf", "convnext_tiny"]
 DENSE = ["lraspp_mobilenet_v3_large", "db_detector", "unet"]
 
 
