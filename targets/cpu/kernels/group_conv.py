@@ -35,11 +35,13 @@ MIN_TASKS = 8                   # fewer groups than this: the rows are parallel 
 
 
 def gconv_applies(c: int, oc: int, cpg_in: int, groups: int, lanes: int) -> bool:
-    """A grouped convolution that is neither depthwise nor one the packed kernel takes."""
+    """A grouped convolution that is neither depthwise nor one the packed kernel takes (whole
+    vectors of outputs per group from more than one input channel)."""
     if groups <= 1 or c != cpg_in * groups or oc % groups:
         return False
     co = oc // groups
-    return not (cpg_in == 1 and co == 1) and co % lanes != 0
+    packed = co % lanes == 0 and cpg_in > 1  # :func:`.packed_conv.grouped_applies`
+    return not (cpg_in == 1 and co == 1) and not packed
 
 
 def accumulators(lanes: int) -> int:
