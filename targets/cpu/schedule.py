@@ -148,21 +148,52 @@ def fuse_epilogue(sch, producer, loop, prepare=None) -> list:
             # squeeze-excitation scale times the whole feature map, a [C, 1, 1] tile
             # broadcast to [C, H, W]): it and what follows it stay after the kernel, in
             # parallel and vectorized, instead of leaving the function unscheduled
+            # (16 lanes: the widest float vector of any CPU target; LLVM splits it for less)
             for later in rest[i:]:
-                parallel_elementwise(sch, later)
+                parallel_vectorized(sch, sch.get_loops(later), 16)
             break
         moved.append(blk)
     return moved
 
 
-def parallel_elementwise(sch, block) -> None:
-    """A block at the root: its outer loops fused in parallel, the innermost vectorized."""
-    loops = sch.get_loops(block)
-    if len(loops) > 1:
-        sch.parallel(sch.fuse(*loops[:-1]))
+def vector_split(extents: list[int], lanes: int) -> tuple[int, int] | None:
+    """``(k, unit)``: fuse the last ``k`` loops into the vector loop, cut in ``unit`` lanes
+    -- the innermost loop when a vector divides it, else the last two (a 56x56 map: 3136
+    pixels, 196 vectors of 16, where 56 alone leaves a 8-lane tail), a whole vector before
+    a half or a quarter; at least one outer loop stays for the threads."""
+    for unit in (lanes, lanes // 2, lanes // 4):
+        if unit < 4:
+            break
+        for k in (1, 2):
+            if k >= len(extents):
+                break
+            inner = 1
+            for e in extents[-k:]:
+                inner *= e
+            if inner % unit == 0:
+                return k, unit
+    return None
+
+
+def parallel_vectorized(sch, loops, lanes: int) -> None:
+    """An element-wise block: the outer loops fused and parallel, the inner ones fused and
+    vectorized (:func:`vector_split`), or only the former where no vector fits."""
+    extents = [extent(sch, lp) or 0 for lp in loops]
+    split = vector_split(extents, lanes) if all(extents) else None
+    k = split[0] if split else 1
+    outer = loops[:len(loops) - k]
     try:
-        sch.vectorize(loops[-1])
-    except Exception:  # noqa: BLE001 - a scalar innermost loop is still correct
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    except Exception:  # noqa: BLE001
+        return
+    if split is None:
+        return
+    inner = loops[len(loops) - k:]
+    try:
+        vec = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+        _, vi = sch.split(vec, [None, split[1]])
+        sch.vectorize(vi)
+    except Exception:  # noqa: BLE001 - keep the parallel loops
         pass
 
 

@@ -4,12 +4,12 @@ lanes (:func:`schedule_reduce`)."""
 
 from __future__ import annotations
 
-from ..schedule import ScheduleRule, all_blocks, extent
+from ..schedule import ScheduleRule, all_blocks, extent, parallel_vectorized
 
 
 def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> bool:
     """Parallelize the outer spatial loops of every root block; vectorize the inner ones of an
-    element-wise block (:func:`_parallel_vectorized`); reductions over trailing axes by
+    element-wise block (:func:`..schedule.parallel_vectorized`); reductions over trailing axes by
     :func:`schedule_reduce`. Returns whether a reduction was scheduled."""
     reduced = False
     for blk in all_blocks(sch):
@@ -35,7 +35,7 @@ def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> bool:
         if total < min_parallel:
             continue
         if n_sp == len(loops) and n_sp > 1:
-            _parallel_vectorized(sch, loops, lanes)
+            parallel_vectorized(sch, loops, lanes)
             continue
         outer = loops[: max(1, n_sp - 1)] if n_sp > 1 else loops[:1]
         try:
@@ -43,47 +43,6 @@ def schedule_generic(sch, lanes: int, min_parallel: int = 4096) -> bool:
         except Exception:  # noqa: BLE001
             continue
     return reduced
-
-
-def _vector_split(extents: list[int], lanes: int) -> tuple[int, int] | None:
-    """``(k, unit)``: fuse the last ``k`` loops into the vector loop, cut in ``unit`` lanes
-    -- the innermost loop when a vector divides it, else the last two (a 56x56 map: 3136
-    pixels, 196 vectors of 16, where 56 alone leaves a 8-lane tail), a whole vector before
-    a half or a quarter; at least one outer loop stays for the threads."""
-    for unit in (lanes, lanes // 2, lanes // 4):
-        if unit < 4:
-            break
-        for k in (1, 2):
-            if k >= len(extents):
-                break
-            inner = 1
-            for e in extents[-k:]:
-                inner *= e
-            if inner % unit == 0:
-                return k, unit
-    return None
-
-
-def _parallel_vectorized(sch, loops, lanes: int) -> None:
-    """An element-wise block: the outer loops fused and parallel, the inner ones fused and
-    vectorized (:func:`_vector_split`), or only the former where no vector fits."""
-    extents = [extent(sch, lp) or 0 for lp in loops]
-    split = _vector_split(extents, lanes) if all(extents) else None
-    k = split[0] if split else 1
-    outer = loops[:len(loops) - k]
-    try:
-        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    except Exception:  # noqa: BLE001
-        return
-    if split is None:
-        return
-    inner = loops[len(loops) - k:]
-    try:
-        vec = sch.fuse(*inner) if len(inner) > 1 else inner[0]
-        _, vi = sch.split(vec, [None, split[1]])
-        sch.vectorize(vi)
-    except Exception:  # noqa: BLE001 - keep the parallel loops
-        pass
 
 
 def schedule_reduce(sch, block, lanes: int, n_sp: int) -> bool:

@@ -34,14 +34,10 @@ GROUP_OUT = "edgec_group_out"   # block annotation: output channels per group
 MIN_TASKS = 8                   # fewer groups than this: the rows are parallel tasks too
 
 
-def gconv_applies(c: int, oc: int, cpg_in: int, groups: int, lanes: int) -> bool:
-    """A grouped convolution that is neither depthwise nor one the packed kernel takes (whole
-    vectors of outputs per group from more than one input channel)."""
-    if groups <= 1 or c != cpg_in * groups or oc % groups:
-        return False
-    co = oc // groups
-    packed = co % lanes == 0 and cpg_in > 1  # :func:`.packed_conv.grouped_applies`
-    return not (cpg_in == 1 and co == 1) and not packed
+def gconv_applies(c: int, oc: int, cpg_in: int, groups: int) -> bool:
+    """A grouped convolution; the caller offers it to the packed kernel
+    (:func:`.packed_conv.grouped_applies`) and the depthwise one first."""
+    return groups > 1 and c == cpg_in * groups and oc % groups == 0
 
 
 def accumulators(lanes: int) -> int:

@@ -237,20 +237,17 @@ class ConvTransposeRewriter(relax.PyExprMutator):
             y = cat([conv(x, np.ascontiguousarray(g[r::ss]), bias, g=cin, final=ss == 1)
                      for r in range(ss)])
             order = "phase_c"
-        elif groups <= SLICED_GROUPS and (th, tw) == (1, 1):  # 1x1: a pixel kernel per group
+        else:  # each group's phases, groups in order (c_phase overall)
             cig, cog = cin // groups, cout // groups
-            parts = []
-            for gi in range(groups):
-                xg = bb.emit(relax.op.strided_slice(x, [1], [gi * cig], [(gi + 1) * cig]))
-                parts.append(conv(xg, phase_weight(w[gi * cig:(gi + 1) * cig], strides, dil),
-                                  None if rep is None else rep[gi * cog * ss:(gi + 1) * cog * ss],
-                                  final=False))
-            y, order = cat(parts), "c_phase"
-        else:  # one grouped conv: each group's phases, groups in order (c_phase overall)
-            cig = cin // groups
-            wt = np.concatenate([phase_weight(w[gi * cig:(gi + 1) * cig], strides, dil)
-                                 for gi in range(groups)])
-            y, order = conv(x, wt, rep, g=groups), "c_phase"
+            gw = [phase_weight(w[gi * cig:(gi + 1) * cig], strides, dil) for gi in range(groups)]
+            if groups <= SLICED_GROUPS and (th, tw) == (1, 1):  # 1x1: a pixel kernel per group
+                y = cat([conv(bb.emit(relax.op.strided_slice(x, [1], [gi * cig],
+                                                             [(gi + 1) * cig])), gw[gi],
+                              None if rep is None else rep[gi * cog * ss:(gi + 1) * cog * ss],
+                              final=False) for gi in range(groups)])
+            else:  # one grouped conv
+                y = conv(x, np.concatenate(gw), rep, g=groups)
+            order = "c_phase"
         if last:
             return y
         # out-elementwise fusable like a kernel: its epilogue (BN, ReLU) fuses, a following

@@ -90,7 +90,7 @@ def _emit_conv(bb, call, w, lanes: int):
         return bb.call_te(functools.partial(dwconv_te, lanes=lanes), data, weight,
                           strides, pads, dil, primfunc_name_hint="dwconv2d",
                           primfunc_attrs=_KERNEL)
-    if gconv_applies(c, oc, w.shape[1], groups, lanes):
+    if gconv_applies(c, oc, w.shape[1], groups):
         return bb.call_te(functools.partial(gconv_te, groups=groups, lanes=lanes), data,
                           weight, strides, pads, dil, primfunc_name_hint="gconv2d",
                           primfunc_attrs=_KERNEL)
