@@ -21,6 +21,7 @@ from ..records import BuildRecord
 from ..tuning_db import apply_tuned_pass
 from .isa import simd_floats
 from .rewrites.concat_inplace import concat_inplace_pass, mark_plain_concats
+from .rewrites.expand_dw import expand_dw_pass
 from .rewrites.conv_transpose import conv_transpose_pass, d2s_schedule_pass
 from .rewrites.fast_math import make_fast_math_legalizers
 from .rewrites.nan_clamp import make_nan_clamp_legalizers, nan_clamp_pass
@@ -54,10 +55,10 @@ def folded_phases(target, record: BuildRecord | None, kernels: dict) -> list:
     """After constants are folded: ConvTranspose with constant weights as convolutions of the
     input (the legalizer below gives them the conv kernels), the requantizing epilogues
     folded into ``kernels``, float layers with mostly-zero weights or few distinct values
-    onto the sparse / lookup kernels (with their bias and clamps), then the float clamps
-    left re-emitted to keep NaN."""
+    onto the sparse / lookup kernels (with their bias and clamps), expansion + depthwise
+    pairs over large maps fused, then the float clamps left re-emitted to keep NaN."""
     return [conv_transpose_pass(), requant_pass(kernels, record), structured_pass(target, record),
-            nan_clamp_pass()]
+            expand_dw_pass(target), nan_clamp_pass()]
 
 
 def schedule_phases(target, record: BuildRecord | None, tuning_db: str | None) -> list:

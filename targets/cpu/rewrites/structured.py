@@ -122,6 +122,62 @@ def _per_channel(bias, oc: int, axis_from_end: int) -> bool:
     return bias.shape[bias.ndim - axis_from_end] == oc
 
 
+def readers(func) -> dict:
+    """Per relax Var of ``func``: the ``(var, call)`` bindings that read it."""
+    users: dict = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b.value, relax.Call):
+                for arg in b.value.args:  # (a call_tir's operands are in a Tuple)
+                    for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
+                        if isinstance(v, relax.Var):
+                            users.setdefault(v, []).append((b.var, b.value))
+    return users
+
+
+@dataclass
+class Epilogue:
+    """What follows a kernel's output through single readers: a per-channel bias, then
+    clamps; ``end`` / ``var``: the last call of the chain and its variable (None / the
+    kernel's own when the chain is empty)."""
+
+    end: object
+    var: object
+    bias: np.ndarray | None = None
+    lo: float | None = None
+    hi: float | None = None
+
+
+def follow_epilogue(var, oc: int, axis_from_end: int, counts: dict, users: dict) -> Epilogue:
+    """The epilogue chain after ``var`` (``oc`` output channels along the axis
+    ``axis_from_end`` from the end: 3 for NCHW, 1 for a matmul): while ``var`` has a single
+    reader, a per-channel constant bias ``add`` (first), then ``max`` / ``min`` with
+    scalar constants (ReLU, ReLU6)."""
+    ep = Epilogue(None, var)
+    while counts.get(var) == 1 and len(users.get(var, [])) == 1:
+        uvar, uval = users[var][0]
+        if (uval.op == ADD and ep.bias is None and ep.lo is None and ep.hi is None
+                and uval.args[0].same_as(var)):
+            bias = const_value(uval.args[1])
+            if not _per_channel(bias, oc, axis_from_end):
+                break
+            ep.bias = bias.reshape(-1)
+        else:
+            found = clamp_of(uval)
+            if found is None or not found[2].same_as(var):
+                break
+            k, value, _ = found
+            if k == "max" and ep.lo is None and ep.hi is None:
+                ep.lo = value
+            elif k == "min" and ep.hi is None:
+                ep.hi = value
+            else:
+                break
+        ep.end, ep.var = uval, uvar
+        var = uvar
+    return ep
+
+
 @relax.expr_functor.mutator
 class StructuredRewriter(relax.PyExprMutator):
     def __init__(self, mod, lanes: int, isa: str, record: BuildRecord | None,
@@ -175,15 +231,7 @@ class StructuredRewriter(relax.PyExprMutator):
         """Plan every layer that takes the lookup or a sparse kernel, with its epilogue
         chain; note the others that have zeros or few values, with the reason."""
         self.plans = []
-        counts = use_counts(func)
-        users: dict = {}
-        for block in func.body.blocks:
-            for b in block.bindings:
-                if isinstance(b.value, relax.Call):
-                    for arg in b.value.args:  # (a call_tir's operands are in a Tuple)
-                        for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
-                            if isinstance(v, relax.Var):
-                                users.setdefault(v, []).append((b.var, b.value))
+        counts, users = use_counts(func), readers(func)
         for block in func.body.blocks:
             for b in block.bindings:
                 cand = self._candidate(b.value)
@@ -257,27 +305,11 @@ class StructuredRewriter(relax.PyExprMutator):
 
     def _epilogue(self, plan, var, counts, users):
         """Follow single readers: a per-channel bias add, then max / min clamps."""
-        oc = plan.w2d.shape[0]
-        while counts.get(var) == 1 and len(users.get(var, [])) == 1:
-            uvar, uval = users[var][0]
-            if (uval.op == ADD and plan.bias is None and plan.lo is None and plan.hi is None
-                    and uval.args[0].same_as(var)):
-                bias = const_value(uval.args[1])
-                if not _per_channel(bias, oc, 3 if plan.kind == "conv2d" else 1):
-                    break
-                plan.bias = bias.reshape(-1)
-            else:
-                found = clamp_of(uval)
-                if found is None or not found[2].same_as(var):
-                    break
-                k, value, _ = found
-                if k == "max" and plan.lo is None and plan.hi is None:
-                    plan.lo = value
-                elif k == "min" and plan.hi is None:
-                    plan.hi = value
-                else:
-                    break
-            plan.end, var = uval, uvar
+        ep = follow_epilogue(var, plan.w2d.shape[0], 3 if plan.kind == "conv2d" else 1,
+                             counts, users)
+        if ep.end is not None:
+            plan.end = ep.end
+        plan.bias, plan.lo, plan.hi = ep.bias, ep.lo, ep.hi
 
     def _note(self, kind, wt, shape_class, kernel, reason, block=1, nbytes=0,
               multiplies=None, call=None):
