@@ -13,14 +13,19 @@ from conftest import compile_and_compare, compile_to, make_model
 from edgec.targets.cpu.kernels.expand_dw import KERNEL
 from edgec.targets.cpu.rewrites.expand_dw import FUSE_MIN_BYTES
 
+ACTS = ["none", "relu", "relu6", "silu"]
 SETTINGS = settings(max_examples=15, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
                                            HealthCheck.too_slow])
 
 
 def _act(kind, y, out, nodes, inits):
-    """``out`` = ``kind``(``y``): none (an Identity), relu or relu6 (Clip 0..6)."""
-    if kind == "relu":
+    """``out`` = ``kind``(``y``): none (an Identity), relu, relu6 (Clip 0..6) or silu
+    (``y * Sigmoid(y)``)."""
+    if kind == "silu":
+        nodes += [helper.make_node("Sigmoid", [y], [out + "_sg"]),
+                  helper.make_node("Mul", [y, out + "_sg"], [out])]
+    elif kind == "relu":
         nodes.append(helper.make_node("Relu", [y], [out]))
     elif kind == "relu6":
         inits.update({"lo": np.array(0, np.float32), "hi": np.array(6, np.float32)})
@@ -56,16 +61,19 @@ def block(cin, c, h, w, k=3, stride=1, pads=(1, 1, 1, 1), act1="relu6", act2="re
 @SETTINGS
 @given(cin=st.integers(1, 24), c=st.integers(1, 40), h=st.integers(3, 20),
        w=st.integers(3, 70), k=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]),
-       pads=st.tuples(*[st.integers(0, 2)] * 4), act1=st.sampled_from(["none", "relu", "relu6"]),
-       act2=st.sampled_from(["none", "relu", "relu6"]), bias=st.booleans(),
+       pads=st.tuples(*[st.integers(0, 2)] * 4), act1=st.sampled_from(ACTS),
+       act2=st.sampled_from(ACTS), bias=st.booleans(),
        batch=st.integers(1, 2), mcpu=st.sampled_from([None, "haswell"]))
 @example(cin=16, c=96, h=24, w=56, k=3, stride=2, pads=(1, 1, 1, 1), act1="relu6",
          act2="relu6", bias=True, batch=1, mcpu=None)  # MobileNetV2's pair, fewer rows
 @example(cin=3, c=5, h=9, w=67, k=5, stride=2, pads=(0, 2, 1, 0), act1="relu",
          act2="none", bias=False, batch=2, mcpu="haswell")  # odd width, asymmetric pads
+@example(cin=16, c=24, h=20, w=40, k=3, stride=2, pads=(1, 1, 1, 1), act1="silu",
+         act2="silu", bias=True, batch=1, mcpu=None)  # EfficientNet's SiLU blocks
 def test_fused_expand_depthwise(tmp_path_factory, monkeypatch, cin, c, h, w, k, stride,
                                 pads, act1, act2, bias, batch, mcpu):
-    """Every pair fused (EDGEC_FUSE_DW=force): the kernel against onnxruntime (rtol 1e-4),
+    """Every pair fused (EDGEC_FUSE_DW=force): the kernel against onnxruntime (rtol 1e-4;
+    SiLU through a polynomial exp),
     the even and odd columns of a stride-2 row split by shuffles and one by one, the
     padding of the depthwise convolution zero after the expansion's bias and clamp."""
     if h + pads[0] + pads[2] < k or w + pads[1] + pads[3] < k:
@@ -84,10 +92,13 @@ def _fused(tmp_path, m, name) -> bool:
 
 def test_fused_only_over_large_maps(tmp_path):
     """By default only a pair whose expanded map reaches FUSE_MIN_BYTES is fused
-    (MobileNetV2's 16 -> 96 at 112 x 112, 4.8 MB; not its 24 -> 144 at 56 x 56, 1.8 MB)."""
+    (MobileNetV2's 16 -> 96 at 112 x 112, 4.8 MB; not its 24 -> 144 at 56 x 56, 1.8 MB),
+    and none with a SiLU."""
     assert 96 * 112 * 112 * 4 >= FUSE_MIN_BYTES > 144 * 56 * 56 * 4
     assert _fused(tmp_path, block(16, 96, 112, 112, stride=2), "big")
     assert not _fused(tmp_path, block(24, 144, 56, 56, stride=2), "small")
+    # SiLU (EfficientNet) only when forced: it lost fused
+    assert not _fused(tmp_path, block(16, 96, 112, 112, stride=2, act1="silu"), "silu")
 
 
 def test_not_fused_when_the_expansion_is_read_elsewhere(tmp_path, monkeypatch):

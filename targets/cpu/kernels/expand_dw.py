@@ -73,6 +73,35 @@ def plan_for(c: int, oh: int, s: int, kh: int, lanes: int, cores: int, band: int
     return Plan(band, cb, er, ev, groups)
 
 
+def fast_exp(x):
+    """``exp(x)`` for float32 as TIR arithmetic (TOPI's ``fast_exp``: ``2^n`` times a
+    degree-7 polynomial of the remainder, ~1e-7 relative), so that it vectorizes."""
+    xc = T.max(T.min(x, T.float32(88.3762626647950)), T.float32(-88.3762626647949))
+    n = T.floor(xc * T.float32(1.44269504088896341) + T.float32(0.5))
+    f = xc - n * T.float32(0.6931471805599453)
+    p = T.float32(1.9875691500e-4)
+    for q in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+              5.0000001201e-1):
+        p = p * f + T.float32(q)
+    y = p * f * f + f + T.float32(1.0)
+    two_n = T.reinterpret("float32", T.shift_left(T.Cast("int32", n + T.float32(127.0)),
+                                                  T.int32(23)))
+    return T.max(two_n * y, x)
+
+
+def epilogue(lo=None, hi=None, silu: bool = False):
+    """The activation after a convolution's bias: ``clamp(v, lo, hi)`` (ReLU, ReLU6; NaN
+    kept, :func:`.sparse.clamp_epilogue`), or SiLU ``v * sigmoid(v)`` (EfficientNet's),
+    NaN kept."""
+    if not silu:
+        return clamp_epilogue(lo, hi)
+
+    def f(v):
+        return T.Select(tvm.tirx.isnan(v), v,
+                        v * (T.float32(1.0) / (T.float32(1.0) + fast_exp(T.float32(0.0) - v))))
+    return f
+
+
 @dataclass(frozen=True)
 class Geometry:
     """The fused kernel's sizes (capitals as in the module docstring)."""
@@ -182,12 +211,15 @@ def _fill_macro(g: Geometry):
     return fill
 
 
-def _expand_macro(g: Geometry, act):
+def _expand_macro(g: Geometry, act, apart: bool = False):
     """``es[p, ci] = act(w1[c0 + ci] . xs[p] + b1[c0 + ci])`` over the flattened phase rows,
     pixels in the lanes: ``ER`` channels x ``EV`` vectors per register tile (then single
     vectors), the accumulators starting from the bias; then the depthwise convolution's
-    zero padding (the expansion of a zero is ``act(b1)``, not 0)."""
+    zero padding (the expansion of a zero is ``act(b1)``, not 0). ``apart``: the activation
+    in a pass of its own over the block (SiLU: its polynomial's constants and temporaries
+    beside 16 live accumulators spilled, 3x its cost in the two-kernel form)."""
     L, ER, EV, s, COLS = g.L, g.plan.er, g.plan.ev, g.s, g.COLS
+    in_tile = (lambda v: v) if apart else act
     pt, pl = g.pads[0], g.pads[1]
     NVT = g.NV // EV
 
@@ -213,7 +245,7 @@ def _expand_macro(g: Geometry, act):
         for e in T.unroll(ER):
             for v in T.unroll(nvec):
                 for l in T.vectorized(L):
-                    es[p, co * ER + e, (j0 + v) * L + l] = act(acc[e, v * L + l])
+                    es[p, co * ER + e, (j0 + v) * L + l] = in_tile(acc[e, v * L + l])
 
     @T.macro
     def expand(xs, es, w1, b1, c0, band):
@@ -221,6 +253,10 @@ def _expand_macro(g: Geometry, act):
             tile(xs, es, w1, b1, c0, p, co, jo * EV, EV)
         for p, co, jr in T.grid(s, g.plan.cb // ER, g.NV - NVT * EV):
             tile(xs, es, w1, b1, c0, p, co, NVT * EV + jr, 1)
+        if apart:
+            for p, ci, j in T.grid(s, g.plan.cb, g.NV):
+                for l in T.vectorized(L):
+                    es[p, ci, j * L + l] = act(es[p, ci, j * L + l])
         for p, ci, r in T.grid(s, g.plan.cb, g.R):
             row = band * g.plan.band * s - pt + r
             if row < 0 or row >= g.H:
@@ -237,8 +273,10 @@ def _expand_macro(g: Geometry, act):
 
 def _depthwise_macro(g: Geometry, act):
     """One output row of ``XT`` vectors at a time, the taps unrolled, each reading its
-    phase's contiguous columns in ``es``; the accumulators start from the bias; the columns
-    past ``OW`` are not stored."""
+    phase's contiguous columns in ``es``; the accumulators start from the bias; the
+    activation on whole vectors, then whole vectors stored as vectors (a test per lane would
+    scalarize them all), the last partial one lane by lane, the columns past ``OW`` not at
+    all."""
     V, XT, s, COLS, B = g.V, g.XT, g.s, g.COLS, g.plan.band
 
     @T.macro
@@ -258,23 +296,30 @@ def _depthwise_macro(g: Geometry, act):
                                     + v * V + kx // s + l] * w2[c0 + ci, i, kx]
                 for v in T.unroll(XT):
                     for l in T.vectorized(V):
-                        if xo * XT * V + v * V + l < g.OW:
-                            y[n, c0 + ci, band * B + yl, xo * XT * V + v * V + l] = \
-                                act(dacc[v * V + l])
+                        dacc[v * V + l] = act(dacc[v * V + l])
+                    if xo * XT + v < g.OW // V:  # a whole vector (a test per vector, not lane)
+                        for l in T.vectorized(V):
+                            y[n, c0 + ci, band * B + yl, (xo * XT + v) * V + l] = \
+                                dacc[v * V + l]
+                    else:
+                        for l in range(V):
+                            if (xo * XT + v) * V + l < g.OW:
+                                y[n, c0 + ci, band * B + yl, (xo * XT + v) * V + l] = \
+                                    dacc[v * V + l]
 
     return depthwise
 
 
 def expand_dw_func(x_shape, c: int, kh: int, kw: int, s: int, pads, lanes: int, plan: Plan,
-                   act1=(None, None), act2=(None, None)):
+                   act1=(None, None, False), act2=(None, None, False)):
     """The fused kernel; arguments ``(x, w1[C, Cin], b1[C], w2[C, kh, kw], b2[C], y)``.
-    ``act1`` / ``act2``: ``(lo, hi)`` clamps after the expansion's / the depthwise
-    convolution's bias (None: no bound). Tasks: images x bands x channel groups; each
+    ``act1`` / ``act2``: the :func:`epilogue` ``(lo, hi, silu)`` after the expansion's /
+    the depthwise convolution's bias. Tasks: images x bands x channel groups; each
     allocates its phase buffers ``xs`` / ``es`` (tens of KiB) once."""
     g = geometry(x_shape, c, kh, kw, s, pads, lanes, plan)
     fill = _fill_macro(g)
-    expand = _expand_macro(g, clamp_epilogue(*act1))
-    depthwise = _depthwise_macro(g, clamp_epilogue(*act2))
+    expand = _expand_macro(g, epilogue(*act1), apart=len(act1) > 2 and bool(act1[2]))
+    depthwise = _depthwise_macro(g, epilogue(*act2))
     N, Cin, H, W, OH, OW, G = g.N, g.Cin, g.H, g.W, g.OH, g.OW, plan.groups
     f32 = "float32"
 

@@ -3,12 +3,12 @@
 
 Pattern (constants folded, before legalization): ``e = conv2d(x, W1)`` (float32, 1x1,
 stride 1, no padding, groups 1, NCHW / OIHW, constant weight), its epilogue chain (a
-per-channel bias, ReLU / ReLU6 clamps; :func:`.structured.follow_epilogue`), read by
-nothing but ``d = conv2d(e, W2, groups=C)`` (depthwise, stride 1 or 2, no dilation,
-constant weight), and ``d``'s own chain.
+per-channel bias, then ReLU / ReLU6 clamps or SiLU; :func:`.structured.follow_epilogue`),
+read by nothing but ``d = conv2d(e, W2, groups=C)`` (depthwise, stride 1 or 2, no
+dilation, constant weight), and ``d``'s own chain.
 Check: static shapes, and an expanded map of at least :data:`FUSE_MIN_BYTES` -- below it
 the two kernels' intermediate stays in L2 and they are faster than the fused kernel, which
-recomputes the rows its bands share.
+recomputes the rows its bands share; no SiLU (see there).
 Rewrite: one ``call_tir`` of the fused kernel, hand-scheduled, both epilogues inside.
 ``EDGEC_FUSE_DW=0`` turns it off, ``=force`` fuses every matching pair (benchmarks).
 """
@@ -36,6 +36,10 @@ from .structured import Epilogue, follow_epilogue, readers
 # 0.96x; MnasNet's 16 -> 48 at 112 x 112 (2.4 MB) 0.99x; MobileNetV2 with its 1.8 MB pairs
 # also fused 1.02x, with every pair 1.14x.
 FUSE_MIN_BYTES = 2 << 20
+# SiLU epilogues (EfficientNet) are fused only when forced: the fused kernel computes the
+# expansion's SiLU (a division per vector) on the rows two bands share too, and that cost
+# more than the round trip saves: EfficientNet-B0's 16 -> 96 at 112 x 112 then 3x3/2 alone
+# 1.18x the time of the two kernels, the whole model 1.01x.
 
 
 def mode() -> str:
@@ -119,7 +123,7 @@ class ExpandDwRewriter(relax.PyExprMutator):
 
     def _pair(self, b, w1, counts, users):
         c, cin = w1.shape
-        ep1 = follow_epilogue(b.var, c, 3, counts, users)
+        ep1 = follow_epilogue(b.var, c, 3, counts, users, silu=True)
         var = ep1.var
         if counts.get(var) != 1 or len(users.get(var, [])) != 1:
             return None
@@ -131,7 +135,9 @@ class ExpandDwRewriter(relax.PyExprMutator):
         n, _, h, w = static_shape(b.value.args[0])
         if mode() == "off" or (mode() == "auto" and n * c * h * w * 4 < FUSE_MIN_BYTES):
             return None
-        ep2 = follow_epilogue(dvar, c, 3, counts, users)
+        ep2 = follow_epilogue(dvar, c, 3, counts, users, silu=True)
+        if mode() == "auto" and (ep1.silu or ep2.silu):
+            return None  # (see FUSE_MIN_BYTES)
         end = ep2.end if ep2.end is not None else dcall
         return _Pair(b.value.args[0], w1, ep1, w2, s, pads, ep2, end, static_shape(dcall))
 
@@ -150,7 +156,8 @@ class ExpandDwRewriter(relax.PyExprMutator):
         oh = pair.out_shape[2]
         plan = K.plan_for(c, oh, pair.stride, kh, self.lanes, self.cores)
         func = K.expand_dw_func(xs, c, kh, kw, pair.stride, pair.pads, self.lanes, plan,
-                                (pair.ep1.lo, pair.ep1.hi), (pair.ep2.lo, pair.ep2.hi))
+                                (pair.ep1.lo, pair.ep1.hi, pair.ep1.silu),
+                                (pair.ep2.lo, pair.ep2.hi, pair.ep2.silu))
         gv = self.builder_.add_func(
             func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8),
             "expand_dwconv2d")

@@ -44,7 +44,7 @@ from ..compute import ints
 from ..isa import simd_floats
 from ..kernels import lut as LT
 from ..kernels import sparse as K
-from .common import ADD, CONV, MATMUL, const_value, static_shape, use_counts
+from .common import ADD, CONV, MATMUL, MULTIPLY, SIGMOID, const_value, static_shape, use_counts
 from .requant_fold import clamp_of
 
 log = logging.getLogger("edgec.cpu")
@@ -146,15 +146,35 @@ class Epilogue:
     bias: np.ndarray | None = None
     lo: float | None = None
     hi: float | None = None
+    silu: bool = False   # v * sigmoid(v) after the bias (then nothing more)
 
 
-def follow_epilogue(var, oc: int, axis_from_end: int, counts: dict, users: dict) -> Epilogue:
+def _silu(var, counts: dict, users: dict):
+    """``(sigmoid(var) * var call, its variable)`` where ``var``'s only readers are the
+    two, else None."""
+    if counts.get(var) != 2 or len(users.get(var, [])) != 2:
+        return None
+    sig = next(((v, c) for v, c in users[var] if c.op == SIGMOID), None)
+    mul = next(((v, c) for v, c in users[var] if c.op == MULTIPLY), None)
+    if sig is None or mul is None or counts.get(sig[0]) != 1:
+        return None
+    args = list(mul[1].args)
+    if not ((args[0].same_as(var) and args[1].same_as(sig[0])) or
+            (args[1].same_as(var) and args[0].same_as(sig[0]))):
+        return None
+    return mul[1], mul[0]
+
+
+def follow_epilogue(var, oc: int, axis_from_end: int, counts: dict, users: dict,
+                    silu: bool = False) -> Epilogue:
     """The epilogue chain after ``var`` (``oc`` output channels along the axis
     ``axis_from_end`` from the end: 3 for NCHW, 1 for a matmul): while ``var`` has a single
     reader, a per-channel constant bias ``add`` (first), then ``max`` / ``min`` with
-    scalar constants (ReLU, ReLU6)."""
+    scalar constants (ReLU, ReLU6); with ``silu``, ``v * sigmoid(v)`` may follow the bias
+    instead, ending the chain."""
     ep = Epilogue(None, var)
-    while counts.get(var) == 1 and len(users.get(var, [])) == 1:
+    swish = _silu(var, counts, users) if silu else None
+    while swish is None and counts.get(var) == 1 and len(users.get(var, [])) == 1:
         uvar, uval = users[var][0]
         if (uval.op == ADD and ep.bias is None and ep.lo is None and ep.hi is None
                 and uval.args[0].same_as(var)):
@@ -175,6 +195,10 @@ def follow_epilogue(var, oc: int, axis_from_end: int, counts: dict, users: dict)
                 break
         ep.end, ep.var = uval, uvar
         var = uvar
+        if silu and ep.lo is None and ep.hi is None:
+            swish = _silu(var, counts, users)
+    if swish is not None:
+        (ep.end, ep.var), ep.silu = swish, True
     return ep
 
 
