@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from onnx import helper
 
 from conftest import compile_and_compare, compile_to, make_model
+from edgec.runtime import OrtSession
 from edgec.targets.cpu.kernels.expand_dw import KERNEL
 from edgec.targets.cpu.rewrites.expand_dw import FUSE_MIN_BYTES
 
@@ -117,3 +118,19 @@ def test_fused_builds_for_aarch64(tmp_path, monkeypatch, stride):
     monkeypatch.setenv("EDGEC_FUSE_DW", "force")
     report = compile_to(block(6, 10, 12, 19, stride=stride), tmp_path / "arm", target="rpi4")
     assert report["kernels"]["counts"] == {KERNEL: 1}, report["kernels"]
+
+
+@pytest.mark.parametrize("stride,act2", [(1, "silu"), (2, "relu6")])
+def test_fused_on_the_emulated_board(rpc_board, tmp_path, monkeypatch, stride, act2):
+    """The NEON build run on the emulated aarch64 board (over RPC) against onnxruntime: an
+    odd width, 4-lane shuffles of the stride-2 rows, the polynomial SiLU."""
+    from edgec.runtime.remote import RemoteSession
+
+    monkeypatch.setenv("EDGEC_FUSE_DW", "force")
+    m = block(6, 10, 12, 19, stride=stride, act1="relu6", act2=act2, seed=stride)
+    report = compile_to(m, tmp_path / "arm", target="rpi4")
+    assert report["kernels"]["counts"] == {KERNEL: 1}, report["kernels"]
+    x = np.random.default_rng(stride).standard_normal((1, 6, 12, 19)).astype(np.float32)
+    ref = OrtSession(m).run(None, {"x": x})[0]
+    got = RemoteSession(tmp_path / "arm", rpc_board.address, "rpi4").run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -76,8 +76,9 @@ def compare(m, step, tmp, **kw):
         got = sess.run(None, {"x": x})[0]
         diff = np.abs(got - ref)
         assert diff.max() <= step * 1.001 + 1e-6, diff.max()
-        # ties are rare: nearly every value is identical
-        assert np.mean(diff > 1e-6) < 0.01
+        # ties are rare: nearly every value is identical (one of a small output may differ:
+        # 1 of 72 was 1.4 %)
+        assert np.sum(diff > 1e-6) <= max(1, 0.01 * diff.size), np.sum(diff > 1e-6)
     return report["kernels"]
 
 

@@ -95,6 +95,20 @@ KERNEL_ATTRS = {"op_pattern": 4}
 """PrimFunc attributes of an emitted kernel: out-elementwise fusable (its epilogue fuses)."""
 
 
+def plan_and_rewrite(rw, mod):
+    """Run a planning mutator ``rw`` (built on ``mod``): per Relax function ``rw.scan(func)``
+    plans its rewrites and returns whether there are any; only those functions are visited.
+    Returns ``mod`` itself when nothing was rewritten (``rw.count``), else the rewritten
+    module without the bindings that became dead."""
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr) and \
+                rw.scan(func):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    if not rw.count:
+        return mod
+    return relax.transform.DeadCodeElimination()(rw.builder_.get())
+
+
 def rewrite_functions(rw, mod):
     """Run the mutator ``rw`` (built on ``mod``) over every Relax function of ``mod``;
     returns its builder's module."""

@@ -25,7 +25,7 @@ from tvm import relax
 from ..compute import ints
 from ..isa import simd_floats
 from ..kernels import expand_dw as K
-from .common import CONV, const_value, static_shape, use_counts
+from .common import CONV, const_value, plan_and_rewrite, static_shape, use_counts
 from .structured import Epilogue, follow_epilogue, readers
 
 # bytes of the expanded map (float32) from which the fused kernel is faster. One block
@@ -110,7 +110,8 @@ class ExpandDwRewriter(relax.PyExprMutator):
         self.pairs: list[_Pair] = []
         self.count = 0
 
-    def scan(self, func) -> None:
+    def scan(self, func) -> bool:
+        """Plan every pair to fuse in ``func``; whether there is any."""
         counts, users = use_counts(func), readers(func)
         self.pairs = []
         for block in func.body.blocks:
@@ -120,9 +121,10 @@ class ExpandDwRewriter(relax.PyExprMutator):
                     pair = self._pair(b, w1, counts, users)
                     if pair is not None:
                         self.pairs.append(pair)
+        return bool(self.pairs)
 
     def _pair(self, b, w1, counts, users):
-        c, cin = w1.shape
+        c = w1.shape[0]
         ep1 = follow_epilogue(b.var, c, 3, counts, users, silu=True)
         var = ep1.var
         if counts.get(var) != 1 or len(users.get(var, [])) != 1:
@@ -180,14 +182,6 @@ def expand_dw_pass(target):
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecExpandDepthwise")
     def _pass(mod, _ctx):
-        rw = ExpandDwRewriter(mod, lanes, cores)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
-                rw.scan(func)
-                if rw.pairs:
-                    rw.builder_.update_func(gv, rw.visit_expr(func))
-        if not rw.count:
-            return mod
-        return relax.transform.DeadCodeElimination()(rw.builder_.get())
+        return plan_and_rewrite(ExpandDwRewriter(mod, lanes, cores), mod)
 
     return _pass

@@ -44,7 +44,8 @@ from ..compute import ints
 from ..isa import simd_floats
 from ..kernels import lut as LT
 from ..kernels import sparse as K
-from .common import ADD, CONV, MATMUL, MULTIPLY, SIGMOID, const_value, static_shape, use_counts
+from .common import (ADD, CONV, MATMUL, MULTIPLY, SIGMOID, const_value, plan_and_rewrite,
+                     static_shape, use_counts)
 from .requant_fold import clamp_of
 
 log = logging.getLogger("edgec.cpu")
@@ -138,8 +139,8 @@ def readers(func) -> dict:
 @dataclass
 class Epilogue:
     """What follows a kernel's output through single readers: a per-channel bias, then
-    clamps; ``end`` / ``var``: the last call of the chain and its variable (None / the
-    kernel's own when the chain is empty)."""
+    clamps or (:func:`follow_epilogue`'s ``silu``) a SiLU; ``end`` / ``var``: the last call
+    of the chain and its variable (None / the kernel's own when the chain is empty)."""
 
     end: object
     var: object
@@ -251,9 +252,10 @@ class StructuredRewriter(relax.PyExprMutator):
                 f"stride {strides} (the sparse direct convolution is stride 1 only)"
         return "conv2d", wt, "convkxk", None
 
-    def scan(self, func):
+    def scan(self, func) -> bool:
         """Plan every layer that takes the lookup or a sparse kernel, with its epilogue
-        chain; note the others that have zeros or few values, with the reason."""
+        chain; note the others that have zeros or few values, with the reason. Whether any
+        layer is planned."""
         self.plans = []
         counts, users = use_counts(func), readers(func)
         for block in func.body.blocks:
@@ -272,6 +274,7 @@ class StructuredRewriter(relax.PyExprMutator):
                     continue
                 self._epilogue(plan, b.var, counts, users)
                 self.plans.append(plan)
+        return bool(self.plans)
 
     def _lookup_plan(self, call, kind, wt, w2d):
         """A Gemm / MatMul at a small batch whose weight takes at most 16 values on x86:
@@ -450,14 +453,6 @@ def structured_pass(target, record: BuildRecord | None = None):
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecStructuredWeights")
     def _pass(mod, _ctx):
-        rw = StructuredRewriter(mod, lanes, isa, record, cores)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
-                rw.scan(func)
-                if rw.plans:
-                    rw.builder_.update_func(gv, rw.visit_expr(func))
-        if not rw.count:
-            return mod
-        return relax.transform.DeadCodeElimination()(rw.builder_.get())
+        return plan_and_rewrite(StructuredRewriter(mod, lanes, isa, record, cores), mod)
 
     return _pass
