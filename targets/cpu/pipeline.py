@@ -21,8 +21,8 @@ from ..records import BuildRecord
 from ..tuning_db import apply_tuned_pass
 from .isa import simd_floats
 from .rewrites.concat_inplace import concat_inplace_pass, mark_plain_concats
-from .rewrites.expand_dw import expand_dw_pass
 from .rewrites.conv_transpose import conv_transpose_pass, d2s_schedule_pass
+from .rewrites.expand_dw import expand_dw_pass
 from .rewrites.fast_math import make_fast_math_legalizers
 from .rewrites.nan_clamp import make_nan_clamp_legalizers, nan_clamp_pass
 from .rewrites.float_conv import (make_conv2d_legalizer, make_matmul_legalizer,
