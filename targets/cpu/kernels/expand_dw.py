@@ -15,15 +15,16 @@ expansion). Here one task computes a band of ``B`` output rows of a block of cha
 
 ``r`` runs over the ``R = (B - 1) * s + kh`` input rows the band's output rows read, ``j``
 over the columns of the column phase ``p`` (stride ``s``: each tap then reads contiguous
-columns, as :func:`..compute.column_phases`). ``E`` is computed once per task into a
-buffer of ``P x CB x R x COLS`` floats (tens of KiB, in L1/L2) and read there by the
-depthwise taps; the ``kh - s`` rows two bands share are computed by both (the price of
-independent tasks). The expansion is pixels-in-lanes over the flattened ``R x COLS`` phase
-rows (``ER`` channels x ``EV`` vectors in registers, as :mod:`.pixel_conv`), the depthwise
-part the row kernel's (:mod:`.row_conv`: one output row of whole vectors, taps unrolled).
+columns, as :func:`..compute.column_phases`). ``Xs`` is filled once per task, ``E`` once
+per block of ``CB`` channels into a buffer of ``P x CB x R x COLS`` floats (tens of KiB, in
+L1/L2) and read there by the depthwise taps; the ``kh - s`` rows two bands share are
+computed by both (the price of independent tasks). The expansion is pixels-in-lanes over
+the flattened ``R x COLS`` phase rows (``ER`` channels x ``EV`` vectors in registers, as
+:mod:`.pixel_conv`), the depthwise part the row kernel's (:mod:`.row_conv`: one output row
+of whole vectors, taps unrolled).
 
 MobileNetV2's 16 -> 96 at 112 x 112 then 3x3/2, alone (AVX-512, 2 threads): 0.40 ms as two
-kernels, 0.29-0.30 ms fused (onnxruntime 0.46). Over smaller maps the recomputed rows and
+kernels, 0.25-0.27 ms fused (onnxruntime 0.46). Over smaller maps the recomputed rows and
 the phase copies cost more than the round trip saves (24 -> 144 at 56 x 56 3x3/1: 0.18 ms
 as two kernels, 0.27 fused): :mod:`..rewrites.expand_dw` fuses large maps only.
 """
