@@ -26,7 +26,7 @@ of whole vectors, taps unrolled).
 MobileNetV2's 16 -> 96 at 112 x 112 then 3x3/2, alone (AVX-512, 2 threads): 0.40 ms as two
 kernels, 0.25-0.27 ms fused (onnxruntime 0.46). Over smaller maps the recomputed rows and
 the phase copies cost more than the round trip saves (24 -> 144 at 56 x 56 3x3/1: 0.18 ms
-as two kernels, 0.27 fused): :mod:`..rewrites.expand_dw` fuses large maps only.
+as two kernels, 0.19-0.23 fused): :mod:`..rewrites.expand_dw` fuses large maps only.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ from .structured import Epilogue, follow_epilogue, readers
 
 # bytes of the expanded map (float32) from which the fused kernel is faster. One block
 # alone, AVX-512, 2 threads, fused / two kernels: MobileNetV2's 16 -> 96 at 112 x 112 then
-# 3x3/2 (4.8 MB) 0.72x; 24 -> 144 at 56 x 56 (1.8 MB) 3x3/2 1.03x, 3x3/1 1.3x; 32 -> 192
-# at 28 x 28 3x3/2 1.1x. Whole models, interleaved against the two kernels: MobileNetV2
+# 3x3/2 (4.8 MB) 0.62-0.67x; 24 -> 144 at 56 x 56 (1.8 MB) 3x3/2 1.01x, 3x3/1 1.05-1.25x;
+# 32 -> 192 at 28 x 28 3x3/2 1.1x. Whole models, interleaved against the two kernels: MobileNetV2
 # (one pair fused) 0.92x the time (-mcpu haswell 0.97x), MobileNetV3-Large 0.91x, LR-ASPP
 # 0.96x; MnasNet's 16 -> 48 at 112 x 112 (2.4 MB) 0.99x; MobileNetV2 with its 1.8 MB pairs
 # also fused 1.02x, with every pair 1.14x.
