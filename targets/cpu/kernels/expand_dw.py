@@ -56,22 +56,20 @@ class Plan:
     groups: int
 
 
-def plan_for(c: int, oh: int, s: int, kh: int, lanes: int, cores: int, band: int = 0,
-             cb: int = 0, er: int = 0, ev: int = 4) -> Plan:
+def plan_for(c: int, oh: int, s: int, cores: int) -> Plan:
     """Bands of 4 output rows at stride 2 (9 input rows for 8: an eighth of the expansion
     recomputed), 8 at stride 1; blocks of 16 channels (at 112 x 112 / 2 the expanded
     buffer is 2 x 16 x 9 x 57 floats, 64 KiB); a 4 x 4 register tile (4 x 3, 3 x 4, 4 x 6,
     8 x 3, 6 x 4, 2 x 8 measured 1.0-1.4x its time there); the fewest channel groups that
-    give every core 4 tasks. Arguments other than 0 override."""
-    band = band or (4 if s == 2 else 8)
-    band = min(band, oh)
-    cb = cb or next(d for d in (16, 12, 8, 6, 4, 3, 2, 1) if c % d == 0)
-    er = er or next(d for d in (4, 3, 2, 1) if cb % d == 0)
+    give every core 4 tasks."""
+    band = min(4 if s == 2 else 8, oh)
+    cb = next(d for d in (16, 12, 8, 6, 4, 3, 2, 1) if c % d == 0)
+    er = next(d for d in (4, 3, 2, 1) if cb % d == 0)
     bands = -(-oh // band)
     blocks = c // cb
     groups = next((g for g in range(1, blocks + 1)
                    if blocks % g == 0 and bands * g >= 4 * cores), blocks)
-    return Plan(band, cb, er, ev, groups)
+    return Plan(band, cb, er, 4, groups)
 
 
 def fast_exp(x):
@@ -124,16 +122,25 @@ class Geometry:
     XT: int         # of them per register tile
     COLS: int       # columns of a phase row
     R: int          # input rows of a band
-    NPIX: int       # R x COLS
     NV: int         # vectors of a phase buffer (NPIX and what padded outputs read)
     NB: int         # bands
-    NCB: int        # channel blocks per task
-    CPG: int        # channels per task
     plan: Plan
+
+    @property
+    def NPIX(self) -> int:  # noqa: N802 - the docstring's name
+        return self.R * self.COLS
 
     @property
     def flat(self) -> int:
         return self.NV * self.L
+
+    @property
+    def CPG(self) -> int:  # noqa: N802 - channels per task
+        return self.C // self.plan.groups
+
+    @property
+    def NCB(self) -> int:  # noqa: N802 - channel blocks per task
+        return self.CPG // self.plan.cb
 
 
 def geometry(x_shape, c: int, kh: int, kw: int, s: int, pads, lanes: int,
@@ -149,9 +156,8 @@ def geometry(x_shape, c: int, kh: int, kw: int, s: int, pads, lanes: int,
     cols = ow + (kw - 1) // s
     r = (plan.band - 1) * s + kh
     nv = -(-max(r * cols, (r - 1) * cols + nvo * v + (kw - 1) // s) // lanes)
-    cpg = c // plan.groups
     return Geometry(n, cin, c, h, w, kh, kw, s, (pt, pl, pb, pr), oh, ow, lanes, v, nvo, xt,
-                    cols, r, r * cols, nv, -(-oh // plan.band), cpg // plan.cb, cpg, plan)
+                    cols, r, nv, -(-oh // plan.band), plan)
 
 
 def _fill_macro(g: Geometry):
@@ -319,7 +325,7 @@ def expand_dw_func(x_shape, c: int, kh: int, kw: int, s: int, pads, lanes: int, 
     allocates its phase buffers ``xs`` / ``es`` (tens of KiB) once."""
     g = geometry(x_shape, c, kh, kw, s, pads, lanes, plan)
     fill = _fill_macro(g)
-    expand = _expand_macro(g, epilogue(*act1), apart=len(act1) > 2 and bool(act1[2]))
+    expand = _expand_macro(g, epilogue(*act1), apart=act1[2])
     depthwise = _depthwise_macro(g, epilogue(*act2))
     N, Cin, H, W, OH, OW, G = g.N, g.Cin, g.H, g.W, g.OH, g.OW, plan.groups
     f32 = "float32"

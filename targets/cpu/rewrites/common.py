@@ -90,6 +90,19 @@ def use_counts(func) -> dict:
     return counts
 
 
+def readers(func) -> dict:
+    """Per relax Var of ``func``: the ``(var, call)`` bindings that read it."""
+    users: dict = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b.value, relax.Call):
+                for arg in b.value.args:  # (a call_tir's operands are in a Tuple)
+                    for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
+                        if isinstance(v, relax.Var):
+                            users.setdefault(v, []).append((b.var, b.value))
+    return users
+
+
 
 KERNEL_ATTRS = {"op_pattern": 4}
 """PrimFunc attributes of an emitted kernel: out-elementwise fusable (its epilogue fuses)."""

@@ -25,8 +25,9 @@ from tvm import relax
 from ..compute import ints
 from ..isa import simd_floats
 from ..kernels import expand_dw as K
-from .common import CONV, const_value, plan_and_rewrite, static_shape, use_counts
-from .structured import Epilogue, follow_epilogue, readers
+from .common import CONV, plan_and_rewrite, readers, static_shape, use_counts
+from .float_conv import float_conv_weight
+from .structured import Epilogue, follow_epilogue
 
 # bytes of the expanded map (float32) from which the fused kernel is faster. One block
 # alone, AVX-512, 2 threads, fused / two kernels: MobileNetV2's 16 -> 96 at 112 x 112 then
@@ -48,19 +49,12 @@ def mode() -> str:
 
 
 def _conv(call):
-    """``(attrs, constant weight, input shape)`` of a static float32 NCHW/OIHW conv2d."""
+    """``(attrs, constant weight)`` of a float32 NCHW/OIHW conv2d on a static input (the
+    legalizer's check, :func:`.float_conv.float_conv_weight`), else None."""
     if not isinstance(call, relax.Call) or call.op != CONV:
         return None
-    a = call.attrs
-    if (a.data_layout != "NCHW" or a.kernel_layout != "OIHW" or a.out_layout != "NCHW"
-            or a.out_dtype not in (None, "", "float32")):
-        return None
-    w = const_value(call.args[1])
-    xs = static_shape(call.args[0])
-    if w is None or w.dtype != np.float32 or xs is None or len(xs) != 4 or \
-            str(call.args[0].ty.dtype) != "float32":
-        return None
-    return a, w, xs
+    w = float_conv_weight(call)
+    return None if w is None else (call.attrs, w)
 
 
 def pointwise(call):
@@ -68,7 +62,7 @@ def pointwise(call):
     found = _conv(call)
     if found is None:
         return None
-    a, w, _ = found
+    a, w = found
     if w.shape[2:] != (1, 1) or int(a.groups) != 1 or ints(a.strides) != [1, 1] or \
             any(ints(a.padding)) or ints(a.dilation) != [1, 1]:
         return None
@@ -81,7 +75,7 @@ def depthwise(call, c: int):
     found = _conv(call)
     if found is None:
         return None
-    a, w, _ = found
+    a, w = found
     s = ints(a.strides)
     if int(a.groups) != c or w.shape[:2] != (c, 1) or s[0] != s[1] or s[0] not in (1, 2) \
             or ints(a.dilation) != [1, 1]:
@@ -92,6 +86,7 @@ def depthwise(call, c: int):
 @dataclass
 class _Pair:
     x: object            # the expansion's input
+    x_shape: tuple
     w1: np.ndarray
     ep1: Epilogue
     w2: np.ndarray
@@ -104,9 +99,9 @@ class _Pair:
 
 @relax.expr_functor.mutator
 class ExpandDwRewriter(relax.PyExprMutator):
-    def __init__(self, mod, lanes: int, cores: int):
+    def __init__(self, mod, lanes: int, cores: int, how: str):
         super().__init__(mod)
-        self.lanes, self.cores = lanes, cores
+        self.lanes, self.cores, self.how = lanes, cores, how  # how: mode()
         self.pairs: list[_Pair] = []
         self.count = 0
 
@@ -134,14 +129,14 @@ class ExpandDwRewriter(relax.PyExprMutator):
         if found is None or not dcall.args[0].same_as(var):
             return None
         w2, s, pads = found
-        n, _, h, w = static_shape(b.value.args[0])
-        if mode() == "off" or (mode() == "auto" and n * c * h * w * 4 < FUSE_MIN_BYTES):
+        xs = static_shape(b.value.args[0])
+        if self.how == "auto" and xs[0] * c * xs[2] * xs[3] * 4 < FUSE_MIN_BYTES:
             return None
         ep2 = follow_epilogue(dvar, c, 3, counts, users, silu=True)
-        if mode() == "auto" and (ep1.silu or ep2.silu):
+        if self.how == "auto" and (ep1.silu or ep2.silu):
             return None  # (see FUSE_MIN_BYTES)
         end = ep2.end if ep2.end is not None else dcall
-        return _Pair(b.value.args[0], w1, ep1, w2, s, pads, ep2, end, static_shape(dcall))
+        return _Pair(b.value.args[0], xs, w1, ep1, w2, s, pads, ep2, end, static_shape(dcall))
 
     def visit_call_(self, call):
         pair = next((p for p in self.pairs if p.end.same_as(call)), None)
@@ -152,14 +147,12 @@ class ExpandDwRewriter(relax.PyExprMutator):
 
     def _emit(self, pair: _Pair):
         x = self.visit_expr(pair.x)
-        xs = static_shape(pair.x)
         c = pair.w1.shape[0]
         kh, kw = pair.w2.shape[1:]
-        oh = pair.out_shape[2]
-        plan = K.plan_for(c, oh, pair.stride, kh, self.lanes, self.cores)
-        func = K.expand_dw_func(xs, c, kh, kw, pair.stride, pair.pads, self.lanes, plan,
-                                (pair.ep1.lo, pair.ep1.hi, pair.ep1.silu),
-                                (pair.ep2.lo, pair.ep2.hi, pair.ep2.silu))
+        plan = K.plan_for(c, pair.out_shape[2], pair.stride, self.cores)
+        func = K.expand_dw_func(
+            pair.x_shape, c, kh, kw, pair.stride, pair.pads, self.lanes, plan,
+            (pair.ep1.lo, pair.ep1.hi, pair.ep1.silu), (pair.ep2.lo, pair.ep2.hi, pair.ep2.silu))
         gv = self.builder_.add_func(
             func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8),
             "expand_dwconv2d")
@@ -182,6 +175,9 @@ def expand_dw_pass(target):
 
     @tvm.transform.module_pass(opt_level=0, name="EdgecExpandDepthwise")
     def _pass(mod, _ctx):
-        return plan_and_rewrite(ExpandDwRewriter(mod, lanes, cores), mod)
+        how = mode()
+        if how == "off":
+            return mod
+        return plan_and_rewrite(ExpandDwRewriter(mod, lanes, cores, how), mod)
 
     return _pass

@@ -39,7 +39,7 @@ def _static(shape) -> bool:
     return shape is not None and all(isinstance(d, tvm.tirx.IntImm) for d in shape.values)
 
 
-def _float_conv(call):
+def float_conv_weight(call):
     """The constant weight (numpy) of an NCHW/OIHW float32 conv2d on a static input, else
     None (pattern and check)."""
     attrs = call.attrs
@@ -102,7 +102,7 @@ def make_conv2d_legalizer(lanes: int):
     weights, NCHW/OIHW) and depthwise conv; anything else goes to TOPI's default."""
 
     def legalize(bb, call):
-        w = _float_conv(call)
+        w = float_conv_weight(call)
         out = _emit_conv(bb, call, w, lanes) if w is not None else None
         return out if out is not None else default_conv2d(bb, call)
 

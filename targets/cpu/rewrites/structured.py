@@ -45,7 +45,7 @@ from ..isa import simd_floats
 from ..kernels import lut as LT
 from ..kernels import sparse as K
 from .common import (ADD, CONV, MATMUL, MULTIPLY, SIGMOID, const_value, plan_and_rewrite,
-                     static_shape, use_counts)
+                     readers, static_shape, use_counts)
 from .requant_fold import clamp_of
 
 log = logging.getLogger("edgec.cpu")
@@ -121,19 +121,6 @@ def _per_channel(bias, oc: int, axis_from_end: int) -> bool:
             bias.ndim < axis_from_end or bias.ndim > 4:
         return False
     return bias.shape[bias.ndim - axis_from_end] == oc
-
-
-def readers(func) -> dict:
-    """Per relax Var of ``func``: the ``(var, call)`` bindings that read it."""
-    users: dict = {}
-    for block in func.body.blocks:
-        for b in block.bindings:
-            if isinstance(b.value, relax.Call):
-                for arg in b.value.args:  # (a call_tir's operands are in a Tuple)
-                    for v in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
-                        if isinstance(v, relax.Var):
-                            users.setdefault(v, []).append((b.var, b.value))
-    return users
 
 
 @dataclass
