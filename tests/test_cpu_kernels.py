@@ -841,18 +841,33 @@ def test_channel_blocks_padded_for_a_two_block_tile():
     assert channel_blocks(168, 672, 1, 16, 14) == 12       # an SE block: 11 -> 12 (3 x 1)
     assert channel_blocks(400, 400, 14, 16, 14) == 25      # 14 columns: one block anyway
     assert channel_blocks(384, 400, 7, 16, 14) == 24       # even
-    assert channel_blocks(400, 400, 7, 8, 12) == 50        # AVX2: 50 blocks, even
-    assert channel_blocks(392, 400, 6, 8, 12) == 50        # AVX2, 6 columns: 49 -> 50
+    assert channel_blocks(400, 400, 7, 8, 12) == 52        # AVX2: 4 x 2 (test below)
+    assert channel_blocks(392, 400, 6, 8, 12) == 52        # AVX2, 6 columns: 49 -> 52 (4 x 2)
     assert channel_blocks(80, 400, 7, 16, 14) == 5         # 5 blocks: the zeros would cost 20 %
     assert channel_blocks(400, 3, 7, 16, 14) == 25         # an image stem
 
 
-@pytest.mark.parametrize("mcpu,blocks", [("skylake-avx512", 2), ("haswell", None)])
-def test_odd_channel_blocks_take_two_block_tile(tmp_path, mcpu, blocks):
+def test_channel_blocks_padded_to_four_on_avx2():
+    """AVX2: zeros up to a multiple of 4 blocks where that gives the 4 x 2 tile and costs at
+    most 1/16 more FMAs; not for wide rows, shallow inputs or a larger share of zeros."""
+    from edgec.targets.cpu.kernels.packed_conv import channel_blocks, deep_tile
+
+    assert deep_tile(8, 400, 1, 1, 7, 50) is None                 # 1 x 7 by default
+    assert channel_blocks(400, 400, 7, 8, 12) == 52              # RegNet: 50 -> 52
+    assert deep_tile(8, 400, 1, 1, 7, 52) == (4, 2)
+    assert channel_blocks(1000, 512, 13, 8, 12) == 128           # SqueezeNet's classifier
+    assert channel_blocks(232, 232, 7, 8, 12) == 29              # 3 of 29 blocks: no
+    assert channel_blocks(400, 400, 28, 8, 12) == 50             # wide rows: no 4 x 2
+    assert channel_blocks(400, 64, 7, 8, 12) == 50               # shallow: no 4 x 2
+    assert channel_blocks(1000, 512, 13, 16, 14) == 63           # AVX-512: unchanged
+
+
+@pytest.mark.parametrize("mcpu,tile", [("skylake-avx512", [2, 7, 16]), ("haswell", [4, 2, 8])])
+def test_odd_channel_blocks_take_two_block_tile(tmp_path, mcpu, tile):
     """RegNet's 1x1 400 -> 400 at 7x7: built for AVX-512 the 25 channel blocks are padded
-    to 26 and tiled two at a time (the loop around the 7 columns is 2); the padded channels
-    are computed and dropped: the output matches onnxruntime on either ISA (run where the
-    host has it)."""
+    to 26 and tiled two at a time (the loop around the 7 columns is 2); for AVX2 the 50
+    blocks to 52, tiled 4 x 2 columns; the padded channels are computed and dropped: the
+    output matches onnxruntime on either ISA (run where the host has it)."""
     rng = np.random.default_rng(1)
     inits = {"W": (rng.standard_normal((400, 400, 1, 1)) * 0.05).astype(np.float32),
              "B": rng.standard_normal(400).astype(np.float32)}
@@ -861,10 +876,7 @@ def test_odd_channel_blocks_take_two_block_tile(tmp_path, mcpu, blocks):
     m = make_model(nodes, [("x", [1, 400, 7, 7])], [("y", [1, 400, 7, 7])], inits)
     name = "edgec_conv2d_packed_update"
     (_, extents), = _scheduled_updates(m, [name], {"mcpu": mcpu})[name]
-    if blocks:
-        assert extents[-3:] == [blocks, 7, 16], extents
-    else:
-        assert extents[-1] == 8 and extents[-3] == 1, extents  # 50 blocks: 1 x 7 (7 x 2 > 12)
+    assert extents[-3:] == tile, extents
     if mcpu == "haswell" or host_has("avx512f"):
         report = _compile_and_compare(m, tmp_path, target_options={"mcpu": mcpu})
         assert report["kernels"]["counts"] == {"conv2d-packed": 1}, report["kernels"]

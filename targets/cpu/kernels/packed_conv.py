@@ -33,6 +33,7 @@ K_BLOCK_BYTES = 16 * 1024  # weights of one reduction chunk of a task (in L1)
 MIN_TASKS = 8  # parallel tasks of a chunked convolution, at least (where the rows allow)
 ROWS_OUTER_WEIGHTS = 2 << 20  # bytes: a strided 1x1 conv's weights re-read per row (_rows_outer)
 MIN_PAD_BLOCKS = 9  # channel blocks, at least, before one of zeros is added (channel_blocks)
+QUAD_PAD_SHARE = 16  # AVX2: blocks of zeros up to a multiple of 4, at most 1/16 of the blocks
 # a 1x1 convolution over a deep reduction on rows of at least DEEP_WIDTH columns (AVX-512)
 DEEP_IC, DEEP_WIDTH, DEEP_BLOCKS, DEEP_COLS = 256, 28, 4, 7
 # AVX2: a 1x1 convolution over at least NARROW_IC input channels on rows of at most
@@ -66,7 +67,8 @@ def padded_width(ow: int, max_cols: int) -> int:
     return min((-(-ow // c) * c for c in range(max_cols, (max_cols + 1) // 2 - 1, -1)))
 
 
-def channel_blocks(oc: int, ic: int, ow_pad: int, lanes: int, max_cols: int) -> int:
+def channel_blocks(oc: int, ic: int, ow_pad: int, lanes: int, max_cols: int,
+                   kh: int = 1, kw: int = 1) -> int:
     """Output-channel blocks of the packed weight: ``ceil(oc / B)``, plus one block of zeros
     where rows short enough for a tile of two channel blocks (at most ``max_cols / 2``
     columns) meet an odd count that :func:`~..schedule.register_tile` cannot split in two or
@@ -74,10 +76,23 @@ def channel_blocks(oc: int, ic: int, ow_pad: int, lanes: int, max_cols: int) -> 
     ``cols`` broadcasts for ``cols`` FMAs). RegNet-X-400MF's 400 channels at 7x7: 25 blocks,
     a 1 x 7 tile; as 26, 2 x 7. Its 1x1 400->400 layer then took 0.88-0.90x the time and the
     whole model 0.95-0.96x (2 threads; 0.91x on one), in interleaved runs on AVX-512. At
-    least ``MIN_PAD_BLOCKS`` blocks, so that the zeros cost at most a tenth more FMAs."""
+    least ``MIN_PAD_BLOCKS`` blocks, so that the zeros cost at most a tenth more FMAs.
+
+    AVX2 (``kh x kw``: the window): blocks of zeros up to a multiple of 4 where that gives
+    :func:`deep_tile`'s 4 x 2 tile and they are at most ``1 / QUAD_PAD_SHARE`` of the
+    blocks. RegNet-X-400MF's 400 channels (50 -> 52 blocks, 1 x 7 -> 4 x 2): its 1x1
+    400->400 layers at 7x7 0.91-0.94x the time, the model 0.99x; SqueezeNet's classifier
+    (125 -> 128 at 13x13) the model 0.97x (``-mcpu haswell``, interleaved runs). Up to 1/8
+    of zeros also took ShuffleNetV2's 232 and 116 channels (29 -> 32, 15 -> 16): 1.07x."""
     occ = -(-oc // lanes)
+    if ic <= STEM_CHANNELS or occ < MIN_PAD_BLOCKS:
+        return occ
+    quad = -(-occ // 4) * 4
+    if lanes == 8 and quad != occ and (quad - occ) * QUAD_PAD_SHARE <= occ and \
+            deep_tile(lanes, ic, kh, kw, ow_pad, quad) == (4, 2):
+        return quad
     blocks, cols = default_tile(occ, ow_pad, max_cols)
-    if ic <= STEM_CHANNELS or occ < MIN_PAD_BLOCKS or blocks > 1 or 2 * cols > max_cols:
+    if blocks > 1 or 2 * cols > max_cols:
         return occ
     return occ + 1
 

@@ -82,7 +82,8 @@ def _emit_conv(bb, call, w, lanes: int):
         ow = conv_out(wd, pads[1], pads[3], w.shape[3], strides[1], dil[1])
         ow_pad = padded_width(ow, max_cols(lanes))
         # a grouped convolution's blocks index its groups: no padding there
-        blocks = channel_blocks(oc, c, ow_pad, lanes, max_cols(lanes)) if groups == 1 else None
+        blocks = channel_blocks(oc, c, ow_pad, lanes, max_cols(lanes), *w.shape[2:]) \
+            if groups == 1 else None
         return bb.call_te(functools.partial(conv_packed_te, groups=groups, ow_pad=ow_pad),
                           data, relax.const(pack_weight(w, lanes, blocks)), oc, strides, pads, dil,
                           primfunc_name_hint="conv2d_packed", primfunc_attrs=_KERNEL)
