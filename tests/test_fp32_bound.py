@@ -6,6 +6,7 @@ sigmoid/tanh through the polynomial ``fast_exp``/``fast_tanh``."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import helper
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -43,3 +44,39 @@ def test_deep_winograd_chain_within_1e_4(tmp_path):
     err = np.abs(got - a).max() / np.abs(a).max()
     print(f"deep Winograd F(4, 3) chain: {err:.2e} of the largest output")
     assert err <= 1e-4, err
+
+
+@pytest.mark.parametrize("mcpu", ["skylake-avx512", "haswell"])
+def test_fast_exp_relative_error_and_specials(mcpu):
+    """The polynomial exp of the sigmoid (SiLU) epilogues: within 3e-7 relative of exp over
+    [-87, 88] (float64 reference); beyond, the clamps' values (~1.6e38 and ~1.6e-38, where
+    float32 overflows / underflows), +inf and NaN kept; vectorized for the ISA (built, and
+    run where the host has it)."""
+    import tvm
+    from tvm import te
+
+    from edgec.targets.cpu.compute import fast_exp
+    from conftest import host_has
+
+    x = np.concatenate([np.linspace(-87, 88, 200_003, dtype=np.float32),
+                        np.array([0, -0.0, 1e-30, -1e-30, 100, -100, np.inf, -np.inf, np.nan],
+                                 np.float32)])
+    n = x.size
+    xp = te.placeholder((n,), name="x")
+    y = te.compute((n,), lambda i: fast_exp(xp[i]), name="y")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([xp, y]).with_attr("global_symbol", "main"))
+    (i,) = sch.get_loops(sch.get_sblock("y"))
+    sch.vectorize(sch.split(i, [None, 8])[1])
+    lib = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+    if mcpu == "skylake-avx512" and not host_has("avx512f"):
+        return
+    out = tvm.runtime.tensor(np.zeros(n, np.float32), tvm.cpu())
+    lib(tvm.runtime.tensor(x, tvm.cpu()), out)
+    got, ref = out.numpy(), np.exp(x.astype(np.float64))
+    body = slice(0, 200_003)
+    assert np.max(np.abs(got[body] - ref[body]) / ref[body]) < 3e-7
+    tail = got[200_003:]
+    assert tail[0] == tail[1] == 1.0 and abs(tail[2] - 1) < 1e-7 and abs(tail[3] - 1) < 1e-7
+    assert tail[4] > 1e38 and tail[6] == np.inf
+    assert 0 < tail[5] < 1e-37 and 0 < tail[7] < 1e-37
+    assert np.isnan(tail[8])

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
-from ..compute import conv_out
+from ..compute import conv_out, fast_exp
 from .row_conv import dw_vector
 from .sparse import KERNEL_ATTR, MACS_ATTR, clamp_epilogue
 
@@ -70,22 +70,6 @@ def plan_for(c: int, oh: int, s: int, cores: int) -> Plan:
     groups = next((g for g in range(1, blocks + 1)
                    if blocks % g == 0 and bands * g >= 4 * cores), blocks)
     return Plan(band, cb, er, 4, groups)
-
-
-def fast_exp(x):
-    """``exp(x)`` for float32 as TIR arithmetic (TOPI's ``fast_exp``: ``2^n`` times a
-    degree-7 polynomial of the remainder, ~1e-7 relative), so that it vectorizes."""
-    xc = T.max(T.min(x, T.float32(88.3762626647950)), T.float32(-88.3762626647949))
-    n = T.floor(xc * T.float32(1.44269504088896341) + T.float32(0.5))
-    f = xc - n * T.float32(0.6931471805599453)
-    p = T.float32(1.9875691500e-4)
-    for q in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-              5.0000001201e-1):
-        p = p * f + T.float32(q)
-    y = p * f * f + f + T.float32(1.0)
-    two_n = T.reinterpret("float32", T.shift_left(T.Cast("int32", n + T.float32(127.0)),
-                                                  T.int32(23)))
-    return T.max(two_n * y, x)
 
 
 def epilogue(lo=None, hi=None, silu: bool = False):
