@@ -889,12 +889,15 @@ def test_odd_channel_blocks_take_two_block_tile(tmp_path, mcpu, tile):
                                   # the time of rows outer) and AVX-512's 2 x 7 (0.63x)
     (256, 512, 56, 2, None),      # rows outer on AVX2; AVX-512 chunks it (deep tile)
     (1024, 2048, 14, 2, False),   # 8 MiB of weights: re-read per row would cost more
-    (512, 1024, 14, 1, False)])   # stride 1: every input column is used
+    (512, 1024, 14, 1, False),    # stride 1: every input column is used
+    (116, 116, 14, 1, True),      # ShuffleNetV2's branch: 56-59 KiB of weights, any stride
+    (64, 16, 55, 1, True)])       # SqueezeNet's squeeze layer
 def test_strided_1x1_runs_rows_outer(tmp_path, mcpu, c, k, h, stride, rows_outer):
-    """A strided 1x1 convolution with at most 2 MiB of weights runs its tasks row by row:
-    the parallel loop fuses batch, output rows and channel blocks in that order (TVM names
-    a fused loop after its parts), so a row's input is read once for every channel block;
-    the output matches onnxruntime (on either ISA where the host runs it)."""
+    """A strided 1x1 convolution with at most 2 MiB of weights, and any 1x1 convolution
+    with at most 64 KiB, runs its tasks row by row: the parallel loop fuses batch, output
+    rows and channel blocks in that order (TVM names a fused loop after its parts), so a
+    row's input is read once for every channel block; the output matches onnxruntime (on
+    either ISA where the host runs it)."""
     rng = np.random.default_rng(0)
     inits = {"W": (rng.standard_normal((k, c, 1, 1)) * 0.05).astype(np.float32)}
     m = make_model([helper.make_node("Conv", ["x", "W"], ["y"], strides=[stride] * 2)],
