@@ -40,6 +40,13 @@ def fast_exp(v):
     return tvm.tirx.max(two_n * p, v)
 
 
+def fast_sigmoid(v):
+    """``1 / (1 + exp(-v))`` of a float32 expression with :func:`fast_exp` (the legalized
+    Sigmoid and the fused kernels' SiLU epilogues)."""
+    one = tvm.tirx.const(1.0, "float32")
+    return one / (one + fast_exp(-v))
+
+
 
 def conv_out(size: int, pad_a: int, pad_b: int, k: int, stride: int, dil: int) -> int:
     """Output extent of a convolution along one axis."""

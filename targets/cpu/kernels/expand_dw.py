@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
-from ..compute import conv_out, fast_exp
+from ..compute import conv_out, fast_sigmoid
 from .row_conv import dw_vector
 from .sparse import KERNEL_ATTR, MACS_ATTR, clamp_epilogue
 
@@ -80,8 +80,7 @@ def epilogue(lo=None, hi=None, silu: bool = False):
         return clamp_epilogue(lo, hi)
 
     def f(v):
-        return T.Select(tvm.tirx.isnan(v), v,
-                        v * (T.float32(1.0) / (T.float32(1.0) + fast_exp(T.float32(0.0) - v))))
+        return T.Select(tvm.tirx.isnan(v), v, v * fast_sigmoid(v))
     return f
 
 

@@ -6,23 +6,22 @@ import tvm
 from tvm import te, topi
 from tvm.relax.transform.legalize_ops.unary import _call_topi_without_attr
 
-from ..compute import fast_exp
+from ..compute import fast_sigmoid
 
 
 def make_fast_math_legalizers() -> dict:
-    """sigmoid(x) = 1 / (1 + exp(-x)) with :func:`~..compute.fast_exp`, tanh and erf with
-    TVM's polynomial ``fast_tanh`` / ``fast_erf`` (errors ~1e-7 over the float range)
-    instead of libm calls, so SiLU/Swish and GELU epilogues vectorize (ConvNeXt's GELU after
-    each block's first Linear, a scalar ``erff`` per element: 31.6 of its 100 ms). The
+    """sigmoid(x) = 1 / (1 + exp(-x)) with :func:`~..compute.fast_exp`
+    (:func:`~..compute.fast_sigmoid`), tanh and erf with TVM's polynomial ``fast_tanh`` /
+    ``fast_erf`` (errors ~1e-7 over the float range) instead of libm calls, so SiLU/Swish
+    and GELU epilogues vectorize (ConvNeXt's GELU after each block's first Linear, a scalar
+    ``erff`` per element: 31.6 of its 100 ms). The
     sigmoid's exp is most of a SiLU epilogue's work (EfficientNet-B0 with a sigmoid of no
     cost ran 0.82x the time): with ``fast_exp`` instead of TOPI's, EfficientNet-B0
     0.97-0.98x the time (interleaved A/B; AVX-512 and ``-mcpu haswell`` alike). Replacing
     the division too (a reciprocal from the exponent bits and three Newton steps) was
     slower: 1.3x the sigmoid's time, a longer dependency chain."""
     def sigmoid_te(x):
-        one = tvm.tirx.const(1.0, x.dtype)
-        return te.compute(x.shape, lambda *i: one / (one + fast_exp(-x(*i))),
-                          name="edgec_sigmoid")
+        return te.compute(x.shape, lambda *i: fast_sigmoid(x(*i)), name="edgec_sigmoid")
 
     def _float32(call):
         return str(call.args[0].ty.dtype) == "float32"
